@@ -1,0 +1,90 @@
+# python main.py --config configs/default.py --workdir runs/xray \
+#     --config.dataset.source_dir=/data/xray_by_stage --config.init_checkpoint=/weights/inception_v3
+"""The seed's recipe (TF-Slim `train_image_classifier.py` as the 2017 tutorial ran it).
+
+Head-only fine-tuning of an ImageNet InceptionV3: RMSProp at a fixed 0.01, batch 16, 6,000 steps,
+weight decay 4e-5. Unlike the seed, frozen scopes run batch norm in inference mode, so the ImageNet
+statistics survive. Every field a user may set is documented here, once; other configs import
+this one and override.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # Seeds parameter init, dropout, shuffling and augmentation.
+
+  # --- Data: a folder whose subfolders are the classes (labels = sorted folder names). ---
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.source_dir = ''  # Required: the folder of class subfolders.
+  c.dataset.data_dir = ''  # Where built array_record shards go; '' → WORKDIR/data.
+  c.dataset.validation_fraction = 0.2  # Per class (stratified).
+  c.dataset.test_fraction = 0.0  # Per class, held out before validation; 0 → no test split.
+  c.dataset.split_seed = 0  # Seeds the stratified split; same seed, same split.
+  c.dataset.num_shards = 1  # array_record shards per split.
+  c.dataset.skip_corrupt = False  # True: skip and list unreadable images instead of failing.
+  c.dataset.num_folds = 0  # k > 1: k-fold cross-validation; validation = fold `fold`.
+  c.dataset.fold = 0  # Which fold is the validation split when num_folds > 1.
+
+  # --- Input pipeline (grain; TF-Slim inception preprocessing). ---
+  c.input = ml_collections.ConfigDict()
+  c.input.image_size = 299  # Square side fed to the net; InceptionV3 accepts >= 75.
+  c.input.batch_size = 16  # Global training batch, split over all devices.
+  c.input.eval_batch_size = 32  # Global evaluation batch.
+  c.input.random_crop = True  # Train: slim's distorted bounding-box crop.
+  c.input.random_flip = True  # Train: random left-right flip.
+  c.input.color_distortion = True  # Train: brightness/saturation jitter (grey X-rays: off).
+  c.input.central_crop_fraction = 0.875  # Eval: central crop before resize.
+  c.input.num_workers = 0  # grain worker processes; 0 → load in the main process.
+  c.input.class_balanced = False  # Sample classes equally (with replacement) for training.
+
+  # --- Model: Flax InceptionV3 with TF-Slim scope names. ---
+  c.model = ml_collections.ConfigDict()
+  c.model.create_aux_logits = True  # Aux head on Mixed_6e (slim's create_aux_logits).
+  c.model.dropout_keep_prob = 0.8  # Before the logits, as in slim.
+  c.model.depth_multiplier = 1.0  # Scales every conv's depth; != 1 cannot load ImageNet weights.
+  c.model.min_depth = 16  # Floor for scaled depths.
+  c.model.dtype = 'float32'  # Compute dtype: 'bfloat16' for mixed precision (params stay f32).
+
+  # --- Initialisation, as slim's --checkpoint_path / --checkpoint_exclude_scopes. ---
+  c.init_checkpoint = ''  # Orbax dir with params + batch_stats (see converters/); '' → random.
+  c.exclude_scopes = 'Logits,AuxLogits'  # Regexes: re-initialised instead of loaded.
+
+  # --- What trains (slim's --trainable_scopes): comma-separated regexes over param paths. ---
+  c.trainable_scopes = 'Logits,AuxLogits'  # '.*' → everything. Frozen BN stays in inference.
+
+  # --- Loss. ---
+  c.aux_loss_weight = 0.4  # Weight of the aux head's cross-entropy.
+  c.label_smoothing = 0.0
+
+  # --- Optimizer (slim's flags and defaults). ---
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = 'rmsprop'  # rmsprop | momentum | sgd | adam | adamw | adagrad | adadelta
+  c.optimizer.weight_decay = 4e-5  # L2 on conv kernels, as slim's weight_decay.
+  c.optimizer.momentum = 0.9  # momentum and rmsprop.
+  c.optimizer.rmsprop_decay = 0.9
+  c.optimizer.epsilon = 1.0  # slim's --opt_epsilon (rmsprop, adam, adadelta).
+  c.optimizer.adam_beta1 = 0.9
+  c.optimizer.adam_beta2 = 0.999
+
+  # --- Learning-rate schedule. ---
+  c.schedule = ml_collections.ConfigDict()
+  c.schedule.name = 'fixed'  # fixed | exponential | polynomial | warmup_cosine
+  c.schedule.learning_rate = 0.01
+  c.schedule.end_learning_rate = 1e-4  # polynomial.
+  c.schedule.decay_rate = 0.94  # exponential: factor per decay_steps.
+  c.schedule.decay_steps = 1000  # exponential.
+  c.schedule.staircase = True  # exponential.
+  c.schedule.power = 1.0  # polynomial.
+  c.schedule.warmup_steps = 0  # warmup_cosine.
+
+  # --- Length, logging, checkpoints. ---
+  c.num_steps = 6000  # slim's --max_number_of_steps.
+  c.log_every_steps = 10
+  c.eval_every_steps = 500  # 0 → only at the end.
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 3
+  c.best_metric = 'kappa'  # Validation metric that picks the best checkpoint and ranks sweeps:
+  # accuracy | balanced_accuracy | kappa (quadratic weighted) | auc_macro | loss (lower wins).
+  return c

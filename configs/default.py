@@ -26,6 +26,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.dataset.skip_corrupt = False  # True: skip and list unreadable images instead of failing.
   c.dataset.num_folds = 0  # k > 1: k-fold cross-validation; validation = fold `fold`.
   c.dataset.fold = 0  # Which fold is the validation split when num_folds > 1.
+  c.dataset.synthetic = False  # True: generate the demo's 4-stage images into source_dir
+  #   (default: DATA_DIR/synthetic_stages) when they are not there yet.
+  c.dataset.synthetic_images_per_class = 120
+  c.dataset.synthetic_image_size = 128
 
   # --- Input pipeline (grain; TF-Slim inception preprocessing). ---
   c.input = ml_collections.ConfigDict()
@@ -50,23 +54,44 @@ def get_config() -> ml_collections.ConfigDict:
   # --- Initialisation, as slim's --checkpoint_path / --checkpoint_exclude_scopes. ---
   c.init_checkpoint = ''  # Orbax dir with params + batch_stats (see converters/); '' → random.
   c.exclude_scopes = 'Logits,AuxLogits'  # Regexes: re-initialised instead of loaded.
+  c.ignore_missing_vars = False  # True: model variables absent from the checkpoint stay random.
 
   # --- What trains (slim's --trainable_scopes): comma-separated regexes over param paths. ---
-  c.trainable_scopes = 'Logits,AuxLogits'  # '.*' → everything. Frozen BN stays in inference.
+  c.trainable_scopes = 'Logits,AuxLogits'  # '.*' → everything.
+  # Batch norm while training: 'trainable' → BN learns only inside trainable scopes, frozen ones
+  # run in inference mode (the Keras rule); 'frozen' → all BN in inference mode; 'all' → every
+  # BN uses batch statistics and updates its moving averages (what the seed's slim run did).
+  c.batch_norm = 'trainable'
+
+  # --- Staged fine-tuning: named phases, run in order. Each has num_steps and may override
+  # trainable_scopes, batch_norm, schedule.* and optimizer.*; each starts a fresh optimizer.
+  # Empty → one phase of num_steps from the fields above. See configs/two_phase.py.
+  c.phases = ml_collections.ConfigDict()
 
   # --- Loss. ---
   c.aux_loss_weight = 0.4  # Weight of the aux head's cross-entropy.
   c.label_smoothing = 0.0
+  c.class_weighting = ''  # 'balanced' → weight classes by n / (k · count), scikit-learn's rule.
+  c.ema_decay = 0.0  # > 0 (e.g. 0.999): keep an EMA of the weights; eval/predict use it.
 
   # --- Optimizer (slim's flags and defaults). ---
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = 'rmsprop'  # rmsprop | momentum | sgd | adam | adamw | adagrad | adadelta
-  c.optimizer.weight_decay = 4e-5  # L2 on conv kernels, as slim's weight_decay.
+  # name: rmsprop | momentum | sgd | adam | adamw | adagrad | adadelta | ftrl.
+  c.optimizer.name = 'rmsprop'
+  c.optimizer.weight_decay = 4e-5  # L2 on conv kernels added to the gradient (slim's).
+  c.optimizer.grad_clip_norm = 0.0  # > 0: clip the global gradient norm (slim: clip_gradient_norm).
   c.optimizer.momentum = 0.9  # momentum and rmsprop.
   c.optimizer.rmsprop_decay = 0.9
-  c.optimizer.epsilon = 1.0  # slim's --opt_epsilon (rmsprop, adam, adadelta).
-  c.optimizer.adam_beta1 = 0.9
-  c.optimizer.adam_beta2 = 0.999
+  c.optimizer.epsilon = 1.0  # slim's --opt_epsilon (rmsprop, adam, adamw, adadelta).
+  c.optimizer.adam_beta1 = 0.9  # adam, adamw.
+  c.optimizer.adam_beta2 = 0.999  # adam, adamw.
+  c.optimizer.adamw_weight_decay = 1e-4  # adamw's decoupled decay (on conv kernels).
+  c.optimizer.adagrad_initial_accumulator_value = 0.1
+  c.optimizer.adadelta_rho = 0.95
+  c.optimizer.ftrl_learning_rate_power = -0.5
+  c.optimizer.ftrl_initial_accumulator_value = 0.1
+  c.optimizer.ftrl_l1 = 0.0
+  c.optimizer.ftrl_l2 = 0.0
 
   # --- Learning-rate schedule. ---
   c.schedule = ml_collections.ConfigDict()
@@ -80,11 +105,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.schedule.warmup_steps = 0  # warmup_cosine.
 
   # --- Length, logging, checkpoints. ---
-  c.num_steps = 6000  # slim's --max_number_of_steps.
-  c.log_every_steps = 10
-  c.eval_every_steps = 500  # 0 → only at the end.
+  c.num_steps = 6000  # slim's --max_number_of_steps (ignored when phases are given).
+  c.log_every_steps = 10  # slim's --log_every_n_steps.
+  c.log_every_secs = 0  # > 0: also log at least this often (slim's --save_summaries_secs).
+  c.eval_every_steps = 500  # Validation evaluation; 0 → only at the end.
   c.checkpoint_every_steps = 500
-  c.keep_checkpoints = 3
+  c.checkpoint_every_secs = 0  # > 0: also save this often (slim's --save_interval_secs).
+  c.keep_checkpoints = 3  # Latest checkpoints kept (the best is kept apart, in WORKDIR/best).
+  c.early_stopping_patience = 0  # > 0: stop after this many evals without a new best.
   c.best_metric = 'kappa'  # Validation metric that picks the best checkpoint and ranks sweeps:
   # accuracy | balanced_accuracy | kappa (quadratic weighted) | auc_macro | loss (lower wins).
   return c

@@ -1,0 +1,293 @@
+"""train_and_evaluate: the one training loop (phases, logging, evaluation, checkpoints, resume).
+
+Running it again on the same WORKDIR resumes from the latest checkpoint: same step, same phase,
+same optimizer state, same next batch.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from pneumo_jax import checkpoints, scopes, sharding
+from pneumo_jax.data import dataset_for, folder_builder, pipeline
+from pneumo_jax.evaluation import inference, metrics
+from pneumo_jax.models import build_model
+from pneumo_jax.training import optim
+from pneumo_jax.training.monitor import Monitor
+from pneumo_jax.training.step import TrainState, make_train_step
+
+SUMMARY_FILE = 'summary.json'
+
+
+class Phase(NamedTuple):
+  """Steps (start, end] of the run, trained with `cfg` (the config with the phase's overrides)."""
+  name: str
+  start: int
+  end: int
+  cfg: ml_collections.ConfigDict
+
+
+def resolve_phases(config: ml_collections.ConfigDict) -> list[Phase]:
+  """config.phases (named, in order) → Phases; none → one phase from the top-level fields."""
+  if not config.phases:
+    return [Phase('main', 0, config.num_steps, config)]
+  phases, start = [], 0
+  for name, overrides in config.phases.items():
+    if 'num_steps' not in overrides or overrides.num_steps <= 0:
+      raise ValueError(f'config.phases.{name}.num_steps must be a positive number of steps')
+    cfg = ml_collections.ConfigDict(config.to_dict())
+    for key, value in overrides.items():
+      if key not in ('num_steps', 'trainable_scopes', 'batch_norm', 'schedule', 'optimizer'):
+        raise ValueError(f'config.phases.{name}.{key} is not a per-phase field; use num_steps, '
+                         'trainable_scopes, batch_norm, schedule or optimizer')
+      if isinstance(value, ml_collections.ConfigDict):
+        cfg[key].update(value)
+      else:
+        cfg[key] = value
+    phases.append(Phase(name, start, start + overrides.num_steps, cfg))
+    start += overrides.num_steps
+  return phases
+
+
+def batch_norm_train(cfg: ml_collections.ConfigDict) -> tuple[str, ...] | None:
+  """The model's `batch_norm_train` for a phase, from `batch_norm`:
+
+  'trainable' (default, the Keras rule): BN learns only inside the trainable scopes;
+  'frozen': every BN runs in inference mode (Keras's advice once a pretrained base is unfrozen);
+  'all': every BN normalises with batch statistics, as the seed's slim run did.
+  """
+  rule = cfg.batch_norm
+  if rule == 'trainable':
+    return scopes.parse(cfg.trainable_scopes)
+  if rule == 'frozen':
+    return ()
+  if rule == 'all':
+    return None
+  raise ValueError(f"config.batch_norm={rule!r} is unknown; use 'trainable', 'frozen' or 'all'")
+
+
+def class_weights(cfg: ml_collections.ConfigDict, counts: np.ndarray) -> np.ndarray | None:
+  """'balanced' → n / (k · count_c), scikit-learn's rule; '' → none."""
+  if not cfg.class_weighting:
+    return None
+  if cfg.class_weighting != 'balanced':
+    raise ValueError(f"config.class_weighting={cfg.class_weighting!r}: use '' or 'balanced'")
+  return counts.sum() / (len(counts) * np.maximum(counts, 1))
+
+
+def _state_dict(state: TrainState) -> dict[str, Any]:
+  d = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+  return {k: v for k, v in d.items() if v is not None}
+
+
+class _Run:
+  """Everything train_and_evaluate shares between phases."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    self.config, self.workdir = config, workdir
+    self.lead = jax.process_index() == 0
+    self.builder = dataset_for(config, workdir)
+    self.names = folder_builder.label_names(self.builder)
+    counts = {s: np.bincount(folder_builder.split_labels(self.builder, s),
+                             minlength=len(self.names)) for s in self.builder.info.splits}
+    for split, c in counts.items():
+      logging.info('%s: %d images, per class %s', split, c.sum(),
+                   ', '.join(f'{n}={k}' for n, k in zip(self.names, c, strict=True)))
+    self.class_weights = class_weights(config, counts['train'])
+    self.mesh = sharding.make_mesh()
+    self.eval_model = build_model(config, len(self.names))
+    self.best_value: float | None = None
+    self.best_step = 0
+    self.evals_since_best = 0
+    self.last_eval: dict[str, Any] = {}
+    self.best_eval: dict[str, Any] = {}
+
+  def evaluate(self, state: TrainState, monitor: Monitor) -> dict[str, Any]:
+    variables = {'params': state.ema_params if state.ema_params is not None else state.params,
+                 'batch_stats': state.batch_stats}
+    batches = pipeline.eval_batches(self.builder, 'validation', self.config.input,
+                                    process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+    out = inference.predict(self.eval_model, variables, batches, self.mesh)
+    result = metrics.compute(out['label'], out['probs'], self.names)
+    self.last_eval = {k: result[k] for k in metrics.HIGHER_IS_BETTER}
+    monitor.write(int(state.step), 'validation', self.last_eval)
+    return result
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains per `config` in `workdir` (resuming if it holds checkpoints); returns the summary."""
+  t_start = time.time()
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+  run = _Run(config, workdir)
+  phases = resolve_phases(config)
+  total = phases[-1].end
+  if not config.init_checkpoint:
+    logging.warning('*' * 70 + '\nNO PRETRAINED WEIGHTS: config.init_checkpoint is empty, so '
+                    'InceptionV3 starts from RANDOM initialisation.\nFine-tuning needs ImageNet '
+                    'weights: see converters/ and the README.\n' + '*' * 70)
+
+  rng = jax.random.key(config.seed)
+  init_rng, dropout_rng = jax.random.split(rng)
+  size = config.input.image_size
+  repl = sharding.replicated(run.mesh)
+  variables = jax.jit(lambda r: run.eval_model.init(r, jnp.zeros((1, size, size, 3)), train=False),
+                      out_shardings=repl)(init_rng)
+  variables = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
+
+  train_iter = pipeline.train_iterator(run.builder, config.input, seed=config.seed,
+                                       process_index=jax.process_index(),
+                                       process_count=jax.process_count())
+  mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
+  best_mngr = checkpoints.manager(workdir, checkpoints.BEST_DIR, keep=1)
+  step = mngr.latest_step() or 0
+  if step >= total and os.path.exists(os.path.join(workdir, SUMMARY_FILE)):
+    logging.info('%s already finished (%d steps).', workdir, step)
+    with open(os.path.join(workdir, SUMMARY_FILE)) as f:
+      return json.load(f)
+
+  def optimizer(phase: Phase):
+    trainable = scopes.mask(variables['params'], phase.cfg.trainable_scopes)
+    if not any(scopes.flatten(trainable).values()):
+      raise ValueError(f'trainable_scopes={phase.cfg.trainable_scopes!r} (phase {phase.name!r}) '
+                       'matches no parameter; patterns match parameter paths such as '
+                       "'Logits/Conv2d_1c_1x1/weights' from their start")
+    schedule = optim.make_schedule(phase.cfg.schedule, phase.end - phase.start)
+    return trainable, schedule, optim.make_optimizer(phase.cfg.optimizer, schedule, trainable)
+
+  state = TrainState(step=jnp.zeros([], jnp.int32), params=variables['params'],
+                     batch_stats=variables['batch_stats'], opt_state=None,
+                     ema_params=variables['params'] if config.ema_decay else None)
+  if step:
+    phase = next(p for p in phases if p.start < step <= p.end)
+    target = _state_dict(state.replace(opt_state=optimizer(phase)[2].init(state.params)))
+    state = TrainState(**checkpoints.restore(mngr, step, target, train_iter))
+    logging.info('Resumed from %s at step %d (phase %r).', mngr.directory, step, phase.name)
+  elif config.init_checkpoint:
+    loaded = checkpoints.load_init(config.init_checkpoint, variables, config.exclude_scopes,
+                                   config.ignore_missing_vars, workdir)
+    loaded = jax.device_put(loaded, repl)
+    state = state.replace(params=loaded['params'], batch_stats=loaded['batch_stats'],
+                          ema_params=loaded['params'] if config.ema_decay else None)
+  if best_mngr.latest_step() is not None:
+    run.best_step = best_mngr.latest_step()
+
+  monitor = Monitor(workdir, total, step, active=run.lead)
+  log = _TrainLog(monitor, mngr, config.input.batch_size)
+  stopped_early = False
+  for phase in phases:
+    if step >= phase.end or stopped_early:
+      continue
+    trainable, schedule, tx = optimizer(phase)
+    if step == phase.start:
+      state = state.replace(opt_state=jax.jit(tx.init, out_shardings=repl)(state.params))
+    logging.info('Phase %r: steps %d–%d, trainable %r, batch norm %r.', phase.name,
+                 phase.start, phase.end, phase.cfg.trainable_scopes, phase.cfg.batch_norm)
+    model = build_model(config, len(run.names), batch_norm_train=batch_norm_train(phase.cfg))
+    train_step = jax.jit(
+        make_train_step(model, tx, trainable, aux_loss_weight=config.aux_loss_weight,
+                        label_smoothing=config.label_smoothing,
+                        class_weights=run.class_weights, ema_decay=config.ema_decay),
+        in_shardings=(repl, sharding.batch_sharding(run.mesh), repl),
+        out_shardings=(repl, repl), donate_argnums=0)
+    t_ckpt = time.time()
+    while step < phase.end:
+      batch = next(train_iter)
+      if step == 0:
+        monitor.image_grid(batch['image'], batch['label'], run.names)
+      state, m = train_step(state, sharding.shard_batch(batch, run.mesh),
+                            jax.random.fold_in(dropout_rng, step))
+      step += 1
+      log.add(m)
+      last = step == phase.end
+      now = time.time()
+      if (last or _due(step, config.log_every_steps)
+          or (config.log_every_secs and now - log.since >= config.log_every_secs)):
+        log.flush(step, float(schedule(step - phase.start)))
+      if last or _due(step, config.eval_every_steps):
+        log.flush(step, float(schedule(step - phase.start)))
+        stopped_early = _evaluate_and_keep_best(run, state, monitor, best_mngr)
+      if (last or stopped_early or _due(step, config.checkpoint_every_steps)
+          or (config.checkpoint_every_secs and now - t_ckpt >= config.checkpoint_every_secs)):
+        log.flush(step, float(schedule(step - phase.start)))
+        checkpoints.save(mngr, step, _state_dict(state), train_iter)
+        t_ckpt = now
+      if stopped_early:
+        logging.info('Early stopping at step %d: no %s improvement in %d evaluations.', step,
+                     config.best_metric, config.early_stopping_patience)
+        break
+  mngr.wait_until_finished()
+  best_mngr.wait_until_finished()
+  monitor.close()
+  summary = {'status': 'done', 'step': step, 'num_steps': total,
+             'wall_time_s': time.time() - t_start, 'metric': config.best_metric,
+             'final': run.last_eval, 'best': run.best_eval, 'best_step': run.best_step,
+             'stopped_early': stopped_early}
+  if run.lead:
+    with open(os.path.join(workdir, SUMMARY_FILE), 'w') as f:
+      json.dump(summary, f, indent=2)
+  return summary
+
+
+class _TrainLog:
+  """Collects per-step metrics on device; fetches them only when logging (keeps steps async)."""
+
+  def __init__(self, monitor: Monitor, mngr: Any, batch_size: int):
+    self.monitor, self.mngr, self.batch_size = monitor, mngr, batch_size
+    self.pending: list[dict[str, jax.Array]] = []
+    self.since = time.time()
+
+  def add(self, step_metrics: dict[str, jax.Array]) -> None:
+    self.pending.append(step_metrics)
+
+  def flush(self, step: int, learning_rate: float) -> None:
+    """Logs the mean since the last flush; stops on a non-finite loss before anything is saved."""
+    if not self.pending:
+      return
+    got = jax.device_get(self.pending)
+    for i, m in enumerate(got):
+      if not math.isfinite(float(m['total_loss'])):
+        self.mngr.wait_until_finished()
+        raise FloatingPointError(
+            f'loss is {float(m["total_loss"])} at step {step - len(got) + i + 1}: training '
+            f'stopped. The last good checkpoint is step {self.mngr.latest_step()} in '
+            f'{self.mngr.directory}; lower the learning rate or set optimizer.grad_clip_norm.')
+    now = time.time()
+    scalars = {k: float(np.mean([m[k] for m in got])) for k in got[0]}
+    scalars['learning_rate'] = learning_rate
+    scalars['images_per_s'] = len(got) * self.batch_size / max(now - self.since, 1e-9)
+    self.monitor.write(step, 'train', scalars)
+    self.pending.clear()
+    self.since = now
+
+
+def _due(step: int, every: int) -> bool:
+  return bool(every) and step % every == 0
+
+
+def _evaluate_and_keep_best(run: _Run, state: TrainState, monitor: Monitor,
+                            best_mngr: Any) -> bool:
+  """Evaluates on validation, saves a new best; True when early stopping should end the run."""
+  config = run.config
+  run.evaluate(state, monitor)
+  value = run.last_eval[config.best_metric]
+  if run.best_value is None or metrics.better(config.best_metric, value, run.best_value):
+    run.best_value, run.best_step, run.best_eval = value, int(state.step), dict(run.last_eval)
+    run.evals_since_best = 0
+    checkpoints.save(best_mngr, int(state.step), _state_dict(state))
+  else:
+    run.evals_since_best += 1
+  patience = config.early_stopping_patience
+  return bool(patience) and run.evals_since_best >= patience

@@ -1,0 +1,96 @@
+"""A window into training: metrics.jsonl, TensorBoard, console progress, image grid, curves."""
+
+import json
+import os
+import time
+from collections.abc import Sequence
+
+import numpy as np
+from absl import logging
+from matplotlib.figure import Figure
+from tensorboardX import SummaryWriter
+
+METRICS_FILE = 'metrics.jsonl'
+
+
+class Monitor:
+  """Writes each logged record to metrics.jsonl (for scripts) and TensorBoard, and shows progress.
+
+  Only process 0 writes; the others keep quiet.
+  """
+
+  def __init__(self, workdir: str, total_steps: int, first_step: int, active: bool = True):
+    self.workdir, self.total, self.active = workdir, total_steps, active
+    self._start_time, self._start_step = time.time(), first_step
+    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard')) if active else None
+
+  def write(self, step: int, split: str, scalars: dict[str, float]) -> None:
+    if not self.active:
+      return
+    record = {'step': step, 'split': split, **scalars}
+    with open(os.path.join(self.workdir, METRICS_FILE), 'a') as f:
+      f.write(json.dumps(record) + '\n')
+    for k, v in scalars.items():
+      if v is not None:
+        self._tb.add_scalar(f'{split}/{k}', v, step)
+    self._tb.flush()
+    shown = ' '.join(f'{k} {v:.4g}' for k, v in scalars.items() if isinstance(v, float | int))
+    logging.info('[%s] step %d/%d %s%s', split, step, self.total, shown,
+                 self._eta(step) if split == 'train' else '')
+
+  def _eta(self, step: int) -> str:
+    done = step - self._start_step
+    rate = done / max(time.time() - self._start_time, 1e-9)
+    left = (self.total - step) / rate if rate > 0 else float('inf')
+    return f' | {100 * step / self.total:.0f}% {rate:.2f} steps/s ETA {left / 60:.1f} min'
+
+  def image_grid(self, images: np.ndarray, labels: np.ndarray, names: Sequence[str]) -> None:
+    """The first training batch as the net sees it (the seed's my_show_image.py)."""
+    if not self.active:
+      return
+    n = min(len(images), 16)
+    cols = 4
+    rows = -(-n // cols)
+    fig = Figure(figsize=(2.2 * cols, 2.4 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat:
+      ax.axis('off')
+    for i, ax in zip(range(n), axes.flat, strict=False):
+      ax.imshow(np.clip((images[i] + 1) / 2, 0, 1))
+      ax.set_title(names[int(labels[i])], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(self.workdir, 'train_images.png'), dpi=80)
+    grid = np.clip((images[:n] + 1) / 2, 0, 1)
+    self._tb.add_images('train/preprocessed', grid, 0, dataformats='NHWC')
+
+  def close(self) -> None:
+    if self.active:
+      self._tb.close()
+      plot_curves(self.workdir)
+
+
+def plot_curves(workdir: str) -> str:
+  """curves.png: every scalar of metrics.jsonl against step, train and validation together."""
+  with open(os.path.join(workdir, METRICS_FILE)) as f:
+    records = [json.loads(line) for line in f]
+  keys = sorted({k for r in records for k, v in r.items()
+                 if k not in ('step', 'split') and isinstance(v, float | int)})
+  rows = -(-len(keys) // 3)
+  fig = Figure(figsize=(12, 3 * rows))
+  axes = fig.subplots(rows, 3, squeeze=False)
+  for ax in axes.flat:
+    ax.axis('off')
+  for key, ax in zip(keys, axes.flat, strict=False):
+    ax.axis('on')
+    for split in sorted({r['split'] for r in records}):
+      pts = [(r['step'], r[key]) for r in records if r['split'] == split and key in r
+             and r[key] is not None]
+      if pts:
+        ax.plot(*zip(*pts, strict=True), label=split, marker='.' if split != 'train' else None)
+    ax.set_title(key)
+    ax.set_xlabel('step')
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  path = os.path.join(workdir, 'curves.png')
+  fig.savefig(path, dpi=80)
+  return path

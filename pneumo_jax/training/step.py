@@ -1,0 +1,88 @@
+"""The train step: a pure function of (state, batch, rng), jitted data-parallel by the loop.
+
+Gradients are taken only with respect to the trainable parameters, so a head-only step never runs
+the backbone's backward pass; frozen parameters are carried over untouched (not even `+ 0`), and the
+model's `batch_norm_train` rule keeps frozen batch-norm layers in inference mode.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from pneumo_jax import scopes
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  ema_params: Any = None  # None unless config.ema_decay > 0.
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
+                  label_smoothing: float, weights: jax.Array) -> jax.Array:
+  """Per-example-weighted mean cross-entropy, with slim's label smoothing."""
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+  losses = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+  return jnp.mean(losses * weights)
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, trainable: Any, *,
+                    aux_loss_weight: float, label_smoothing: float,
+                    class_weights: np.ndarray | None, ema_decay: float) -> Callable:
+  """Builds step(state, batch, rng) → (state, metrics).
+
+  Args:
+    model: InceptionV3 whose `batch_norm_train` says which BN layers learn.
+    tx: from `optim.make_optimizer` with the same `trainable` mask.
+    trainable: tree of bools shaped like the params.
+    class_weights: per-class loss weights (Keras's `class_weight`), or None for 1.
+  """
+  is_trainable = scopes.flatten(trainable)
+  num_classes = model.num_classes
+
+  def step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
+    flat = scopes.flatten(state.params)
+    train_part = {k: v for k, v in flat.items() if is_trainable[k]}
+    labels = batch['label']
+    weights = (jnp.ones(labels.shape, jnp.float32) if class_weights is None
+               else jnp.asarray(class_weights, jnp.float32)[labels])
+
+    def loss_fn(train_part):
+      params = scopes.unflatten({**flat, **train_part})
+      (logits, end_points), new_vars = model.apply(
+          {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
+          rngs={'dropout': rng}, mutable=['batch_stats'])
+      loss = cross_entropy(logits, labels, num_classes, label_smoothing, weights)
+      aux_loss = jnp.zeros([], jnp.float32)
+      if 'AuxLogits' in end_points:
+        aux_loss = cross_entropy(end_points['AuxLogits'], labels, num_classes, label_smoothing,
+                                 weights)
+      accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+      total = loss + aux_loss_weight * aux_loss
+      return total, (new_vars['batch_stats'],
+                     {'loss': loss, 'aux_loss': aux_loss, 'total_loss': total,
+                      'accuracy': accuracy})
+
+    grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(train_part)
+    full_grads = scopes.unflatten(
+        {k: grads[k] if k in grads else jnp.zeros_like(v) for k, v in flat.items()})
+    updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
+    stepped = scopes.flatten(optax.apply_updates(state.params, updates))
+    params = scopes.unflatten({k: stepped[k] if is_trainable[k] else v for k, v in flat.items()})
+    ema = state.ema_params
+    if ema is not None:
+      ema = optax.incremental_update(params, ema, 1.0 - ema_decay)
+    metrics['grad_norm'] = optax.global_norm(grads)
+    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                         opt_state=opt_state, ema_params=ema), metrics
+
+  return step

@@ -49,6 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dropout_keep_prob = 0.8  # Before the logits, as in slim.
   c.model.depth_multiplier = 1.0  # Scales every conv's depth; != 1 cannot load ImageNet weights.
   c.model.min_depth = 16  # Floor for scaled depths.
+  c.model.batch_norm_decay = 0.9997  # Moving-average decay (slim's); lower it from scratch.
   c.model.dtype = 'float32'  # Compute dtype: 'bfloat16' for mixed precision (params stay f32).
 
   # --- Initialisation, as slim's --checkpoint_path / --checkpoint_exclude_scopes. ---

@@ -1,5 +1,6 @@
 """Batched, jitted, data-parallel inference shared by eval, predict and the training loop."""
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -11,8 +12,12 @@ from jax.sharding import Mesh
 from pneumo_jax import sharding
 
 
+@functools.cache
 def make_probs_fn(model: nn.Module, mesh: Mesh) -> Callable[[Any, jax.Array], jax.Array]:
-  """jit(variables, images) → softmax probabilities, in float32, split over the mesh."""
+  """jit(variables, images) → softmax probabilities, in float32, split over the mesh.
+
+  Cached per (model, mesh), so evaluating every N training steps compiles once.
+  """
 
   def probs(variables, images):
     logits, _ = model.apply(variables, images, train=False)

@@ -14,5 +14,6 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int,
   m = config.model
   kwargs = dict(num_classes=num_classes, create_aux_logits=m.create_aux_logits,
                 dropout_keep_prob=m.dropout_keep_prob, depth_multiplier=m.depth_multiplier,
-                min_depth=m.min_depth, dtype=jnp.dtype(m.dtype))
+                min_depth=m.min_depth, dtype=jnp.dtype(m.dtype),
+                batch_norm_decay=m.batch_norm_decay)
   return InceptionV3(**(kwargs | overrides))

@@ -167,9 +167,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     schedule = optim.make_schedule(phase.cfg.schedule, phase.end - phase.start)
     return trainable, schedule, optim.make_optimizer(phase.cfg.optimizer, schedule, trainable)
 
+  def fresh_ema(params):  # A copy: params and EMA are donated to the step separately.
+    return jax.tree.map(jnp.copy, params) if config.ema_decay else None
+
   state = TrainState(step=jnp.zeros([], jnp.int32), params=variables['params'],
                      batch_stats=variables['batch_stats'], opt_state=None,
-                     ema_params=variables['params'] if config.ema_decay else None)
+                     ema_params=fresh_ema(variables['params']))
   if step:
     phase = next(p for p in phases if p.start < step <= p.end)
     target = _state_dict(state.replace(opt_state=optimizer(phase)[2].init(state.params)))
@@ -180,7 +183,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                    config.ignore_missing_vars, workdir)
     loaded = jax.device_put(loaded, repl)
     state = state.replace(params=loaded['params'], batch_stats=loaded['batch_stats'],
-                          ema_params=loaded['params'] if config.ema_decay else None)
+                          ema_params=fresh_ema(loaded['params']))
   if best_mngr.latest_step() is not None:
     run.best_step = best_mngr.latest_step()
 

@@ -81,7 +81,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, trainabl
     ema = state.ema_params
     if ema is not None:
       ema = optax.incremental_update(params, ema, 1.0 - ema_decay)
-    metrics['grad_norm'] = optax.global_norm(grads)
+    metrics['grad_norm'] = optax.tree.norm(grads)
     return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                          opt_state=opt_state, ema_params=ema), metrics
 

@@ -1,0 +1,89 @@
+"""What every converter into pneumo_jax's InceptionV3 shares: the name/shape check and the writer.
+
+Converters build a flat dict {'params/<slim path>': array, 'batch_stats/<slim path>': array},
+check it against the model in one go (so a user sees every problem at once, not the first), and
+write it as an orbax checkpoint that `ocp.StandardCheckpointer().restore(dir)` reads back.
+"""
+
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from pneumo_jax import scopes
+
+
+def model_shapes(model: nn.Module, image_size: int) -> dict[str, tuple[int, ...]]:
+  """The model's variables at `image_size` as {'params/…' or 'batch_stats/…': shape}.
+
+  Computed abstractly (`jax.eval_shape`), so nothing is initialised or compiled.
+  """
+  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), images)
+  return {k: tuple(v.shape) for k, v in scopes.flatten(variables).items()}
+
+
+def check_names_and_shapes(
+  arrays: Mapping[str, Any], expected: Mapping[str, Sequence[int]], source: str
+) -> None:
+  """Raises one ValueError naming every unknown, missing and mis-shaped variable.
+
+  Args:
+    arrays: converted values, keyed like `model_shapes` ('params/Conv2d_1a_3x3/weights').
+    expected: `model_shapes(...)` of the model they are meant for.
+    source: the file they came from, quoted in the message.
+  """
+  unknown = sorted(set(arrays) - set(expected))
+  missing = sorted(set(expected) - set(arrays))
+  misshaped = sorted(
+    f'{k}: {tuple(np.shape(arrays[k]))} in the file, model expects {tuple(expected[k])}'
+    for k in set(arrays) & set(expected)
+    if tuple(np.shape(arrays[k])) != tuple(expected[k])
+  )
+  if not (unknown or missing or misshaped):
+    return
+  lines = [f'{source} does not match pneumo_jax InceptionV3:']
+  for title, names in (
+    ('unknown (not in the model)', unknown),
+    ('missing (in the model, not in the file)', missing),
+    ('wrong shape', misshaped),
+  ):
+    if names:
+      lines.append(f'  {len(names)} {title}:')
+      lines.extend(f'    {n}' for n in names)
+  raise ValueError('\n'.join(lines))
+
+
+def save_variables(variables: Mapping[str, Any], out_dir: str, *, overwrite: bool = False) -> None:
+  """Writes {'params': …, 'batch_stats': …} as an orbax checkpoint directory `out_dir`.
+
+  The checkpoint is written next to `out_dir` and moved into place only when complete, so an
+  interrupted run never leaves a half-written `out_dir` (nor destroys the one it replaces).
+
+  Raises:
+    FileExistsError: `out_dir` exists and is not empty, and `overwrite` is False.
+  """
+  out_dir = os.path.abspath(out_dir)
+  if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+    raise FileExistsError(f'{out_dir} exists and is not empty; pass overwrite=True to replace it.')
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise FileExistsError(f'{out_dir} exists and is not a directory.')
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.', dir=parent)
+  try:
+    written = os.path.join(staging, 'checkpoint')
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(written, dict(variables))
+    if os.path.isdir(out_dir):
+      os.rename(out_dir, os.path.join(staging, 'replaced'))
+    os.rename(written, out_dir)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)

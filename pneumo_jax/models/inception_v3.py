@@ -1,0 +1,441 @@
+"""InceptionV3 in Flax Linen, variable-for-variable compatible with TF-Slim's `nets/inception_v3`.
+
+Scope names, depths, paddings, batch-norm settings (no scale, epsilon 0.001, decay 0.9997, moving
+variance updated with the unbiased batch variance as TF's fused kernel does) and the small-input
+kernel reductions follow slim, so a converted slim checkpoint loads as is and the same regexes
+address the same layers (`pneumo_jax.scopes`). Parameter paths drop slim's `InceptionV3/` prefix.
+
+One extension: slim's aux head cannot run when Mixed_6e is smaller than its 5×5 pooling window
+(inputs below 107 px), so here that window shrinks to fit, as slim already does for the head's
+pool. Wherever slim itself runs, the two compute the same function.
+"""
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from pneumo_jax import scopes
+
+BN_EPSILON = 0.001
+BN_DECAY = 0.9997
+
+# slim's conv2d default (variance_scaling_initializer(): He, fan-in, truncated normal).
+_he_init = nn.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal')
+
+
+class ConvSpec(NamedTuple):
+  """One slim `conv2d` + batch norm + activation; `depth` already scaled by the multiplier."""
+
+  name: str
+  depth: int
+  kernel: tuple[int, int]
+  stride: int = 1
+  padding: str = 'SAME'
+
+
+class PoolSpec(NamedTuple):
+  name: str
+  kind: str  # 'max' | 'avg'
+  window: tuple[int, int]
+  stride: int
+  padding: str
+
+
+class MixedSpec(NamedTuple):
+  name: str
+  branches: tuple[tuple['Op', ...], ...]
+
+
+# An op in a branch: a conv, a pool, or a pair of convs that run in parallel on the same input
+# and are concatenated (Mixed_7b/7c's 1×3 / 3×1 forks).
+Op = ConvSpec | PoolSpec | tuple[ConvSpec, ConvSpec]
+
+
+def _architecture(depth: Callable[[int], int]) -> list[ConvSpec | PoolSpec | MixedSpec]:
+  """slim's `inception_v3_base` as data: its endpoints in order, each named as in slim."""
+
+  def conv(name, d, k, stride=1, padding='SAME'):
+    return ConvSpec(name, depth(d), k, stride, padding)
+
+  avg_3x3 = PoolSpec('AvgPool_0a_3x3', 'avg', (3, 3), 1, 'SAME')
+
+  def mixed_5(b1_names, b3_depth):
+    return (
+      (conv('Conv2d_0a_1x1', 64, (1, 1)),),
+      (conv(b1_names[0], 48, (1, 1)), conv(b1_names[1], 64, (5, 5))),
+      (
+        conv('Conv2d_0a_1x1', 64, (1, 1)),
+        conv('Conv2d_0b_3x3', 96, (3, 3)),
+        conv('Conv2d_0c_3x3', 96, (3, 3)),
+      ),
+      (avg_3x3, conv('Conv2d_0b_1x1', b3_depth, (1, 1))),
+    )
+
+  def mixed_6(c):
+    return (
+      (conv('Conv2d_0a_1x1', 192, (1, 1)),),
+      (
+        conv('Conv2d_0a_1x1', c, (1, 1)),
+        conv('Conv2d_0b_1x7', c, (1, 7)),
+        conv('Conv2d_0c_7x1', 192, (7, 1)),
+      ),
+      (
+        conv('Conv2d_0a_1x1', c, (1, 1)),
+        conv('Conv2d_0b_7x1', c, (7, 1)),
+        conv('Conv2d_0c_1x7', c, (1, 7)),
+        conv('Conv2d_0d_7x1', c, (7, 1)),
+        conv('Conv2d_0e_1x7', 192, (1, 7)),
+      ),
+      (avg_3x3, conv('Conv2d_0b_1x1', 192, (1, 1))),
+    )
+
+  def mixed_7(b1_3x1_name):
+    return (
+      (conv('Conv2d_0a_1x1', 320, (1, 1)),),
+      (
+        conv('Conv2d_0a_1x1', 384, (1, 1)),
+        (conv('Conv2d_0b_1x3', 384, (1, 3)), conv(b1_3x1_name, 384, (3, 1))),
+      ),
+      (
+        conv('Conv2d_0a_1x1', 448, (1, 1)),
+        conv('Conv2d_0b_3x3', 384, (3, 3)),
+        (conv('Conv2d_0c_1x3', 384, (1, 3)), conv('Conv2d_0d_3x1', 384, (3, 1))),
+      ),
+      (avg_3x3, conv('Conv2d_0b_1x1', 192, (1, 1))),
+    )
+
+  max_1a = PoolSpec('MaxPool_1a_3x3', 'max', (3, 3), 2, 'VALID')
+  return [
+    conv('Conv2d_1a_3x3', 32, (3, 3), 2, 'VALID'),
+    conv('Conv2d_2a_3x3', 32, (3, 3), 1, 'VALID'),
+    conv('Conv2d_2b_3x3', 64, (3, 3), 1, 'SAME'),
+    PoolSpec('MaxPool_3a_3x3', 'max', (3, 3), 2, 'VALID'),
+    conv('Conv2d_3b_1x1', 80, (1, 1), 1, 'VALID'),
+    conv('Conv2d_4a_3x3', 192, (3, 3), 1, 'VALID'),
+    PoolSpec('MaxPool_5a_3x3', 'max', (3, 3), 2, 'VALID'),
+    MixedSpec('Mixed_5b', mixed_5(('Conv2d_0a_1x1', 'Conv2d_0b_5x5'), 32)),
+    MixedSpec('Mixed_5c', mixed_5(('Conv2d_0b_1x1', 'Conv_1_0c_5x5'), 64)),
+    MixedSpec('Mixed_5d', mixed_5(('Conv2d_0a_1x1', 'Conv2d_0b_5x5'), 64)),
+    MixedSpec(
+      'Mixed_6a',
+      (
+        (conv('Conv2d_1a_1x1', 384, (3, 3), 2, 'VALID'),),
+        (
+          conv('Conv2d_0a_1x1', 64, (1, 1)),
+          conv('Conv2d_0b_3x3', 96, (3, 3)),
+          conv('Conv2d_1a_1x1', 96, (3, 3), 2, 'VALID'),
+        ),
+        (max_1a,),
+      ),
+    ),
+    MixedSpec('Mixed_6b', mixed_6(128)),
+    MixedSpec('Mixed_6c', mixed_6(160)),
+    MixedSpec('Mixed_6d', mixed_6(160)),
+    MixedSpec('Mixed_6e', mixed_6(192)),
+    MixedSpec(
+      'Mixed_7a',
+      (
+        (conv('Conv2d_0a_1x1', 192, (1, 1)), conv('Conv2d_1a_3x3', 320, (3, 3), 2, 'VALID')),
+        (
+          conv('Conv2d_0a_1x1', 192, (1, 1)),
+          conv('Conv2d_0b_1x7', 192, (1, 7)),
+          conv('Conv2d_0c_7x1', 192, (7, 1)),
+          conv('Conv2d_1a_3x3', 192, (3, 3), 2, 'VALID'),
+        ),
+        (max_1a,),
+      ),
+    ),
+    MixedSpec('Mixed_7b', mixed_7('Conv2d_0b_3x1')),
+    MixedSpec('Mixed_7c', mixed_7('Conv2d_0c_3x1')),
+  ]
+
+
+def _reduced_kernel(x: jax.Array, kernel: tuple[int, int]) -> tuple[int, int]:
+  """slim's `_reduced_kernel_size_for_small_input`: clip a window to the feature map."""
+  return min(x.shape[1], kernel[0]), min(x.shape[2], kernel[1])
+
+
+def _conv(x: jax.Array, kernel: jax.Array, stride: int, padding: str, dtype: Any) -> jax.Array:
+  return jax.lax.conv_general_dilated(
+    x.astype(dtype),
+    kernel.astype(dtype),
+    window_strides=(stride, stride),
+    padding=padding,
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+  )
+
+
+def _squeeze(x: jax.Array, scope: str) -> jax.Array:
+  """slim's SpatialSqueeze, with a clear error where slim's reshape would fail."""
+  if x.shape[1:3] != (1, 1):
+    raise ValueError(
+      f'{scope} produced a {x.shape[1]}x{x.shape[2]} map instead of 1x1: the input image is '
+      'larger than TF-Slim InceptionV3 supports (at most 346 px); use input.image_size <= 346.'
+    )
+  return x[:, 0, 0, :]
+
+
+class BatchNorm(nn.Module):
+  """slim's batch_norm with scale=False: variables beta, moving_mean, moving_variance.
+
+  Statistics are computed in float32 whatever the compute dtype. As TF's fused kernel does, the
+  moving variance is updated with the unbiased (n/(n-1)) batch variance while normalisation uses
+  the biased one.
+  """
+
+  dtype: Any = jnp.float32
+  decay: float = BN_DECAY
+
+  @nn.compact
+  def __call__(self, x: jax.Array, use_batch_stats: bool) -> jax.Array:
+    features = x.shape[-1]
+    beta = self.param('beta', nn.initializers.zeros, (features,), jnp.float32)
+    moving_mean = self.variable(
+      'batch_stats', 'moving_mean', lambda: jnp.zeros((features,), jnp.float32)
+    )
+    moving_var = self.variable(
+      'batch_stats', 'moving_variance', lambda: jnp.ones((features,), jnp.float32)
+    )
+    x32 = x.astype(jnp.float32)
+    if use_batch_stats:
+      mean = jnp.mean(x32, axis=(0, 1, 2))
+      var = jnp.mean(jnp.square(x32 - mean), axis=(0, 1, 2))
+      if not self.is_initializing():
+        n = math.prod(x.shape[:3])
+        unbiased = var * (n / max(n - 1, 1))
+        moving_mean.value = self.decay * moving_mean.value + (1 - self.decay) * mean
+        moving_var.value = self.decay * moving_var.value + (1 - self.decay) * unbiased
+    else:
+      mean, var = moving_mean.value, moving_var.value
+    y = (x32 - mean) * jax.lax.rsqrt(var + BN_EPSILON) + beta
+    return y.astype(self.dtype)
+
+
+class ConvBN(nn.Module):
+  """slim's conv2d under inception_v3_arg_scope: conv (no bias) → BatchNorm → activation.
+
+  Its batch norm uses batch statistics only when `train` is set and, if `batch_norm_train` is
+  given, the path of its beta matches one of those regexes; otherwise it runs in inference mode.
+  """
+
+  spec: ConvSpec
+  dtype: Any = jnp.float32
+  activation: Callable[[jax.Array], jax.Array] = nn.relu
+  batch_norm_train: Sequence[str] | None = None
+  batch_norm_decay: float = BN_DECAY
+  kernel_init: Callable[..., jax.Array] = _he_init
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    s = self.spec
+    kernel = self.param('weights', self.kernel_init, (*s.kernel, x.shape[-1], s.depth), jnp.float32)
+    y = _conv(x, kernel, s.stride, s.padding, self.dtype)
+    use_batch_stats = train
+    if train and self.batch_norm_train is not None:
+      use_batch_stats = scopes.matches(
+        self.batch_norm_train, '/'.join(self.path) + '/BatchNorm/beta'
+      )
+    y = BatchNorm(dtype=self.dtype, decay=self.batch_norm_decay, name='BatchNorm')(
+      y, use_batch_stats
+    )
+    return self.activation(y)
+
+
+class Conv(nn.Module):
+  """slim's conv2d with a bias and no normaliser or activation (the logits layers)."""
+
+  features: int
+  kernel_init: Callable[..., jax.Array]
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param(
+      'weights', self.kernel_init, (1, 1, x.shape[-1], self.features), jnp.float32
+    )
+    bias = self.param('biases', nn.initializers.zeros, (self.features,), jnp.float32)
+    return _conv(x, kernel, 1, 'VALID', self.dtype) + bias.astype(self.dtype)
+
+
+class Pool(nn.Module):
+  """A parameter-free pooling layer, a module only so that it owns its slim scope name."""
+
+  spec: PoolSpec
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    s = self.spec
+    strides = (s.stride, s.stride)
+    if s.kind == 'max':
+      return nn.max_pool(x, s.window, strides, s.padding)
+    # TF's SAME average pooling divides by the number of valid (unpadded) inputs.
+    return nn.avg_pool(x, s.window, strides, s.padding, count_include_pad=False)
+
+
+class _Settings(nn.Module):
+  """Fields every layer with a batch norm needs, shared by the blocks below."""
+
+  dtype: Any = jnp.float32
+  activation: Callable[[jax.Array], jax.Array] = nn.relu
+  batch_norm_train: Sequence[str] | None = None
+  batch_norm_decay: float = BN_DECAY
+
+  def conv_bn(self, spec: ConvSpec, x: jax.Array, train: bool, **kwargs: Any) -> jax.Array:
+    return ConvBN(
+      spec,
+      dtype=self.dtype,
+      activation=self.activation,
+      batch_norm_train=self.batch_norm_train,
+      batch_norm_decay=self.batch_norm_decay,
+      name=spec.name,
+      **kwargs,
+    )(x, train)
+
+
+class Branch(_Settings):
+  """One `Branch_<i>` of a Mixed block: its ops applied in sequence."""
+
+  ops: tuple[Op, ...] = ()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    for op in self.ops:
+      if isinstance(op, PoolSpec):
+        x = Pool(op, name=op.name)(x)
+      elif isinstance(op, ConvSpec):
+        x = self.conv_bn(op, x, train)
+      else:
+        x = jnp.concatenate([self.conv_bn(c, x, train) for c in op], axis=-1)
+    return x
+
+
+class Mixed(_Settings):
+  """An Inception block: its branches see the same input and are concatenated on channels."""
+
+  branches: tuple[tuple[Op, ...], ...] = ()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    return jnp.concatenate(
+      [
+        Branch(
+          dtype=self.dtype,
+          activation=self.activation,
+          batch_norm_train=self.batch_norm_train,
+          batch_norm_decay=self.batch_norm_decay,
+          ops=ops,
+          name=f'Branch_{i}',
+        )(x, train)
+        for i, ops in enumerate(self.branches)
+      ],
+      axis=-1,
+    )
+
+
+class AuxLogits(_Settings):
+  """slim's auxiliary head on Mixed_6e; its conv is named after its (reduced) kernel size."""
+
+  num_classes: int = 1001
+  depths: tuple[int, int] = (128, 768)  # Conv2d_1b_1x1, Conv2d_2a_*; scaled by the caller.
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    window = _reduced_kernel(x, (5, 5))  # slim keeps 5×5 here and fails on smaller maps.
+    pool = PoolSpec('AvgPool_1a_5x5', 'avg', window, 3, 'VALID')
+    x = Pool(pool, name=pool.name)(x)
+    x = self.conv_bn(ConvSpec('Conv2d_1b_1x1', self.depths[0], (1, 1)), x, train)
+    kh, kw = _reduced_kernel(x, (5, 5))
+    spec = ConvSpec(f'Conv2d_2a_{kh}x{kw}', self.depths[1], (kh, kw), 1, 'VALID')
+    x = self.conv_bn(spec, x, train, kernel_init=nn.initializers.truncated_normal(0.01))
+    x = Conv(
+      self.num_classes, nn.initializers.truncated_normal(0.001), self.dtype, name='Conv2d_2b_1x1'
+    )(x)
+    return _squeeze(x, 'AuxLogits').astype(jnp.float32)
+
+
+class Logits(nn.Module):
+  """slim's head: average pool (kernel reduced for small inputs), dropout, 1×1 conv with bias.
+
+  Returns (logits, PreLogits) with PreLogits [B, 1, 1, C] after dropout, as slim's endpoint.
+  """
+
+  num_classes: int
+  dropout_keep_prob: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
+    kh, kw = _reduced_kernel(x, (8, 8))
+    # slim's avg_pool2d default stride is 2 outside the base network's arg_scope.
+    pool = PoolSpec(f'AvgPool_1a_{kh}x{kw}', 'avg', (kh, kw), 2, 'VALID')
+    x = Pool(pool, name=pool.name)(x)
+    x = nn.Dropout(1.0 - self.dropout_keep_prob, deterministic=not train, name='Dropout_1b')(x)
+    logits = Conv(self.num_classes, _he_init, self.dtype, name='Conv2d_1c_1x1')(x)
+    return _squeeze(logits, 'Logits').astype(jnp.float32), x
+
+
+class InceptionV3(nn.Module):
+  """TF-Slim's `inception_v3` (see MODEL_API.md): returns (logits, end_points) like slim.
+
+  Logits are returned in float32 whatever `dtype`, so losses and metrics need no casts.
+  """
+
+  num_classes: int = 1001
+  create_aux_logits: bool = True
+  dropout_keep_prob: float = 0.8
+  depth_multiplier: float = 1.0
+  min_depth: int = 16
+  dtype: Any = jnp.float32
+  batch_norm_train: tuple[str, ...] | None = None
+  batch_norm_decay: float = BN_DECAY  # slim's inception_v3_arg_scope(batch_norm_decay=…).
+  activation: Callable[[jax.Array], jax.Array] = nn.relu
+
+  def _depth(self, d: int) -> int:
+    return max(int(d * self.depth_multiplier), self.min_depth)
+
+  @nn.compact
+  def __call__(
+    self, images: jax.Array, train: bool = False
+  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    if self.depth_multiplier <= 0:
+      raise ValueError(f'depth_multiplier must be > 0, got {self.depth_multiplier}.')
+    if images.ndim != 4 or images.shape[1] < 75 or images.shape[2] < 75:
+      raise ValueError(
+        f'InceptionV3 needs images [B, H, W, C] with H, W >= 75; got {images.shape}.'
+      )
+    common = dict(
+      dtype=self.dtype,
+      activation=self.activation,
+      batch_norm_train=self.batch_norm_train,
+      batch_norm_decay=self.batch_norm_decay,
+    )
+    end_points = {}
+    x = images
+    for spec in _architecture(self._depth):
+      if isinstance(spec, ConvSpec):
+        x = ConvBN(spec, name=spec.name, **common)(x, train)
+      elif isinstance(spec, PoolSpec):
+        x = Pool(spec, name=spec.name)(x)
+      else:
+        x = Mixed(branches=spec.branches, name=spec.name, **common)(x, train)
+      end_points[spec.name] = x
+
+    if self.create_aux_logits and self.num_classes:
+      aux = AuxLogits(
+        num_classes=self.num_classes,
+        depths=(self._depth(128), self._depth(768)),
+        name='AuxLogits',
+        **common,
+      )
+      end_points['AuxLogits'] = aux(end_points['Mixed_6e'], train)
+
+    logits, pre_logits = Logits(
+      self.num_classes, self.dropout_keep_prob, dtype=self.dtype, name='Logits'
+    )(x, train)
+    end_points['PreLogits'] = pre_logits
+    end_points['Logits'] = logits
+    end_points['Predictions'] = jax.nn.softmax(logits, axis=-1)
+    return logits, end_points

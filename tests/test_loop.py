@@ -1,0 +1,175 @@
+"""The training loop: phases, resume, EMA, best checkpoint, NaN stop, pretrained initialisation."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from pneumo_jax import checkpoints, scopes
+from pneumo_jax.models.inception_v3 import InceptionV3
+from pneumo_jax.training import loop
+
+HEAD = 'Logits,AuxLogits'
+
+
+def _two_phase(make):
+  c = make(ema_decay=0.5)
+  c.phases.head = dict(num_steps=2, trainable_scopes=HEAD)
+  c.phases.top = dict(num_steps=2, trainable_scopes='Mixed_7c,' + HEAD,
+                      schedule=dict(learning_rate=0.001))
+  return c
+
+
+def _state(workdir, step, subdir=checkpoints.LATEST_DIR):
+  mngr = checkpoints.manager(workdir, subdir)
+  return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+
+
+def _moved(a, b):
+  fa, fb = scopes.flatten(a), scopes.flatten(b)
+  return {k for k in fa if not np.array_equal(fa[k], fb[k])}
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory, tiny_config):
+  """An uninterrupted two-phase run, and the same run killed after step 3's checkpoint, resumed."""
+  config = _two_phase(tiny_config)
+  straight = str(tmp_path_factory.mktemp('straight'))
+  summary = loop.train_and_evaluate(config, straight)
+
+  resumed = str(tmp_path_factory.mktemp('resumed'))
+  save = checkpoints.save
+
+  def save_then_die(mngr, step, state, data_iterator=None):
+    save(mngr, step, state, data_iterator)
+    if step == 3 and mngr.directory.name == checkpoints.LATEST_DIR:
+      mngr.wait_until_finished()
+      raise KeyboardInterrupt('simulated kill after step 3')
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(checkpoints, 'save', save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+      loop.train_and_evaluate(config, resumed)
+  assert not os.path.exists(os.path.join(resumed, loop.SUMMARY_FILE))
+  loop.train_and_evaluate(config, resumed)
+  return straight, resumed, summary
+
+
+def test_resume_equals_uninterrupted_run(runs):
+  straight, resumed, _ = runs
+  a, b = _state(straight, 4), _state(resumed, 4)
+  la, lb = jax.tree.leaves_with_path(a), jax.tree.leaves_with_path(b)
+  assert [p for p, _ in la] == [p for p, _ in lb]
+  assert any('opt_state' in jax.tree_util.keystr(p) for p, _ in la)
+  for (path, x), (_, y) in zip(la, lb, strict=True):
+    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+def test_each_phase_moves_exactly_its_scopes(runs):
+  straight = runs[0]
+  s = {i: _state(straight, i) for i in (1, 2, 3, 4)}
+  head = _moved(s[1]['params'], s[2]['params'])
+  assert head and all(k.startswith(('Logits/', 'AuxLogits/')) for k in head)
+  top = _moved(s[2]['params'], s[3]['params'])
+  assert any(k.startswith('Mixed_7c/') for k in top)
+  assert all(k.startswith(('Mixed_7c/', 'Logits/', 'AuxLogits/')) for k in top)
+  stats_head = _moved(s[1]['batch_stats'], s[2]['batch_stats'])
+  assert stats_head and all(k.startswith('AuxLogits/') for k in stats_head)
+  stats_top = _moved(s[2]['batch_stats'], s[3]['batch_stats'])
+  assert any(k.startswith('Mixed_7c/') for k in stats_top)
+  assert all(k.startswith(('Mixed_7c/', 'AuxLogits/')) for k in stats_top)
+
+
+def test_ema_is_saved_and_used_for_inference(runs):
+  straight = runs[0]
+  s = _state(straight, 4)
+  p, e = scopes.flatten(s['params']), scopes.flatten(s['ema_params'])
+  assert any(not np.array_equal(p[k], e[k]) for k in p)
+  variables, step = checkpoints.load_for_inference(straight)
+  assert step == 4
+  np.testing.assert_array_equal(scopes.flatten(variables['params'])['Logits/Conv2d_1c_1x1/weights'],
+                                e['Logits/Conv2d_1c_1x1/weights'])
+
+
+def test_outputs_and_best_checkpoint(runs):
+  straight, _, summary = runs
+  for name in ('config.json', 'metrics.jsonl', 'summary.json', 'curves.png', 'train_images.png'):
+    assert os.path.exists(os.path.join(straight, name)), name
+  assert os.listdir(os.path.join(straight, 'tensorboard'))
+  with open(os.path.join(straight, 'metrics.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  train = [r for r in records if r['split'] == 'train']
+  assert [r['step'] for r in train] == [1, 2, 3, 4]
+  assert {'loss', 'aux_loss', 'accuracy', 'learning_rate', 'grad_norm', 'images_per_s'} <= set(
+      train[0])
+  np.testing.assert_allclose(train[-1]['learning_rate'], 0.001)
+  evals = [r for r in records if r['split'] == 'validation']
+  assert [r['step'] for r in evals] == [2, 4]
+  kappas = [r['kappa'] for r in evals]
+  best_step = evals[int(np.argmax(kappas))]['step']  # first best wins ties
+  assert summary['best_step'] == best_step
+  assert checkpoints.manager(straight, checkpoints.BEST_DIR).all_steps() == [best_step]
+  assert summary['final'] == {k: evals[-1][k] for k in summary['final']}
+  assert summary['status'] == 'done' and summary['step'] == 4
+
+
+def test_finished_run_is_not_repeated(runs):
+  straight = runs[0]
+  again = loop.train_and_evaluate(_two_phase_config_of(straight), straight)
+  assert again['step'] == 4
+
+
+def _two_phase_config_of(workdir):
+  with open(os.path.join(workdir, 'config.json')) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
+  """A NaN batch at step 3 poisons the loss: the run stops, checkpoints 1–2 stay, none after."""
+  shard_batch = loop.sharding.shard_batch
+  train_batches = []
+
+  def poisoned(batch, mesh):
+    if 'label' in batch:  # A training batch (evaluation shards images only).
+      train_batches.append(1)
+      if len(train_batches) == 3:
+        batch = dict(batch, image=np.full_like(batch['image'], np.nan))
+    return shard_batch(batch, mesh)
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(loop.sharding, 'shard_batch', poisoned)
+    with pytest.raises(FloatingPointError, match=r'at step 3.*last good checkpoint is step 2'):
+      loop.train_and_evaluate(_two_phase(tiny_config), str(tmp_path))
+  assert checkpoints.manager(str(tmp_path)).all_steps() == [1, 2]
+
+
+def _random_variables(num_classes: int, seed: int) -> dict:
+  """Variables of the right shapes without running (or compiling) the model's init."""
+  shapes = jax.eval_shape(InceptionV3(num_classes=num_classes).init, jax.random.key(0),
+                          jnp.zeros((1, 75, 75, 3)))
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), dict(shapes))
+
+
+def test_init_checkpoint_with_exclude_scopes(tiny_config, tmp_path):
+  pretrained = _random_variables(7, seed=42)
+  path = str(tmp_path / 'pretrained')
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(path, {'params': pretrained['params'], 'batch_stats': pretrained['batch_stats']})
+  ckptr.wait_until_finished()
+  variables = _random_variables(4, seed=0)
+  with pytest.raises(ValueError) as e:
+    checkpoints.load_init(path, variables, '', False, str(tmp_path))
+  msg = str(e.value)
+  for offender in ('params/Logits/Conv2d_1c_1x1/weights', 'params/Logits/Conv2d_1c_1x1/biases',
+                   'params/AuxLogits/Conv2d_2b_1x1/weights'):
+    assert offender in msg
+  loaded = checkpoints.load_init(path, variables, HEAD, False, str(tmp_path))
+  lp, pp, mp = (scopes.flatten(x['params']) for x in (loaded, pretrained, variables))
+  for k in lp:
+    np.testing.assert_array_equal(lp[k], mp[k] if k.startswith(('Logits', 'AuxLogits')) else pp[k])

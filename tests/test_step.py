@@ -1,0 +1,155 @@
+"""The train step: what moves and what must not, its cost, and its data parallelism."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import default
+from pneumo_jax import scopes
+from pneumo_jax.models.inception_v3 import InceptionV3
+from pneumo_jax.training import loop, optim
+from pneumo_jax.training.step import TrainState, cross_entropy, make_train_step
+
+HEAD = 'Logits,AuxLogits'
+SIZE, BATCH, CLASSES = 75, 4, 3
+
+
+def _setup(trainable: str, bn_train, seed=0):
+  model = InceptionV3(num_classes=CLASSES, batch_norm_train=bn_train)
+  variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, SIZE, SIZE, 3))))(
+      jax.random.key(seed))
+  mask = scopes.mask(variables['params'], trainable)
+  c = default.get_config().optimizer
+  tx = optim.make_optimizer(c, optax.constant_schedule(0.01), mask)
+  step = make_train_step(model, tx, mask, aux_loss_weight=0.4, label_smoothing=0.1,
+                         class_weights=None, ema_decay=0.0)
+  state = TrainState(step=jnp.zeros([], jnp.int32), params=variables['params'],
+                     batch_stats=variables['batch_stats'],
+                     opt_state=tx.init(variables['params']))
+  return model, step, state
+
+
+def _batch(seed=1):
+  r = np.random.default_rng(seed)
+  return {'image': r.uniform(-1, 1, (BATCH, SIZE, SIZE, 3)).astype(np.float32),
+          'label': r.integers(0, CLASSES, BATCH).astype(np.int32)}
+
+
+def _moved(before, after):
+  b, a = scopes.flatten(before), scopes.flatten(after)
+  return {k for k in b if not np.array_equal(np.asarray(b[k]), np.asarray(a[k]))}
+
+
+@pytest.fixture(scope='module')
+def head_only():
+  _, step, state = _setup(HEAD, scopes.parse(HEAD))
+  step = jax.jit(step)
+  new = state
+  for i in range(2):
+    new, metrics = step(new, _batch(i), jax.random.key(i))
+  return state, new, metrics
+
+
+def test_head_only_step_leaves_backbone_bitwise_unchanged(head_only):
+  before, after, metrics = head_only
+  moved = _moved(before.params, after.params)
+  assert moved and all(k.startswith(('Logits/', 'AuxLogits/')) for k in moved)
+  assert 'Logits/Conv2d_1c_1x1/weights' in moved
+  moved_stats = _moved(before.batch_stats, after.batch_stats)
+  assert moved_stats and all(k.startswith('AuxLogits/') for k in moved_stats), moved_stats
+  assert np.isfinite(float(metrics['total_loss'])) and float(metrics['grad_norm']) > 0
+
+
+def test_all_bn_in_train_mode_corrupts_frozen_statistics():
+  """The seed's pitfall, reproduced: frozen weights, yet backbone statistics drift."""
+  _, step, state = _setup(HEAD, None)
+  new, _ = jax.jit(step)(state, _batch(), jax.random.key(0))
+  assert not _moved(state.params, new.params) - {k for k in scopes.flatten(state.params)
+                                                 if k.startswith(('Logits/', 'AuxLogits/'))}
+  assert 'Conv2d_1a_3x3/BatchNorm/moving_mean' in _moved(state.batch_stats, new.batch_stats)
+
+
+def test_head_only_step_skips_the_backbone_backward_pass():
+  """XLA's own FLOP count: head-only ≈ forward, full fine-tuning ≈ 3× forward."""
+  batch, key = _batch(), jax.random.key(0)
+  model, head_step, state = _setup(HEAD, scopes.parse(HEAD))
+  fwd = jax.jit(lambda v, x: model.apply(v, x, train=True, rngs={'dropout': key},
+                                         mutable=['batch_stats']))
+  flops = lambda f, *a: f.lower(*a).compile().cost_analysis()['flops']
+  forward = flops(fwd, {'params': state.params, 'batch_stats': state.batch_stats},
+                  batch['image'])
+  head = flops(jax.jit(head_step), state, batch, key)
+  _, full_step, full_state = _setup('.*', None)
+  full = flops(jax.jit(full_step), full_state, batch, key)
+  print(f'forward {forward:.3g} head {head:.3g} ({head / forward:.2f}x) '
+        f'full {full:.3g} ({full / forward:.2f}x)')
+  assert head <= 1.25 * forward
+  assert 2.5 * forward <= full <= 3.5 * forward
+
+
+def test_cross_entropy_with_class_weights_by_hand():
+  logits = jnp.array([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+  labels = jnp.array([0, 2])
+  w = jnp.array([1.0, 1.0, 3.0])[labels]
+  p = np.exp(np.asarray(logits)) / np.exp(np.asarray(logits)).sum(1, keepdims=True)
+  by_hand = (-np.log(p[0, 0]) * 1.0 + -np.log(p[1, 2]) * 3.0) / 2
+  np.testing.assert_allclose(float(cross_entropy(logits, labels, 3, 0.0, w)), by_hand, rtol=1e-6)
+  smooth = np.array([[0.9 + 0.1 / 3, 0.1 / 3, 0.1 / 3], [0.1 / 3, 0.1 / 3, 0.9 + 0.1 / 3]])
+  by_hand = -(smooth * np.log(p)).sum(1) @ np.array([1.0, 3.0]) / 2
+  np.testing.assert_allclose(float(cross_entropy(logits, labels, 3, 0.1, w)), by_hand, rtol=1e-6)
+
+
+def test_balanced_class_weights():
+  c = default.get_config()
+  c.class_weighting = 'balanced'
+  w = loop.class_weights(c, np.array([60, 20, 20]))
+  np.testing.assert_allclose(w, [100 / 180, 100 / 60, 100 / 60])
+  c.class_weighting = ''
+  assert loop.class_weights(c, np.array([1, 2])) is None
+
+
+_DP_WORKER = textwrap.dedent('''
+    import sys
+    import jax, numpy as np
+    from pneumo_jax import scopes, sharding
+    sys.path.insert(0, 'tests')
+    import test_step as t
+    top = 'Mixed_7c,Logits,AuxLogits'
+    _, step, state = t._setup(top, scopes.parse(top))
+    mesh = sharding.make_mesh()
+    repl = sharding.replicated(mesh)
+    step = jax.jit(step, in_shardings=(repl, sharding.batch_sharding(mesh), repl),
+                   out_shardings=(repl, repl))
+    state = jax.device_put(state, repl)
+    for i in range(2):
+      state, _ = step(state, sharding.shard_batch(t._batch(i), mesh), jax.random.key(i))
+    flat = {**scopes.flatten(state.params), **{'bs/' + k: v for k, v in
+            scopes.flatten(state.batch_stats).items()}}
+    np.savez(sys.argv[1], n=len(jax.devices()), **{k: np.asarray(v) for k, v in flat.items()})
+''')
+
+
+def test_four_devices_match_one(tmp_path):
+  """Data-parallel over 4 (fake CPU) devices gives the single-device result: global batch norm
+  statistics and gradients, not per-device ones."""
+  results = []
+  for n in (1, 4):
+    out = tmp_path / f'{n}.npz'
+    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={n}')
+    subprocess.run([sys.executable, '-c', _DP_WORKER, str(out)], check=True, env=env,
+                   cwd=os.path.dirname(os.path.dirname(__file__)))
+    results.append(np.load(out))
+  one, four = results
+  assert int(one['n']) == 1 and int(four['n']) == 4
+  changed = 0
+  for k in set(one.files) - {'n'}:
+    np.testing.assert_allclose(one[k], four[k], rtol=2e-4, atol=2e-6, err_msg=k)
+    changed += k.startswith('bs/Mixed_7c')
+  assert changed

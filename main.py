@@ -3,11 +3,15 @@
 Dispatches on --mode and nothing else; the config file is the only place knobs live.
 """
 
-import importlib.util
+import logging as logging_lib
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from pneumo_jax import imagenet, sweep
+from pneumo_jax.evaluation import modes
+from pneumo_jax.training import loop
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file (ml_collections get_config()).',
@@ -27,41 +31,38 @@ flags.DEFINE_integer('sweep_parallel', 1, 'Sweep trials run at once, as separate
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def _config_module():
-  path = config_flags.get_config_filename(FLAGS['config'])
-  spec = importlib.util.spec_from_file_location('_pneumo_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return path, module
+class _QuietLibraries(logging_lib.Filter):
+  """Drops the INFO chatter of orbax, grain and TFDS (every save logs a dozen lines)."""
+
+  def filter(self, record: logging_lib.LogRecord) -> bool:
+    return record.levelno >= logging_lib.WARNING or not any(
+        f'/{lib}/' in record.pathname for lib in ('orbax', 'grain', 'tensorflow_datasets'))
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}; settings go in --config.<field>=…')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   config, workdir = FLAGS.config, FLAGS.workdir
+  path = config_flags.get_config_filename(FLAGS['config'])
+  if FLAGS.mode == 'train' and FLAGS.sweep and sweep.is_sweep(path):
+    # Trials run as separate processes; this one never touches the accelerator.
+    sweep.run(config_file=path, workdir=workdir,
+              overrides=config_flags.get_override_values(FLAGS['config']),
+              parallel=FLAGS.sweep_parallel)
+    return
   logging.info('JAX: %d process(es), local devices %s', jax.process_count(), jax.local_devices())
   if FLAGS.mode == 'train':
-    path, module = _config_module()
-    if FLAGS.sweep and hasattr(module, 'get_sweep'):
-      from pneumo_jax import sweep
-      sweep.run(config_file=path, workdir=workdir,
-                overrides=config_flags.get_override_values(FLAGS['config']),
-                parallel=FLAGS.sweep_parallel)
-    else:
-      from pneumo_jax.training import loop
-      loop.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
   elif FLAGS.mode == 'imagenet':
-    from pneumo_jax import imagenet
     imagenet.print_top_k(config, FLAGS.inputs)
+  elif FLAGS.mode == 'eval':
+    modes.run_eval(config, workdir, split=FLAGS.split, checkpoint=FLAGS.checkpoint)
+  elif FLAGS.mode == 'predict':
+    modes.run_predict(config, workdir, FLAGS.inputs, checkpoint=FLAGS.checkpoint, tta=FLAGS.tta)
   else:
-    from pneumo_jax.evaluation import modes
-    if FLAGS.mode == 'eval':
-      modes.run_eval(config, workdir, split=FLAGS.split, checkpoint=FLAGS.checkpoint)
-    elif FLAGS.mode == 'predict':
-      modes.run_predict(config, workdir, FLAGS.inputs, checkpoint=FLAGS.checkpoint, tta=FLAGS.tta)
-    else:
-      modes.run_explain(config, workdir, FLAGS.inputs, checkpoint=FLAGS.checkpoint,
-                        layer=FLAGS.layer, target_class=FLAGS.target_class)
+    modes.run_explain(config, workdir, FLAGS.inputs, checkpoint=FLAGS.checkpoint,
+                      layer=FLAGS.layer, target_class=FLAGS.target_class)
 
 
 if __name__ == '__main__':

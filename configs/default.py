@@ -81,7 +81,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer.name = 'rmsprop'
   c.optimizer.weight_decay = 4e-5  # L2 on conv kernels added to the gradient (slim's).
   c.optimizer.grad_clip_norm = 0.0  # > 0: clip the global gradient norm (slim: clip_gradient_norm).
-  c.optimizer.momentum = 0.9  # momentum and rmsprop.
+  c.optimizer.momentum = 0.9  # momentum.
+  c.optimizer.rmsprop_momentum = 0.9
   c.optimizer.rmsprop_decay = 0.9
   c.optimizer.epsilon = 1.0  # slim's --opt_epsilon (rmsprop, adam, adamw, adadelta).
   c.optimizer.adam_beta1 = 0.9  # adam, adamw.

@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.input.eval_batch_size = 64
   c.input.color_distortion = False  # Grey images: colour jitter only adds noise.
   c.input.random_crop = False  # Opacity count is the signal; a crop could cut opacities away.
+  c.model.batch_norm_decay = 0.9  # From scratch, moving statistics must catch up in few steps.
   c.init_checkpoint = ''
   c.exclude_scopes = ''
   c.trainable_scopes = '.*'  # From scratch, everything trains.

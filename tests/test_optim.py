@@ -24,8 +24,8 @@ def _cfg(name, **kw):
 
 def _tf_optimizer(name, lr, c):
   return {
-      'rmsprop': lambda: TF1.RMSPropOptimizer(lr, decay=c.rmsprop_decay, momentum=c.momentum,
-                                              epsilon=c.epsilon),
+      'rmsprop': lambda: TF1.RMSPropOptimizer(
+          lr, decay=c.rmsprop_decay, momentum=c.rmsprop_momentum, epsilon=c.epsilon),
       'momentum': lambda: TF1.MomentumOptimizer(lr, c.momentum),
       'sgd': lambda: TF1.GradientDescentOptimizer(lr),
       'adam': lambda: TF1.AdamOptimizer(lr, c.adam_beta1, c.adam_beta2, c.epsilon),

@@ -170,9 +170,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   def fresh_ema(params):  # A copy: params and EMA are donated to the step separately.
     return jax.tree.map(jnp.copy, params) if config.ema_decay else None
 
-  state = TrainState(step=jnp.zeros([], jnp.int32), params=variables['params'],
-                     batch_stats=variables['batch_stats'], opt_state=None,
-                     ema_params=fresh_ema(variables['params']))
+  state = jax.device_put(  # On the mesh from the start, or the step compiles twice.
+      TrainState(step=jnp.zeros([], jnp.int32), params=variables['params'],
+                 batch_stats=variables['batch_stats'], opt_state=None,
+                 ema_params=fresh_ema(variables['params'])), repl)
   if step:
     phase = next(p for p in phases if p.start < step <= p.end)
     target = _state_dict(state.replace(opt_state=optimizer(phase)[2].init(state.params)))

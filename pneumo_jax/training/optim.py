@@ -76,7 +76,7 @@ def _base(cfg: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientT
     return optax.chain(
         optax.scale_by_rms(decay=cfg.rmsprop_decay, eps=cfg.epsilon, initial_scale=1.0),
         optax.scale_by_learning_rate(lr),
-        optax.trace(decay=cfg.momentum))
+        optax.trace(decay=cfg.rmsprop_momentum))
   if name == 'momentum':
     return optax.sgd(lr, momentum=cfg.momentum)
   if name == 'sgd':

@@ -6,7 +6,7 @@ import re
 from configs import default
 
 # The flags of tensorflow/models research/slim/train_image_classifier.py, in its order.
-SLIM_FLAGS = """  # noqa: SIM905  (a word list reads better than 50 quoted strings)
+_FLAG_WORDS = """
 master train_dir num_clones clone_on_cpu worker_replicas num_ps_tasks num_readers
 num_preprocessing_threads log_every_n_steps save_summaries_secs save_interval_secs task
 weight_decay optimizer adadelta_rho adagrad_initial_accumulator_value adam_beta1 adam_beta2
@@ -16,7 +16,8 @@ end_learning_rate label_smoothing learning_rate_decay_factor num_epochs_per_deca
 replicas_to_aggregate moving_average_decay dataset_name dataset_split_name dataset_dir
 labels_offset model_name preprocessing_name batch_size train_image_size max_number_of_steps
 use_grayscale checkpoint_path checkpoint_exclude_scopes trainable_scopes ignore_missing_vars
-""".split()
+"""
+SLIM_FLAGS = _FLAG_WORDS.split()
 
 DOC = os.path.join(os.path.dirname(__file__), os.pardir, 'docs', 'slim_flags.md')
 

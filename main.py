@@ -6,6 +6,7 @@ Dispatches on --mode and nothing else; the config file is the only place knobs l
 import logging as logging_lib
 
 import jax
+import tensorflow_datasets as tfds
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -43,6 +44,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}; settings go in --config.<field>=…')
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  tfds.disable_progress_bar()
   config, workdir = FLAGS.config, FLAGS.workdir
   path = config_flags.get_config_filename(FLAGS['config'])
   if FLAGS.mode == 'train' and FLAGS.sweep and sweep.is_sweep(path):

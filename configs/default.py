@@ -24,7 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.dataset.split_seed = 0  # Seeds the stratified split; same seed, same split.
   c.dataset.num_shards = 1  # array_record shards per split.
   c.dataset.skip_corrupt = False  # True: skip and list unreadable images instead of failing.
-  c.dataset.num_folds = 0  # k > 1: k-fold cross-validation; validation = fold `fold`.
+  c.dataset.num_folds = 0  # k > 1: k-fold CV; validation = fold `fold` (validation_fraction
+  #   is then ignored).
   c.dataset.fold = 0  # Which fold is the validation split when num_folds > 1.
   c.dataset.synthetic = False  # True: generate the demo's 4-stage images into source_dir
   #   (default: DATA_DIR/synthetic_stages) when they are not there yet.
@@ -40,7 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.input.random_flip = True  # Train: random left-right flip.
   c.input.color_distortion = True  # Train: brightness/saturation jitter (grey X-rays: off).
   c.input.central_crop_fraction = 0.875  # Eval: central crop before resize.
-  c.input.num_workers = 0  # grain worker processes; 0 → load in the main process.
+  c.input.num_workers = 0  # grain worker processes: 0 (main process) or >= 2 (1 is slow to close).
   c.input.class_balanced = False  # Sample classes equally (with replacement) for training.
 
   # --- Model: Flax InceptionV3 with TF-Slim scope names. ---

@@ -1,0 +1,343 @@
+"""A TFDS builder over a folder whose subfolders are the classes (TF-Slim's flowers layout).
+
+    source_dir/stage_0/a.png, source_dir/stage_1/b.jpg, ...  (nested folders count for their class)
+
+Labels are the sorted subfolder names, numbered from 0 as slim numbers them; `labels.txt` in the
+built directory holds them in slim's `0:name` format (one per line), so slim's `read_label_file`
+reads it. Splits are stratified per class and deterministic for `dataset.split_seed`: the test
+share is held out first, then either the validation share or, with `dataset.num_folds = k > 1`,
+fold `dataset.fold` of k (the validation folds of a k-fold sweep partition every non-test image).
+
+Each distinct folder state and split setting gets its own build, named by a fingerprint of the
+files' paths, sizes and modification times plus the settings: a second run on an unchanged folder
+reuses its build, while an added, removed or edited file, or a changed setting, leads to a new
+build. TFDS writes into a temporary directory and renames it only once complete, so a killed
+build is never taken for a finished one.
+
+Per-record labels and file names are also stored in the build's metadata, so that class counts,
+class-balanced sampling and prediction reports need not decode any image.
+"""
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import zlib
+from collections.abc import Iterator, Sequence
+
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+from etils import epath
+from PIL import Image
+
+from pneumo_jax.data.images import DatasetError, is_candidate, load_image
+
+__all__ = ['DatasetError', 'build', 'label_names', 'split_filenames', 'split_labels']
+
+# Bump when the stored records change for the same input, so that old builds are not reused.
+_FORMAT_VERSION = 1
+_PNG_RGB8_HEADER = (8, 2)  # IHDR bit depth 8, colour type 2 (truecolour, no alpha).
+_WORKERS = os.cpu_count() or 1
+
+
+@dataclasses.dataclass(frozen=True)
+class _Scan:
+  """The image files of a source folder, as found before building."""
+
+  root: str
+  classes: tuple[str, ...]
+  files: tuple[tuple[str, ...], ...]  # Per class: paths relative to root, sorted.
+  stats: tuple[tuple[str, int, int], ...]  # (relative path, size, mtime_ns): the fingerprint.
+
+
+@dataclasses.dataclass(eq=False)
+class _FolderConfig(tfds.core.BuilderConfig):
+  """One build: the scanned folder and split settings; `name` embeds their fingerprint.
+
+  The builder takes its input from here (not from a constructor argument) because TFDS
+  re-creates builders from their config when a data source is pickled into a grain worker.
+  """
+
+  scan: _Scan | None = dataclasses.field(default=None, repr=False)
+  validation_fraction: float = 0.2
+  test_fraction: float = 0.0
+  split_seed: int = 0
+  num_folds: int = 0
+  fold: int = 0
+  skip_corrupt: bool = False
+
+
+class ClassFolder(tfds.core.GeneratorBasedBuilder):
+  """Class-subfolder tree → PNG-encoded RGB records with label and relative file name."""
+
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    scan = self.builder_config.scan
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=f'Images from the class subfolders of {scan.root}.',
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=(None, None, 3), encoding_format='png'),
+            'label': tfds.features.ClassLabel(names=list(scan.classes)),
+            'filename': tfds.features.Text(),
+        }),
+        supervised_keys=('image', 'label'),
+        # Records keep the order written, so the metadata's labels index them.
+        disable_shuffling=True,
+        metadata=tfds.core.MetadataDict(),
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    del dl_manager  # Everything is local.
+    config = self.builder_config
+    scan = config.scan
+    files, skipped = _drop_corrupt(scan, config.skip_corrupt)
+    splits = _assign_splits(scan, files, config)
+    self.info.metadata.update({
+        'source_dir': scan.root,
+        'skipped_corrupt': skipped,
+        'splits': {
+            name: {'labels': [label for _, label in recs], 'filenames': [p for p, _ in recs]}
+            for name, recs in splits.items()
+        },
+    })
+    lines = ''.join(f'{i}:{name}\n' for i, name in enumerate(scan.classes))
+    (epath.Path(self.data_dir) / 'labels.txt').write_text(lines)
+    return {name: self._generate_examples(recs) for name, recs in splits.items()}
+
+  def _generate_examples(self, records: Sequence[tuple[str, int]]) -> Iterator[tuple[str, dict]]:
+    root = self.builder_config.scan.root
+    with concurrent.futures.ThreadPoolExecutor(_WORKERS) as pool:
+      encoded = pool.map(lambda rec: _png_bytes(os.path.join(root, rec[0])), records)
+      for (path, label), png in zip(records, encoded, strict=True):
+        yield path, {'image': png, 'label': label, 'filename': path}
+
+
+def build(dataset_cfg: ml_collections.ConfigDict, data_dir: str) -> tfds.core.DatasetBuilder:
+  """Returns the prepared builder for `dataset_cfg.source_dir`, building it unless up to date.
+
+  Read with `builder.as_data_source(split)` (no TensorFlow needed).
+
+  Raises:
+    DatasetError: bad settings or bad input; the message names the field or path and the fix.
+  """
+  _check_settings(dataset_cfg)
+  scan = _scan(dataset_cfg.source_dir, data_dir)
+  settings = {
+      'validation_fraction': float(dataset_cfg.validation_fraction),
+      'test_fraction': float(dataset_cfg.test_fraction),
+      'split_seed': int(dataset_cfg.split_seed),
+      'num_folds': int(dataset_cfg.num_folds),
+      'fold': int(dataset_cfg.fold),
+      'skip_corrupt': bool(dataset_cfg.skip_corrupt),
+  }
+  num_shards = int(dataset_cfg.num_shards)
+  fingerprint = hashlib.sha256(
+      json.dumps([_FORMAT_VERSION, scan.root, scan.classes, scan.stats, settings, num_shards])
+      .encode()
+  ).hexdigest()[:16]
+  slug = re.sub(r'[^a-z0-9]+', '_', os.path.basename(scan.root).lower()).strip('_') or 'folder'
+  config = _FolderConfig(name=f'{slug[:40]}_{fingerprint}', scan=scan, **settings)
+  builder = ClassFolder(config=config, data_dir=data_dir)
+  builder.download_and_prepare(
+      file_format='array_record',
+      download_config=tfds.download.DownloadConfig(num_shards=num_shards),
+  )
+  skipped = builder.info.metadata['skipped_corrupt']
+  if skipped:
+    logging.warning('Skipped %d unreadable image(s) in %s: %s', len(skipped), scan.root, skipped)
+  logging.info(
+      'Dataset %s: %s', builder.data_dir,
+      ', '.join(f'{k} {v.num_examples}' for k, v in builder.info.splits.items()),
+  )
+  return builder
+
+
+def label_names(builder: tfds.core.DatasetBuilder) -> list[str]:
+  """Class names in label order (sorted subfolder names)."""
+  return list(builder.info.features['label'].names)
+
+
+def split_labels(builder: tfds.core.DatasetBuilder, split: str) -> np.ndarray:
+  """Int labels of every record of `split`, in record order, without decoding any image."""
+  return np.asarray(_split_metadata(builder, split)['labels'], dtype=np.int32)
+
+
+def split_filenames(builder: tfds.core.DatasetBuilder, split: str) -> list[str]:
+  """Paths (relative to the source folder) of every record of `split`, in record order."""
+  return list(_split_metadata(builder, split)['filenames'])
+
+
+def _split_metadata(builder: tfds.core.DatasetBuilder, split: str) -> dict:
+  splits = builder.info.metadata['splits']
+  if split not in splits:
+    raise DatasetError(
+        f'no split {split!r} in {builder.data_dir}; it has {sorted(splits)} '
+        '(a test split exists only with dataset.test_fraction > 0)'
+    )
+  return splits[split]
+
+
+def _check_settings(cfg: ml_collections.ConfigDict) -> None:
+  """Rejects split settings that cannot describe a split, naming the config field."""
+  val, test, folds = cfg.validation_fraction, cfg.test_fraction, cfg.num_folds
+  if not 0.0 <= test < 1.0:
+    raise DatasetError(f'dataset.test_fraction={test} must be in [0, 1); 0 means no test split')
+  if folds < 0 or folds == 1:
+    raise DatasetError(f'dataset.num_folds={folds} must be 0 (no folds) or at least 2')
+  if folds > 1 and not 0 <= cfg.fold < folds:
+    raise DatasetError(f'dataset.fold={cfg.fold} is out of range: use 0 … {folds - 1}')
+  if folds == 0 and not (0.0 < val < 1.0 and val + test < 1.0):
+    raise DatasetError(
+        f'dataset.validation_fraction={val} must be in (0, 1) and leave room for training with '
+        f'dataset.test_fraction={test} (their sum must be < 1)'
+    )
+  if cfg.num_shards < 1:
+    raise DatasetError(f'dataset.num_shards={cfg.num_shards} must be at least 1')
+
+
+def _scan(source_dir: str, data_dir: str) -> _Scan:
+  """Lists the classes and their image files; skips hidden and non-image files, saying so."""
+  if not source_dir:
+    raise DatasetError('dataset.source_dir is empty: set --config.dataset.source_dir=/path/to/'
+                       'folder, a folder with one subfolder of images per class')
+  root = os.path.realpath(source_dir)
+  if not os.path.isdir(root):
+    what = 'is not a folder' if os.path.exists(root) else 'does not exist'
+    raise DatasetError(f'dataset.source_dir {source_dir!r} {what}; point it at a folder with one '
+                       'subfolder of images per class')
+  if os.path.realpath(data_dir).startswith(root + os.sep):
+    raise DatasetError(f'data_dir {data_dir!r} lies inside dataset.source_dir {root!r}, where it '
+                       'would be read as a class; put it elsewhere')
+  entries = sorted(os.scandir(root), key=lambda e: e.name)
+  classes = tuple(e.name for e in entries if e.is_dir() and not e.name.startswith('.'))
+  if len(classes) < 2:
+    raise DatasetError(f'{root!r} has {len(classes)} class subfolder(s) {list(classes)}; a '
+                       'classifier needs at least two: put each class in its own subfolder')
+  skipped = [e.name for e in entries if not e.is_dir()]  # Loose files belong to no class.
+  files, stats, empty = [], [], []
+  for name in classes:
+    found = []
+    for folder, dirs, names in os.walk(os.path.join(root, name)):
+      dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
+      for file in sorted(names):
+        rel = os.path.relpath(os.path.join(folder, file), root)
+        if not is_candidate(file):
+          skipped.append(rel)
+          continue
+        st = os.stat(os.path.join(root, rel))
+        found.append(rel)
+        stats.append((rel, st.st_size, st.st_mtime_ns))
+    if not found:
+      empty.append(os.path.join(root, name))
+    files.append(tuple(found))
+  if empty:
+    raise DatasetError(f'class folder(s) {empty} hold no images (.jpg .jpeg .png .bmp); add '
+                       'images or remove the folder(s)')
+  if skipped:
+    hidden = sum(os.path.basename(p).startswith('.') for p in skipped)
+    logging.info('In %s: skipped %d hidden and %d other non-image file(s), e.g. %s', root,
+                 hidden, len(skipped) - hidden, skipped[:5])
+  return _Scan(root=root, classes=classes, files=tuple(files), stats=tuple(stats))
+
+
+def _unreadable(path: str) -> str | None:
+  """None when `path` reads as an image, else the reason it does not."""
+  try:
+    load_image(path)
+  except DatasetError as e:
+    return f'{type(e.__cause__).__name__}: {e.__cause__}'
+  return None
+
+
+def _drop_corrupt(scan: _Scan, skip: bool) -> tuple[tuple[tuple[str, ...], ...], list[str]]:
+  """Reads every image once; fails listing all unreadable ones, or drops them when `skip`.
+
+  Returns the readable files per class and the skipped ones.
+  """
+  paths = [p for per_class in scan.files for p in per_class]
+  with concurrent.futures.ThreadPoolExecutor(_WORKERS) as pool:
+    reasons = pool.map(lambda p: _unreadable(os.path.join(scan.root, p)), paths)
+    bad = {p: r for p, r in zip(paths, reasons, strict=True) if r}
+  if bad and not skip:
+    listing = '\n'.join(f'  {os.path.join(scan.root, p)}: {r}' for p, r in bad.items())
+    raise DatasetError(f'{len(bad)} unreadable image(s) in {scan.root}:\n{listing}\nreplace or '
+                       'delete them, or set --config.dataset.skip_corrupt=True to skip them')
+  files = tuple(tuple(p for p in per_class if p not in bad) for per_class in scan.files)
+  empty = [os.path.join(scan.root, c) for c, f in zip(scan.classes, files, strict=True) if not f]
+  if empty:
+    raise DatasetError(f'class folder(s) {empty} hold no readable images; add some')
+  return files, sorted(bad)
+
+
+def _assign_splits(scan: _Scan, files: Sequence[Sequence[str]],
+                   config: _FolderConfig) -> dict[str, list[tuple[str, int]]]:
+  """Stratified split: per class, a seeded permutation cut into test / validation (or fold) / train.
+
+  Records are listed per split in a seeded mixed order (not grouped by class).
+
+  Each class draws from its own generator seeded by the split seed and its name, so adding a
+  class leaves the others' splits unchanged.
+  """
+  names = ['train', 'validation'] + (['test'] if config.test_fraction > 0 else [])
+  splits = {name: [] for name in names}
+  short = []
+  for label, (cls, paths) in enumerate(zip(scan.classes, files, strict=True)):
+    n = len(paths)
+    rng = np.random.default_rng([config.split_seed, zlib.crc32(cls.encode())])
+    order = rng.permutation(n)
+    n_test = _round(config.test_fraction * n)
+    test, rest = order[:n_test], order[n_test:]
+    parts = {'test': test}
+    if config.num_folds > 1:
+      k = config.num_folds
+      in_fold = np.arange(len(rest)) % k == config.fold
+      parts.update(validation=rest[in_fold], train=rest[~in_fold])
+      # Judge the worst fold, so that a sweep fails at once rather than at its last fold.
+      counts = {'train': len(rest) - math.ceil(len(rest) / k), 'validation': len(rest) // k}
+    else:
+      n_val = _round(config.validation_fraction * n)
+      parts.update(validation=rest[:n_val], train=rest[n_val:])
+      counts = {'train': len(rest) - n_val, 'validation': n_val}
+    if config.test_fraction > 0:
+      counts['test'] = n_test
+    if not all(counts.values()):
+      worst = ' (smallest fold)' if config.num_folds > 1 else ''
+      short.append(f'  class {cls!r} ({n} images): '
+                   + ', '.join(f'{split} {c}' for split, c in counts.items()) + worst)
+    for name in names:
+      splits[name].extend((paths[i], label) for i in parts[name])
+  if short:
+    how = (f'dataset.num_folds={config.num_folds}' if config.num_folds > 1 else
+           f'dataset.validation_fraction={config.validation_fraction}')
+    raise DatasetError(
+        f'in {scan.root}, {how} and dataset.test_fraction={config.test_fraction} leave some '
+        'split without an example of a class:\n' + '\n'.join(short) +
+        '\nadd images to those classes or change the fractions / number of folds')
+  # Mix the classes in record order too, so that any run of records (an eval batch, say) is not
+  # all one class, which would skew anything computed per batch, such as batch-norm statistics.
+  order = np.random.default_rng(config.split_seed)
+  return {name: [recs[i] for i in order.permutation(len(recs))] for name, recs in splits.items()}
+
+
+def _round(x: float) -> int:
+  """Rounds half up (Python's round() goes to even, which surprises for 2.5 → 2)."""
+  return int(np.floor(x + 0.5))
+
+
+def _png_bytes(path: str) -> bytes:
+  """The file as 8-bit RGB PNG bytes: passed through when it already is one, else re-encoded."""
+  with open(path, 'rb') as f:
+    data = f.read()
+  if data[:8] == b'\x89PNG\r\n\x1a\n' and tuple(data[24:26]) == _PNG_RGB8_HEADER:
+    return data
+  out = io.BytesIO()
+  Image.fromarray(load_image(path)).save(out, format='PNG', compress_level=1)
+  return out.getvalue()

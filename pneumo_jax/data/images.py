@@ -1,0 +1,61 @@
+"""Reading image files the one way the builder, prediction and explanations all share.
+
+Every accepted file becomes 8-bit RGB, whatever its mode: grey, palette, alpha and 16-bit images
+are converted here so that a model never sees a file read differently at training and at
+prediction time.
+"""
+
+import os
+
+import numpy as np
+from PIL import Image
+
+# Extensions (compared lower-cased) that the builder treats as images; anything else is skipped.
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
+
+# Pillow's errors for a file that is not an image, is truncated or has a broken stream.
+_UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class DatasetError(ValueError):
+  """Bad input data: the message names the offending path and how to fix it."""
+
+
+def is_candidate(name: str) -> bool:
+  """True for a visible file whose extension marks it as an image (any letter case)."""
+  return not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _to_rgb8(image: Image.Image) -> np.ndarray:
+  """Converts a decoded Pillow image of any mode to a uint8 [H, W, 3] array.
+
+  16-bit grey is rescaled over its full range (65535 → 255, rounded), as TF's
+  `convert_image_dtype` does, instead of being clipped at 255 as Pillow's own conversion would.
+  Alpha is dropped (not composited), as slim's `decode_png(channels=3)` does.
+  """
+  if image.mode.startswith('I'):  # 'I;16', 'I;16B', 'I' (how Pillow opens 16-bit grey PNGs).
+    grey = np.asarray(image).astype(np.float64)
+    grey = np.clip(np.rint(grey * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
+  if image.mode == 'P' and 'transparency' in image.info:
+    image = image.convert('RGBA')  # Pillow wants palette transparency expanded first.
+  if image.mode != 'RGB':
+    image = image.convert('RGB')
+  return np.asarray(image, dtype=np.uint8)
+
+
+def load_image(path: str | os.PathLike[str]) -> np.ndarray:
+  """Reads `path` fully into a uint8 [H, W, 3] RGB array.
+
+  Raises:
+    DatasetError: the file is missing, not an image, truncated or corrupt; names the path.
+  """
+  try:
+    with Image.open(path) as image:
+      image.load()  # Decode now: a truncated file must fail here, not later in a worker.
+      return _to_rgb8(image)
+  except _UNREADABLE as e:
+    raise DatasetError(
+        f'cannot read image {os.fspath(path)!r} ({type(e).__name__}: {e}); replace or delete the '
+        'file (the builder can skip such files with --config.dataset.skip_corrupt=True)'
+    ) from e

@@ -1,0 +1,147 @@
+"""TF-Slim's inception preprocessing, as pure numpy functions of one image.
+
+Same numbers as slim's `inception_preprocessing` in fast mode, so ImageNet weights trained with
+it see the inputs they expect: train = distorted bounding-box crop, bilinear resize, random
+left-right flip, brightness/saturation jitter, clip, scale to [-1, 1]; eval = central crop,
+bilinear resize, scale to [-1, 1]. Resizing reproduces TF1's `resize_bilinear` with
+`align_corners=False` (no half-pixel offset, no antialiasing), which slim used for both.
+Randomness comes only from the `rng` passed in, so a pipeline controls it per record.
+"""
+
+import numpy as np
+
+MIN_SIZE = 75  # InceptionV3's smallest input.
+
+# slim's distorted_bounding_box_crop defaults; the "object" is the whole image.
+_MIN_OBJECT_COVERED = 0.1
+_ASPECT_RATIO_RANGE = (0.75, 1.33)
+_AREA_RANGE = (0.05, 1.0)
+_MAX_ATTEMPTS = 100
+# slim's distort_color, fast mode.
+_MAX_BRIGHTNESS_DELTA = 32.0 / 255.0
+_SATURATION_RANGE = (0.5, 1.5)
+
+
+def train(image: np.ndarray, rng: np.random.Generator, size: int, *, random_crop: bool = True,
+          random_flip: bool = True, color_distortion: bool = True) -> np.ndarray:
+  """uint8 [H, W, 3] → float32 [size, size, 3] in [-1, 1], randomly distorted as slim trains.
+
+  With every switch off this is a plain resize of the whole image (no central crop).
+  """
+  _check(image, size)
+  if random_crop:
+    y, x, h, w = _distorted_box(*image.shape[:2], rng)
+    image = image[y:y + h, x:x + w]
+  out = _resize_bilinear(image, size)
+  if random_flip and rng.random() < 0.5:
+    out = out[:, ::-1]
+  if color_distortion:
+    # slim draws one of four colour orderings; in fast mode only ordering 0 puts brightness first.
+    brightness_first = rng.integers(4) == 0
+    delta = rng.uniform(-_MAX_BRIGHTNESS_DELTA, _MAX_BRIGHTNESS_DELTA)
+    factor = rng.uniform(*_SATURATION_RANGE)
+    if brightness_first:
+      out = _adjust_saturation(out + delta, factor)
+    else:
+      out = _adjust_saturation(out, factor) + delta
+    out = np.clip(out, 0.0, 1.0)
+  return _to_signed(out)
+
+
+def eval(image: np.ndarray, size: int, *, central_fraction: float = 0.875) -> np.ndarray:
+  """uint8 [H, W, 3] → float32 [size, size, 3] in [-1, 1]: central crop and resize, as slim."""
+  _check(image, size)
+  if not 0.0 < central_fraction <= 1.0:
+    raise ValueError(f'input.central_crop_fraction={central_fraction} must be in (0, 1]')
+  h, w = image.shape[:2]
+  # tf.image.central_crop's rounding: the offset is truncated, the size is what remains.
+  top, left = int((h - h * central_fraction) / 2), int((w - w * central_fraction) / 2)
+  return _to_signed(_resize_bilinear(image[top:h - top, left:w - left], size))
+
+
+def _check(image: np.ndarray, size: int) -> None:
+  if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8 or 0 in image.shape:
+    raise ValueError(f'expected a non-empty uint8 [H, W, 3] image, got {image.dtype} '
+                     f'{image.shape}')
+  if size < MIN_SIZE:
+    raise ValueError(f'input.image_size={size} is below InceptionV3\'s minimum {MIN_SIZE}')
+
+
+def _to_signed(image: np.ndarray) -> np.ndarray:
+  return ((image - 0.5) * 2.0).astype(np.float32)
+
+
+def _distorted_box(height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+  """(top, left, height, width) as `tf.image.sample_distorted_bounding_box` draws it for slim.
+
+  Per attempt: an aspect ratio uniform in the range, a crop height uniform between the heights
+  giving the smallest and largest allowed areas, then a uniform position; the crop must keep
+  `_MIN_OBJECT_COVERED` of the image. After `_MAX_ATTEMPTS` failures: the whole image.
+  """
+  image_area = height * width
+  min_area, max_area = _AREA_RANGE[0] * image_area, _AREA_RANGE[1] * image_area
+  for _ in range(_MAX_ATTEMPTS):
+    aspect = rng.uniform(*_ASPECT_RATIO_RANGE)
+    h = int(np.rint(np.sqrt(min_area / aspect)))
+    max_h = int(np.rint(np.sqrt(max_area / aspect)))
+    if np.rint(max_h * aspect) > width:
+      max_h = int((width + 0.5 - 1e-7) / aspect)
+      if np.rint(max_h * aspect) > width:
+        max_h -= 1
+    max_h = min(max_h, height)
+    h = min(h, max_h)
+    if h < max_h:
+      h += int(rng.integers(max_h - h + 1))
+    w = int(np.rint(h * aspect))
+    if w * h < min_area:  # Rounding made it too small: one row more.
+      h += 1
+      w = int(np.rint(h * aspect))
+    if w * h > max_area:  # Rounding made it too large: one row less.
+      h -= 1
+      w = int(np.rint(h * aspect))
+    if not (min_area <= w * h <= max_area and 0 < w <= width and 0 < h <= height):
+      continue
+    if w * h < _MIN_OBJECT_COVERED * image_area:
+      continue
+    top = int(rng.integers(height - h)) if h < height else 0
+    left = int(rng.integers(width - w)) if w < width else 0
+    return top, left, h, w
+  return 0, 0, height, width
+
+
+def _resize_bilinear(image: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [H, W, 3] → float32 [size, size, 3] in [0, 1], as TF1's resize_bilinear.
+
+  Output pixel i samples the input at i * in/out (align_corners=False, no half-pixel centres).
+  """
+
+  def taps(n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    pos = np.arange(size, dtype=np.float32) * np.float32(n_in / size)
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(np.ceil(pos).astype(np.int64), n_in - 1)
+    return lo, hi, (pos - lo).astype(np.float32)
+
+  y0, y1, fy = taps(image.shape[0])
+  x0, x1, fx = taps(image.shape[1])
+
+  def lerp_columns(rows: np.ndarray) -> np.ndarray:
+    rows = rows.astype(np.float32) / 255.0
+    left, right = rows[:, x0], rows[:, x1]
+    return left + (right - left) * fx[None, :, None]
+
+  top, bottom = lerp_columns(image[y0]), lerp_columns(image[y1])
+  return top + (bottom - top) * fy[:, None, None]
+
+
+def _adjust_saturation(image: np.ndarray, factor: float) -> np.ndarray:
+  """Scales HSV saturation by `factor` (clipped to [0, 1]), as tf.image.adjust_saturation.
+
+  Hue and value are kept, so each channel moves towards or away from the pixel's max in
+  proportion; pixels with no positive value or no chroma become (or stay) grey at their max.
+  """
+  v = image.max(axis=-1, keepdims=True)
+  chroma = v - image.min(axis=-1, keepdims=True)
+  s = np.where(v > 0, chroma / np.where(v > 0, v, 1.0), 0.0)
+  new_s = np.clip(s * factor, 0.0, 1.0)
+  ratio = np.where(s > 0, new_s / np.where(s > 0, s, 1.0), 0.0)
+  return (v - (v - image) * ratio).astype(np.float32)

@@ -1,0 +1,176 @@
+"""grain loaders: determinism, epochs, checkpoint resume, sharding, balancing, eval padding."""
+
+import itertools
+import os
+
+import grain
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from absl import flags
+from PIL import Image
+
+from configs import default
+from pneumo_jax.data import folder_builder, pipeline
+
+COUNTS = {'a': 12, 'b': 6, 'c': 3}  # → train 8 / 4 / 2, validation 4 / 2 / 1 at fraction 0.3.
+
+
+def build(root, data_dir, solid: bool):
+  """Solid images carry their id as grey level (10, 20, …); textured ones are noise."""
+  rng = np.random.default_rng(0)
+  ids = itertools.count(1)
+  for cls, n in COUNTS.items():
+    os.makedirs(root / cls)
+    for i in range(n):
+      pixels = (np.full((8, 8, 3), 10 * next(ids), np.uint8) if solid else
+                rng.integers(0, 255, (12, 16, 3), dtype=np.uint8))
+      Image.fromarray(pixels).save(root / cls / f'{i}.png')
+  c = default.get_config().dataset
+  c.source_dir, c.validation_fraction = str(root), 0.3
+  return folder_builder.build(c, str(data_dir))
+
+
+@pytest.fixture(scope='module')
+def solid(tmp_path_factory):
+  return build(tmp_path_factory.mktemp('solid'), tmp_path_factory.mktemp('data'), solid=True)
+
+
+@pytest.fixture(scope='module')
+def textured(tmp_path_factory):
+  return build(tmp_path_factory.mktemp('noise'), tmp_path_factory.mktemp('data'), solid=False)
+
+
+def input_cfg(**overrides):
+  c = default.get_config().input
+  c.update(image_size=75, batch_size=4, eval_batch_size=3, color_distortion=False)
+  c.update(overrides)
+  return c
+
+
+def ids(batch) -> list[int]:
+  """The grey level (÷10) of each solid image in a batch: which file it came from."""
+  level = np.rint((batch['image'][:, 0, 0, 0] + 1) / 2 * 255)
+  return (level / 10).astype(int).tolist()
+
+
+def train_ids(builder) -> set[int]:
+  names = {f'{cls}/{i}.png': k + 1 for k, (cls, i) in
+           enumerate((c, i) for c, n in COUNTS.items() for i in range(n))}
+  return {names[f] for f in folder_builder.split_filenames(builder, 'train')}
+
+
+def take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def test_batches_and_epochs(solid):
+  it = pipeline.train_iterator(solid, input_cfg(), seed=0)
+  batches = take(it, 7)  # 28 elements: exactly two epochs of the 14 training images.
+  assert batches[0]['image'].shape == (4, 75, 75, 3) and batches[0]['image'].dtype == np.float32
+  assert batches[0]['label'].dtype == np.int32
+  stream = [i for b in batches for i in ids(b)]
+  first, second = stream[:14], stream[14:]
+  assert set(first) == set(second) == train_ids(solid)
+  assert len(set(first)) == 14 and first != second  # Each epoch a new permutation.
+  labels = np.concatenate([b['label'] for b in batches])
+  assert np.bincount(labels[:14]).tolist() == [8, 4, 2]
+
+
+def test_same_seed_same_batches(textured):
+  cfg = input_cfg(color_distortion=True)
+  one = take(pipeline.train_iterator(textured, cfg, seed=5), 4)
+  two = take(pipeline.train_iterator(textured, cfg, seed=5), 4)
+  other = take(pipeline.train_iterator(textured, cfg, seed=6), 4)
+  for a, b in zip(one, two, strict=True):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+  assert not all(np.array_equal(a['image'], b['image']) for a, b in zip(one, other, strict=True))
+
+
+def test_checkpoint_resumes_at_the_next_batch(textured, tmp_path):
+  cfg = input_cfg(color_distortion=True)
+  it = pipeline.train_iterator(textured, cfg, seed=1)
+  take(it, 5)  # Past the first epoch (14 images in batches of 4).
+  manager = ocp.CheckpointManager(tmp_path / 'ckpt')
+  manager.save(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+  manager.wait_until_finished()
+  expected = take(it, 3)
+  fresh = pipeline.train_iterator(textured, cfg, seed=1)
+  manager.restore(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+  for a, b in zip(expected, take(fresh, 3), strict=True):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+  manager.close()
+
+
+def test_processes_read_disjoint_shards(solid):
+  cfg = input_cfg()  # Global batch 4 → 2 per process.
+  seen = []
+  for p in range(2):
+    it = pipeline.train_iterator(solid, cfg, seed=0, process_index=p, process_count=2)
+    batches = take(it, 4)
+    assert batches[0]['image'].shape[0] == 2
+    seen.append(set([i for b in batches for i in ids(b)][:7]))  # One epoch of a 7-image shard.
+  assert not seen[0] & seen[1]
+  assert seen[0] | seen[1] == train_ids(solid)
+
+
+def test_class_balanced(solid):
+  it = pipeline.train_iterator(solid, input_cfg(batch_size=6, class_balanced=True), seed=0)
+  batches = take(it, 10)
+  labels = np.concatenate([b['label'] for b in batches])
+  assert np.bincount(labels).tolist() == [20, 20, 20]  # Despite 8 / 4 / 2 training images.
+  by_class = {}
+  for b in batches:
+    for label, i in zip(b['label'], ids(b), strict=True):
+      by_class.setdefault(int(label), set()).add(i)
+  assert [len(v) for _, v in sorted(by_class.items())] == [8, 4, 2]  # Every image gets its turn.
+
+
+def test_worker_processes_read_the_same_stream(textured):
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags (main.py parses them).
+  in_process = take(pipeline.train_iterator(textured, input_cfg(), seed=2), 2)
+  it = pipeline.train_iterator(textured, input_cfg(num_workers=2), seed=2)
+  try:
+    in_workers = take(it, 2)
+  finally:
+    it.close()
+
+  def images(batches):  # Each worker batches its slice of the stream: compare as multisets.
+    return sorted(np.concatenate([b['image'] for b in batches]).reshape(8, -1).tolist())
+
+  assert images(in_process) == images(in_workers)
+
+
+def test_eval_batches_pad_and_mask(solid):
+  batches = list(pipeline.eval_batches(solid, 'validation', input_cfg()))
+  assert len(batches) == 3  # 7 records in batches of 3.
+  index = np.concatenate([b['index'] for b in batches])
+  mask = np.concatenate([b['mask'] for b in batches])
+  assert index.tolist() == [0, 1, 2, 3, 4, 5, 6, -1, -1]
+  assert mask.tolist() == [True] * 7 + [False] * 2
+  labels = np.concatenate([b['label'] for b in batches])
+  np.testing.assert_array_equal(labels[:7], folder_builder.split_labels(solid, 'validation'))
+  assert not batches[-1]['image'][1:].any()
+  names = folder_builder.split_filenames(solid, 'validation')
+  by_name = {f'{c}/{i}.png': k + 1 for k, (c, i) in
+             enumerate((c, i) for c, n in COUNTS.items() for i in range(n))}
+  assert [i for b in batches for i in ids(b)][:7] == [by_name[n] for n in names]
+
+
+def test_eval_batches_split_over_processes(solid):
+  per_process = [list(pipeline.eval_batches(solid, 'validation', input_cfg(eval_batch_size=4),
+                                            process_index=p, process_count=2))
+                 for p in range(2)]
+  assert [len(b) for b in per_process] == [2, 2]  # Same count everywhere, for collectives.
+  indices = [np.concatenate([b['index'][b['mask']] for b in batches]) for batches in per_process]
+  assert sorted(np.concatenate(indices).tolist()) == list(range(7))
+
+
+def test_batch_must_divide_over_processes(solid):
+  with pytest.raises(ValueError, match=r'input\.batch_size=4'):
+    pipeline.train_iterator(solid, input_cfg(), seed=0, process_count=3)
+  with pytest.raises(ValueError, match=r'input\.eval_batch_size=3'):
+    pipeline.eval_batches(solid, 'validation', input_cfg(), process_count=2)

@@ -4,14 +4,12 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from pneumo_jax import checkpoints, scopes
-from pneumo_jax.models.inception_v3 import InceptionV3
 from pneumo_jax.training import loop
 
 HEAD = 'Logits,AuxLogits'
@@ -146,30 +144,3 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_pa
     with pytest.raises(FloatingPointError, match=r'at step 3.*last good checkpoint is step 2'):
       loop.train_and_evaluate(_two_phase(tiny_config), str(tmp_path))
   assert checkpoints.manager(str(tmp_path)).all_steps() == [1, 2]
-
-
-def _random_variables(num_classes: int, seed: int) -> dict:
-  """Variables of the right shapes without running (or compiling) the model's init."""
-  shapes = jax.eval_shape(InceptionV3(num_classes=num_classes).init, jax.random.key(0),
-                          jnp.zeros((1, 75, 75, 3)))
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), dict(shapes))
-
-
-def test_init_checkpoint_with_exclude_scopes(tiny_config, tmp_path):
-  pretrained = _random_variables(7, seed=42)
-  path = str(tmp_path / 'pretrained')
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(path, {'params': pretrained['params'], 'batch_stats': pretrained['batch_stats']})
-  ckptr.wait_until_finished()
-  variables = _random_variables(4, seed=0)
-  with pytest.raises(ValueError) as e:
-    checkpoints.load_init(path, variables, '', False, str(tmp_path))
-  msg = str(e.value)
-  for offender in ('params/Logits/Conv2d_1c_1x1/weights', 'params/Logits/Conv2d_1c_1x1/biases',
-                   'params/AuxLogits/Conv2d_2b_1x1/weights'):
-    assert offender in msg
-  loaded = checkpoints.load_init(path, variables, HEAD, False, str(tmp_path))
-  lp, pp, mp = (scopes.flatten(x['params']) for x in (loaded, pretrained, variables))
-  for k in lp:
-    np.testing.assert_array_equal(lp[k], mp[k] if k.startswith(('Logits', 'AuxLogits')) else pp[k])

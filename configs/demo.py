@@ -32,9 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.schedule.learning_rate = 2e-3
   c.schedule.warmup_steps = 20
   c.schedule.end_learning_rate = 0.0
-  c.num_steps = 300
+  c.num_steps = 200
   c.log_every_steps = 10
-  c.eval_every_steps = 100
+  c.eval_every_steps = 50
   c.checkpoint_every_steps = 100
   c.best_metric = 'accuracy'
   return c

@@ -144,3 +144,23 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_pa
     with pytest.raises(FloatingPointError, match=r'at step 3.*last good checkpoint is step 2'):
       loop.train_and_evaluate(_two_phase(tiny_config), str(tmp_path))
   assert checkpoints.manager(str(tmp_path)).all_steps() == [1, 2]
+
+
+def test_early_stopping_on_the_best_metric(tiny_config, tmp_path, monkeypatch):
+  """Scripted validation accuracies 0.5, 0.75, 0.5, 0.25 with patience 2: the run stops after
+  step 4 (two evals without a new best), keeps step 2 as best and checkpoints where it stopped."""
+  c = _two_phase(tiny_config)
+  c.eval_every_steps, c.early_stopping_patience, c.best_metric = 1, 2, 'accuracy'
+  c.phases.top.num_steps = 4
+  scripted = iter([0.5, 0.75, 0.5, 0.25])
+  compute = loop.metrics.compute
+
+  def scripted_compute(labels, probs, names):
+    return dict(compute(labels, probs, names), accuracy=next(scripted))
+
+  monkeypatch.setattr(loop.metrics, 'compute', scripted_compute)
+  summary = loop.train_and_evaluate(c, str(tmp_path))
+  assert summary['stopped_early'] and summary['step'] == 4 and summary['best_step'] == 2
+  assert summary['best']['accuracy'] == 0.75
+  assert checkpoints.manager(str(tmp_path), checkpoints.BEST_DIR).all_steps() == [2]
+  assert checkpoints.manager(str(tmp_path)).latest_step() == 4

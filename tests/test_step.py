@@ -21,8 +21,8 @@ HEAD = 'Logits,AuxLogits'
 SIZE, BATCH, CLASSES = 75, 4, 3
 
 
-def _setup(trainable: str, bn_train, seed=0):
-  model = InceptionV3(num_classes=CLASSES, batch_norm_train=bn_train)
+def _setup(trainable: str, bn_train, seed=0, dtype=jnp.float32):
+  model = InceptionV3(num_classes=CLASSES, batch_norm_train=bn_train, dtype=dtype)
   variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, SIZE, SIZE, 3))))(
       jax.random.key(seed))
   mask = scopes.mask(variables['params'], trainable)
@@ -92,6 +92,14 @@ def test_head_only_step_skips_the_backbone_backward_pass():
         f'full {full:.3g} ({full / forward:.2f}x)')
   assert head <= 1.25 * forward
   assert 2.5 * forward <= full <= 3.5 * forward
+
+
+def test_mixed_precision_step_keeps_float32_parameters():
+  _, step, state = _setup(HEAD, scopes.parse(HEAD), dtype=jnp.bfloat16)
+  new, metrics = jax.jit(step)(state, _batch(), jax.random.key(0))
+  assert np.isfinite(float(metrics['total_loss']))
+  assert {v.dtype for v in jax.tree.leaves((new.params, new.batch_stats))} == {jnp.float32}
+  assert _moved(state.params, new.params)
 
 
 def test_cross_entropy_with_class_weights_by_hand():

@@ -18,6 +18,21 @@ from pneumo_jax import scopes
 
 LATEST_DIR = 'checkpoints'
 BEST_DIR = 'best'
+LABELS_FILE = 'labels.txt'  # The class names, one a line, in output order.
+
+
+def save_label_names(workdir: str, names: list[str]) -> None:
+  """Keeps the class names with the run, so predict/explain need only the workdir."""
+  with open(os.path.join(workdir, LABELS_FILE), 'w') as f:
+    f.write(''.join(f'{n}\n' for n in names))
+
+
+def load_label_names(workdir: str) -> list[str] | None:
+  path = os.path.join(workdir, LABELS_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return f.read().splitlines()
 
 
 def manager(workdir: str, subdir: str = LATEST_DIR, keep: int = 3) -> ocp.CheckpointManager:

@@ -9,7 +9,6 @@ tensorflow-datasets ships: no installed package ships the human-readable names. 
 has 1001 outputs (0 = background, then the synsets in sorted order), Keras's 1000 (no background).
 """
 
-import glob
 import importlib.resources
 import os
 from collections.abc import Iterator, Sequence
@@ -76,31 +75,13 @@ def top_k(
   return [[(names[c], float(p[c])) for c in row] for p, row in zip(probs, best, strict=True)]
 
 
-def _expand(inputs: Sequence[str]) -> list[str]:
-  """--inputs → image files: a file as given, a folder's images (sorted), a glob's matches."""
-  files = []
-  for item in inputs:
-    if os.path.isdir(item):
-      found = [os.path.join(item, n) for n in sorted(os.listdir(item)) if images.is_candidate(n)]
-    elif os.path.isfile(item):
-      found = [item]
-    else:
-      found = [f for f in sorted(glob.glob(item)) if images.is_candidate(os.path.basename(f))]
-    if not found:
-      raise ValueError(f'--inputs {item!r} names no image file, folder of images or matching glob')
-    files += found
-  if not files:
-    raise ValueError('--mode imagenet needs --inputs: image files, folders or globs')
-  return files
-
-
 def print_top_k(config: ml_collections.ConfigDict, inputs: Sequence[str], k: int = 5) -> None:
   """main.py --mode imagenet: prints the top-k classes of each input under config.init_checkpoint.
 
   Args:
     inputs: image files, folders (their images, sorted) or glob patterns.
   """
-  files = _expand(inputs)
+  files = images.expand_inputs(inputs)
   path = os.path.abspath(os.path.expanduser(config.init_checkpoint))
   hint = (
     'give an orbax directory written by `python -m converters.download {slim,keras} DEST` or '

@@ -5,9 +5,12 @@ are converted here so that a model never sees a file read differently at trainin
 prediction time.
 """
 
+import glob
 import os
+from collections.abc import Sequence
 
 import numpy as np
+from absl import logging
 from PIL import Image
 
 # Extensions (compared lower-cased) that the builder treats as images; anything else is skipped.
@@ -59,3 +62,29 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
         f'cannot read image {os.fspath(path)!r} ({type(e).__name__}: {e}); replace or delete the '
         'file (the builder can skip such files with --config.dataset.skip_corrupt=True)'
     ) from e
+
+
+def expand_inputs(inputs: Sequence[str]) -> list[str]:
+  """Files to predict: named files as given (whatever their extension: the user asked for them),
+  folders' image files (recursively, sorted), glob patterns' matches (sorted; folders among
+  them expanded). A named path that does not exist is kept, to be reported as unreadable.
+
+  Raises:
+    ValueError: nothing at all was named or matched.
+  """
+  files = []
+  for pattern in inputs:
+    pattern = os.path.expanduser(pattern)
+    matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+    if not matches:
+      logging.warning('--inputs %r matches no file', pattern)
+    for path in matches:
+      if os.path.isdir(path):
+        files += sorted(os.path.join(root, name) for root, _, names in os.walk(path)
+                        for name in names if is_candidate(name))
+      else:
+        files.append(path)
+  files = list(dict.fromkeys(files))
+  if not files:
+    raise ValueError(f'--inputs {list(inputs)} name no image; give image files, folders or globs')
+  return files

@@ -97,6 +97,8 @@ class _Run:
     self.lead = jax.process_index() == 0
     self.builder = dataset_for(config, workdir)
     self.names = folder_builder.label_names(self.builder)
+    if self.lead:
+      checkpoints.save_label_names(workdir, self.names)
     counts = {s: np.bincount(folder_builder.split_labels(self.builder, s),
                              minlength=len(self.names)) for s in self.builder.info.splits}
     for split, c in counts.items():

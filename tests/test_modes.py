@@ -1,0 +1,174 @@
+"""The eval, predict and explain modes end to end, on a saved random-weight checkpoint, on one
+device and (in a subprocess, as the flag must precede JAX's import) on four."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from pneumo_jax import checkpoints
+from pneumo_jax.data import dataset_for, folder_builder
+from pneumo_jax.evaluation import metrics, modes
+from pneumo_jax.models import build_model
+
+STEP = 7
+
+
+@pytest.fixture(scope='module')
+def run(tiny_config, tmp_path_factory):
+  """(config, workdir, label names): a checkpoint at step STEP of a random 4-class model."""
+  config = tiny_config(**{'model.depth_multiplier': 0.25, 'input.eval_batch_size': 6})
+  workdir = str(tmp_path_factory.mktemp('run'))
+  names = folder_builder.label_names(dataset_for(config, workdir))
+  model = build_model(config, len(names))
+  variables = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 75, 75, 3), np.float32))
+  mngr = checkpoints.manager(workdir)
+  checkpoints.save(mngr, STEP, {'step': STEP, **variables})
+  mngr.wait_until_finished()
+  return config, workdir, names
+
+
+@pytest.fixture(scope='module')
+def inputs(stage_folder, tmp_path_factory):
+  """A folder of good images, plus a corrupt PNG and a text file among the inputs."""
+  extra = tmp_path_factory.mktemp('inputs')
+  rng = np.random.default_rng(0)
+  # 85 px: the 0.875 central crop is exactly 75 px, so no resize and a mirrored file's
+  # preprocessed image is exactly the mirrored preprocessed image.
+  image = rng.integers(0, 256, (85, 85, 3), np.uint8)
+  Image.fromarray(image).save(extra / 'pair_a.png')
+  Image.fromarray(image[:, ::-1]).save(extra / 'pair_b.png')
+  (extra / 'corrupt.png').write_bytes(b'\x89PNG\r\n\x1a\n' + b'\x00' * 40)
+  (extra / 'notes.txt').write_text('not an image')
+  return [os.path.join(stage_folder, 'stage_1'), str(extra / 'pair_*.png'),
+          str(extra / 'corrupt.png'), str(extra / 'notes.txt')]
+
+
+def _rows(path):
+  with open(path, newline='') as f:
+    return list(csv.DictReader(f))
+
+
+def test_eval_writes_reports(run):
+  config, workdir, names = run
+  result = modes.run_eval(config, workdir)
+  stem = os.path.join(workdir, 'eval', f'validation_{STEP}')
+  for suffix in ('.json', '_confusion_matrix.png', '_roc.png', '_predictions.csv'):
+    assert os.path.exists(stem + suffix), suffix
+  rows = _rows(stem + '_predictions.csv')
+  assert len(rows) == sum(result['per_class'][n]['support'] for n in names)
+  labels = [names.index(r['label']) for r in rows]
+  probs = np.array([[float(r[n]) for n in names] for r in rows])
+  again = metrics.compute(np.array(labels), probs, names)
+  assert again['accuracy'] == pytest.approx(result['accuracy'])
+  with open(stem + '.json') as f:
+    assert json.load(f)['step'] == STEP
+
+
+def test_eval_refuses_a_checkpoint_with_other_classes(run, tiny_config, tmp_path):
+  _, workdir, _ = run
+  for name in ('cat', 'dog'):
+    (tmp_path / 'src' / name).mkdir(parents=True)
+    for i in range(3):
+      Image.fromarray(np.full((80, 80, 3), 40 * i, np.uint8)).save(tmp_path / 'src' / name /
+                                                                     f'{i}.png')
+  other = tiny_config(**{'dataset.source_dir': str(tmp_path / 'src'),
+                         'dataset.data_dir': str(tmp_path / 'data')})
+  with pytest.raises(ValueError, match=r'predicts 4 classes, but the dataset .* has 2'):
+    modes.run_eval(other, workdir)
+
+
+def test_predict_lists_unreadable_files_and_predicts_the_rest(run, inputs):
+  config, workdir, names = run
+  path = modes.run_predict(config, workdir, inputs)
+  assert path == os.path.join(workdir, 'predictions.csv')
+  rows = _rows(path)
+  assert list(rows[0]) == ['path', 'prediction', *names, 'error']
+  errors = {os.path.basename(r['path']): r['error'] for r in rows if r['error']}
+  assert set(errors) == {'corrupt.png', 'notes.txt'}
+  good = [r for r in rows if not r['error']]
+  assert len(good) >= 8  # stage_1's images (nested ones included) and the pair.
+  for r in good:
+    assert sum(float(r[n]) for n in names) == pytest.approx(1.0, abs=1e-5)
+    assert r['prediction'] == max(names, key=lambda n: float(r[n]))
+
+
+def test_flip_tta_averages_an_image_with_its_mirror(run, inputs):
+  config, workdir, names = run
+  pair = inputs[1]
+
+  def probs(tta):
+    rows = _rows(modes.run_predict(config, workdir, [pair], tta=tta))
+    return np.array([[float(r[n]) for n in names] for r in rows])
+
+  plain, tta = probs(False), probs(True)
+  assert not np.allclose(plain[0], plain[1], atol=1e-6)  # The model is not mirror-symmetric...
+  np.testing.assert_allclose(tta[0], tta[1], atol=1e-6)  # ...but an image and its mirror
+  np.testing.assert_allclose(tta[0], plain.mean(0), atol=1e-6)  # average to the same.
+
+
+def test_explain_writes_images(run, inputs):
+  config, workdir, names = run
+  out = modes.run_explain(config, workdir, inputs[1:], layer='Mixed_5d', target_class=2)
+  assert out == os.path.join(workdir, 'explain')
+  files = sorted(os.listdir(out))
+  assert files == sorted([f'pair_{x}_{names[2]}_{kind}.png' for x in 'ab'
+                          for kind in ('gradcam', 'guided_backprop', 'guided_gradcam')] +
+                         ['pair_a_original.png', 'pair_b_original.png'])
+  with pytest.raises(ValueError, match='--target_class=4 is not a class id'):
+    modes.run_explain(config, workdir, inputs[1:], target_class=4)
+
+
+_FOUR_DEVICES = """
+import json, sys
+import ml_collections
+from pneumo_jax.evaluation import modes
+import jax
+assert jax.device_count() == 4, jax.devices()
+config = ml_collections.ConfigDict(json.loads(sys.argv[1]))
+result = modes.run_eval(config, sys.argv[2])
+modes.run_predict(config, sys.argv[2], json.loads(sys.argv[3]))
+modes.run_explain(config, sys.argv[2], json.loads(sys.argv[3])[1:2], layer='Mixed_5d')
+print('ACCURACY', result['accuracy'])
+"""
+
+
+def test_four_devices_give_the_same_results(run, inputs):
+  """eval_batch_size 6 is not a multiple of 4: the modes round batches up and pad them."""
+  shutil.rmtree(os.path.join(run[1], 'explain'), ignore_errors=True)
+  config, workdir, names = run
+  one = {r['path']: r for r in _rows(modes.run_predict(config, workdir, inputs))}
+  accuracy = modes.run_eval(config, workdir)['accuracy']
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+             JAX_PLATFORMS='cpu')
+  proc = subprocess.run(
+      [sys.executable, '-c', _FOUR_DEVICES, config.to_json(), workdir, json.dumps(inputs)],
+      env=env, capture_output=True, text=True, timeout=300,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f'ACCURACY {accuracy}' in proc.stdout
+  four = {r['path']: r for r in _rows(os.path.join(workdir, 'predictions.csv'))}
+  assert four.keys() == one.keys()
+  for path, row in one.items():
+    assert four[path]['error'] == row['error']
+    for n in names:
+      assert float(four[path][n] or 0) == pytest.approx(float(row[n] or 0), abs=1e-5)
+  assert len(os.listdir(os.path.join(workdir, 'explain'))) == 8  # Two images, four files each.
+
+
+def test_predict_needs_only_the_workdir(run, inputs, tmp_path):
+  """With WORKDIR/labels.txt (the loop writes it), the training folder may be gone."""
+  config, workdir, names = run
+  checkpoints.save_label_names(workdir, names)
+  moved = ml_collections.ConfigDict(config.to_dict())
+  moved.dataset.source_dir = str(tmp_path / 'gone')
+  rows = _rows(modes.run_predict(moved, workdir, inputs[1:2]))
+  assert list(rows[0]) == ['path', 'prediction', *names, 'error'] and len(rows) == 2

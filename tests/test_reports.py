@@ -1,0 +1,81 @@
+"""Evaluation reports on disk and the predictions CSV, read back as a user would."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pneumo_jax.evaluation import metrics, reports
+
+NAMES = ['stage0', 'stage1', 'stage2']
+
+
+def _eval(seed=0, n=30):
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, 2, n)  # stage2 absent: its ROC curve must be skipped, not crash.
+  probs = rng.dirichlet(np.ones(3), n)
+  return labels, probs, metrics.compute(labels, probs, NAMES)
+
+
+def test_write_eval_files_per_split_and_step(tmp_path):
+  labels, probs, m = _eval()
+  path = reports.write_eval(str(tmp_path), 'validation', 120, m, NAMES, labels, probs)
+  assert path == str(tmp_path / 'eval' / 'validation_120.json')
+  with open(path) as f:
+    record = json.load(f)
+  assert record['label_names'] == NAMES
+  assert record['step'] == 120 and record['split'] == 'validation'
+  assert record['kappa'] == pytest.approx(m['kappa'])
+  assert record['per_class']['stage2']['auc'] is None
+  for kind in ('confusion_matrix', 'roc'):
+    with Image.open(tmp_path / 'eval' / f'validation_120_{kind}.png') as image:
+      assert image.format == 'PNG' and min(image.size) > 100
+  reports.write_eval(str(tmp_path), 'test', 120, m, NAMES, labels, probs)
+  reports.write_eval(str(tmp_path), 'validation', 240, m, NAMES, labels, probs)
+  assert len(os.listdir(tmp_path / 'eval')) == 9  # Nothing overwritten.
+
+
+def _read(path):
+  with open(path, newline='') as f:
+    return list(csv.DictReader(f))
+
+
+def test_predictions_csv_round_trip(tmp_path):
+  files = ['a.png', 'broken.png', 'b.jpg', 'notes.txt']
+  errors = {'broken.png': 'cannot read image', 'notes.txt': 'not an image'}
+  probs = np.array([[0.2, 0.7, 0.1], [0.5, 0.25, 0.25]], np.float32)
+  path = reports.write_predictions(str(tmp_path / 'out' / 'p.csv'), files, probs, NAMES, errors)
+  rows = _read(path)
+  assert list(rows[0]) == ['path', 'prediction', *NAMES, 'error']
+  assert [r['path'] for r in rows] == files
+  good = [r for r in rows if not r['error']]
+  assert [r['prediction'] for r in good] == ['stage1', 'stage0']
+  for row, p in zip(good, probs, strict=True):
+    got = [float(row[n]) for n in NAMES]
+    assert got == pytest.approx(p, abs=1e-6)
+    assert sum(got) == pytest.approx(1.0, abs=1e-5)
+  for row in rows:
+    if row['error']:
+      assert row['error'] == errors[row['path']]
+      assert row['prediction'] == '' and all(row[n] == '' for n in NAMES)
+
+
+def test_predictions_with_true_labels(tmp_path):
+  probs = np.array([[0.2, 0.7, 0.1], [0.5, 0.25, 0.25]])
+  path = reports.write_predictions(str(tmp_path / 'p.csv'), ['x', 'y'], probs, NAMES, {},
+                                   true_labels=['stage1', 'stage2'])
+  rows = _read(path)
+  assert list(rows[0])[:3] == ['path', 'label', 'prediction']
+  assert [(r['label'], r['prediction']) for r in rows] == [('stage1', 'stage1'),
+                                                           ('stage2', 'stage0')]
+
+
+def test_predictions_refuse_ambiguous_columns(tmp_path):
+  with pytest.raises(ValueError, match='rename the class folders'):
+    reports.write_predictions(str(tmp_path / 'p.csv'), ['x'], np.ones((1, 2)) / 2,
+                              ['error', 'ok'], {})
+  with pytest.raises(ValueError, match='rows of probabilities'):
+    reports.write_predictions(str(tmp_path / 'p.csv'), ['x', 'y'], np.ones((1, 3)) / 3, NAMES, {})

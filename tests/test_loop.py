@@ -41,6 +41,13 @@ def runs(tmp_path_factory, tiny_config):
   summary = loop.train_and_evaluate(config, straight)
 
   resumed = str(tmp_path_factory.mktemp('resumed'))
+  _killed_after_step_3(config, resumed)
+  loop.train_and_evaluate(config, resumed)
+  return straight, resumed, summary
+
+
+def _killed_after_step_3(config, workdir):
+  """Runs `config` in `workdir` until just after step 3's checkpoint is written, then dies."""
   save = checkpoints.save
 
   def save_then_die(mngr, step, state, data_iterator=None):
@@ -52,14 +59,22 @@ def runs(tmp_path_factory, tiny_config):
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(checkpoints, 'save', save_then_die)
     with pytest.raises(KeyboardInterrupt):
-      loop.train_and_evaluate(config, resumed)
-  assert not os.path.exists(os.path.join(resumed, loop.SUMMARY_FILE))
-  loop.train_and_evaluate(config, resumed)
-  return straight, resumed, summary
+      loop.train_and_evaluate(config, workdir)
+  assert not os.path.exists(os.path.join(workdir, loop.SUMMARY_FILE))
 
 
 def test_resume_equals_uninterrupted_run(runs):
+  """Every leaf of the state (optimizer included), the logged records and the best checkpoint."""
   straight, resumed, _ = runs
+  summaries = []
+  for workdir in (straight, resumed):
+    with open(os.path.join(workdir, loop.SUMMARY_FILE)) as f:
+      summaries.append(json.load(f))
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      summaries[-1]['records'] = [(r['step'], r['split']) for r in map(json.loads, f)]
+  s, r = summaries
+  assert (s['best_step'], s['best'], s['final'], s['records']) == (
+      r['best_step'], r['best'], r['final'], r['records'])
   a, b = _state(straight, 4), _state(resumed, 4)
   la, lb = jax.tree.leaves_with_path(a), jax.tree.leaves_with_path(b)
   assert [p for p, _ in la] == [p for p, _ in lb]
@@ -146,19 +161,36 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_pa
   assert checkpoints.manager(str(tmp_path)).all_steps() == [1, 2]
 
 
-def test_early_stopping_on_the_best_metric(tiny_config, tmp_path, monkeypatch):
-  """Scripted validation accuracies 0.5, 0.75, 0.5, 0.25 with patience 2: the run stops after
-  step 4 (two evals without a new best), keeps step 2 as best and checkpoints where it stopped."""
-  c = _two_phase(tiny_config)
-  c.eval_every_steps, c.early_stopping_patience, c.best_metric = 1, 2, 'accuracy'
-  c.phases.top.num_steps = 4
-  scripted = iter([0.5, 0.75, 0.5, 0.25])
+def _scripted_accuracy(monkeypatch, values):
+  """Makes validation report these accuracies, in turn (the rest of the metrics stay real)."""
+  scripted = iter(values)
   compute = loop.metrics.compute
 
   def scripted_compute(labels, probs, names):
     return dict(compute(labels, probs, names), accuracy=next(scripted))
 
   monkeypatch.setattr(loop.metrics, 'compute', scripted_compute)
+
+
+def test_resume_remembers_the_best_checkpoint(tiny_config, tmp_path, monkeypatch):
+  """Best at step 2 (0.75); killed after 3; resumed, step 4 scores 0.5: step 2 stays the best."""
+  c = _two_phase(tiny_config)
+  c.best_metric = 'accuracy'
+  _scripted_accuracy(monkeypatch, [0.75, 0.5])
+  _killed_after_step_3(c, str(tmp_path))
+  summary = loop.train_and_evaluate(c, str(tmp_path))
+  assert summary['best_step'] == 2 and summary['best']['accuracy'] == 0.75
+  assert summary['final']['accuracy'] == 0.5
+  assert checkpoints.manager(str(tmp_path), checkpoints.BEST_DIR).all_steps() == [2]
+
+
+def test_early_stopping_on_the_best_metric(tiny_config, tmp_path, monkeypatch):
+  """Scripted validation accuracies 0.5, 0.75, 0.5, 0.25 with patience 2: the run stops after
+  step 4 (two evals without a new best), keeps step 2 as best and checkpoints where it stopped."""
+  c = _two_phase(tiny_config)
+  c.eval_every_steps, c.early_stopping_patience, c.best_metric = 1, 2, 'accuracy'
+  c.phases.top.num_steps = 4
+  _scripted_accuracy(monkeypatch, [0.5, 0.75, 0.5, 0.25])
   summary = loop.train_and_evaluate(c, str(tmp_path))
   assert summary['stopped_early'] and summary['step'] == 4 and summary['best_step'] == 2
   assert summary['best']['accuracy'] == 0.75

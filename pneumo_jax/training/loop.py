@@ -22,7 +22,7 @@ from pneumo_jax.data import dataset_for, folder_builder, pipeline
 from pneumo_jax.evaluation import inference, metrics
 from pneumo_jax.models import build_model
 from pneumo_jax.training import optim
-from pneumo_jax.training.monitor import Monitor
+from pneumo_jax.training.monitor import Monitor, read_records
 from pneumo_jax.training.step import TrainState, make_train_step
 
 SUMMARY_FILE = 'summary.json'
@@ -113,6 +113,17 @@ class _Run:
     self.last_eval: dict[str, Any] = {}
     self.best_eval: dict[str, Any] = {}
 
+  def recover_best(self, best_step: int | None, records: list[dict[str, Any]]) -> None:
+    """On resume: the best so far and the evaluations since, from the logged validation records."""
+    evals = [r for r in records if r['split'] == 'validation']
+    for r in evals:
+      if r['step'] == best_step:
+        self.best_step, self.best_eval = best_step, {k: r[k] for k in metrics.HIGHER_IS_BETTER}
+        self.best_value = self.best_eval[self.config.best_metric]
+    if evals:
+      self.last_eval = {k: evals[-1][k] for k in metrics.HIGHER_IS_BETTER}
+      self.evals_since_best = sum(r['step'] > self.best_step for r in evals)
+
   def evaluate(self, state: TrainState, monitor: Monitor) -> dict[str, Any]:
     variables = {'params': state.ema_params if state.ema_params is not None else state.params,
                  'batch_stats': state.batch_stats}
@@ -187,10 +198,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     loaded = jax.device_put(loaded, repl)
     state = state.replace(params=loaded['params'], batch_stats=loaded['batch_stats'],
                           ema_params=fresh_ema(loaded['params']))
-  if best_mngr.latest_step() is not None:
-    run.best_step = best_mngr.latest_step()
-
   monitor = Monitor(workdir, total, step, active=run.lead)
+  run.recover_best(best_mngr.latest_step(), read_records(workdir))
   log = _TrainLog(monitor, mngr, config.input.batch_size)
   stopped_early = False
   for phase in phases:

@@ -20,9 +20,15 @@ class Monitor:
   """
 
   def __init__(self, workdir: str, total_steps: int, first_step: int, active: bool = True):
+    """Starting at `first_step` (a resume), drops the records a killed run logged after its last
+    checkpoint: they are about to be logged again."""
     self.workdir, self.total, self.active = workdir, total_steps, active
     self._start_time, self._start_step = time.time(), first_step
     self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard')) if active else None
+    if active:
+      kept = [r for r in read_records(workdir) if r['step'] <= first_step]
+      with open(os.path.join(workdir, METRICS_FILE), 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in kept)
 
   def write(self, step: int, split: str, scalars: dict[str, float]) -> None:
     if not self.active:
@@ -69,10 +75,18 @@ class Monitor:
       plot_curves(self.workdir)
 
 
+def read_records(workdir: str) -> list[dict]:
+  """metrics.jsonl's records, oldest first ([] before the first)."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
 def plot_curves(workdir: str) -> str:
   """curves.png: every scalar of metrics.jsonl against step, train and validation together."""
-  with open(os.path.join(workdir, METRICS_FILE)) as f:
-    records = [json.loads(line) for line in f]
+  records = read_records(workdir)
   keys = sorted({k for r in records for k, v in r.items()
                  if k not in ('step', 'split') and isinstance(v, float | int)})
   rows = -(-len(keys) // 3)

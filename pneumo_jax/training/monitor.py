@@ -2,10 +2,12 @@
 
 import json
 import os
+import sys
 import time
 from collections.abc import Sequence
 
 import numpy as np
+import tqdm
 from absl import logging
 from matplotlib.figure import Figure
 from tensorboardX import SummaryWriter
@@ -14,7 +16,9 @@ METRICS_FILE = 'metrics.jsonl'
 
 
 class Monitor:
-  """Writes each logged record to metrics.jsonl (for scripts) and TensorBoard, and shows progress.
+  """Writes each logged record to metrics.jsonl (for scripts) and TensorBoard, and shows progress:
+  a tqdm bar (rate, ETA, latest metrics) on a terminal, log lines with rate and ETA otherwise,
+  so that log files stay readable.
 
   Only process 0 writes; the others keep quiet.
   """
@@ -25,6 +29,8 @@ class Monitor:
     self.workdir, self.total, self.active = workdir, total_steps, active
     self._start_time, self._start_step = time.time(), first_step
     self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard')) if active else None
+    self._bar = (tqdm.tqdm(total=total_steps, initial=first_step, unit='step', dynamic_ncols=True)
+                 if active and sys.stderr.isatty() else None)
     if active:
       kept = [r for r in read_records(workdir) if r['step'] <= first_step]
       with open(os.path.join(workdir, METRICS_FILE), 'w') as f:
@@ -41,8 +47,14 @@ class Monitor:
         self._tb.add_scalar(f'{split}/{k}', v, step)
     self._tb.flush()
     shown = ' '.join(f'{k} {v:.4g}' for k, v in scalars.items() if isinstance(v, float | int))
-    logging.info('[%s] step %d/%d %s%s', split, step, self.total, shown,
-                 self._eta(step) if split == 'train' else '')
+    if self._bar is None:
+      logging.info('[%s] step %d/%d %s%s', split, step, self.total, shown,
+                   self._eta(step) if split == 'train' else '')
+    elif split == 'train':
+      self._bar.update(step - self._bar.n)
+      self._bar.set_postfix_str(shown)
+    else:
+      self._bar.write(f'[{split}] step {step}: {shown}')
 
   def _eta(self, step: int) -> str:
     done = step - self._start_step
@@ -70,6 +82,8 @@ class Monitor:
     self._tb.add_images('train/preprocessed', grid, 0, dataformats='NHWC')
 
   def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
     if self.active:
       self._tb.close()
       plot_curves(self.workdir)

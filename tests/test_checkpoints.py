@@ -2,8 +2,6 @@
 
 import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -15,21 +13,13 @@ from tests import reference
 HEAD = 'Logits,AuxLogits'
 
 
-def _random_variables(num_classes: int, seed: int) -> dict:
-  """Variables of the right shapes without running (or compiling) the model's init."""
-  shapes = jax.eval_shape(InceptionV3(num_classes=num_classes).init, jax.random.key(0),
-                          jnp.zeros((1, 75, 75, 3)))
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), dict(shapes))
-
-
 def test_init_checkpoint_with_exclude_scopes(tiny_config, tmp_path):
-  pretrained = _random_variables(7, seed=42)
+  pretrained = reference.random_variables(InceptionV3(num_classes=7), 75, seed=42)
   path = str(tmp_path / 'pretrained')
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(path, {'params': pretrained['params'], 'batch_stats': pretrained['batch_stats']})
   ckptr.wait_until_finished()
-  variables = _random_variables(4, seed=0)
+  variables = reference.random_variables(InceptionV3(num_classes=4), 75, seed=0)
   with pytest.raises(ValueError) as e:
     checkpoints.load_init(path, variables, '', False, str(tmp_path))
   msg = str(e.value)
@@ -44,12 +34,12 @@ def test_init_checkpoint_with_exclude_scopes(tiny_config, tmp_path):
 
 def test_raw_slim_checkpoint_is_converted_once_and_cached(tmp_path):
   """init_checkpoint may name a TF-Slim checkpoint prefix; the orbax copy lands in WORKDIR."""
-  slim = _random_variables(1001, seed=3)
+  slim = reference.random_variables(InceptionV3(num_classes=1001), 75, seed=3)
   arrays = {f'InceptionV3/{k}': v for c in ('params', 'batch_stats')
             for k, v in scopes.flatten(slim[c]).items()}
   prefix = reference.write_tf_checkpoint(arrays, str(tmp_path / 'model.ckpt'), 'V2')
   workdir = str(tmp_path / 'run')
-  variables = _random_variables(4, seed=0)
+  variables = reference.random_variables(InceptionV3(num_classes=4), 75, seed=0)
   loaded = checkpoints.load_init(prefix, variables, HEAD, False, workdir)
   got, want = scopes.flatten(loaded['batch_stats']), scopes.flatten(slim['batch_stats'])
   np.testing.assert_array_equal(got['Mixed_7c/Branch_3/Conv2d_0b_1x1/BatchNorm/moving_mean'],

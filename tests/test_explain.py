@@ -17,6 +17,7 @@ from pneumo_jax.evaluation import explain
 from pneumo_jax.models import build_model
 from pneumo_jax.models.inception_v3 import InceptionV3
 from pneumo_jax.training import loop
+from tests import reference
 
 SIZE = 107  # The smallest input at which Mixed_7c has more than one cell (2×2).
 
@@ -39,7 +40,7 @@ def test_guided_relu_passes_only_positive_gradients_through_positive_inputs():
 def random_model():
   model = InceptionV3(num_classes=3, depth_multiplier=0.25, create_aux_logits=False)
   images = jax.random.uniform(jax.random.key(0), (2, SIZE, SIZE, 3), minval=-1, maxval=1)
-  variables = jax.jit(model.init)(jax.random.key(1), images)
+  variables = reference.random_variables(model, SIZE, seed=1)
   # Non-zero head biases would not change Grad-CAM; random ones make the class scores differ.
   variables['params']['Logits']['Conv2d_1c_1x1']['biases'] = jnp.array([0.3, -0.2, 0.1])
   return model, variables, images

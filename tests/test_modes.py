@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 
-import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from pneumo_jax import checkpoints
 from pneumo_jax.data import dataset_for, folder_builder
 from pneumo_jax.evaluation import metrics, modes
 from pneumo_jax.models import build_model
+from tests import reference
 
 STEP = 7
 
@@ -29,7 +29,7 @@ def run(tiny_config, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('run'))
   names = folder_builder.label_names(dataset_for(config, workdir))
   model = build_model(config, len(names))
-  variables = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 75, 75, 3), np.float32))
+  variables = reference.random_variables(model, 75)
   mngr = checkpoints.manager(workdir)
   checkpoints.save(mngr, STEP, {'step': STEP, **variables})
   mngr.wait_until_finished()

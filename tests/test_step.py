@@ -12,10 +12,11 @@ import optax
 import pytest
 
 from configs import default
-from pneumo_jax import scopes
+from pneumo_jax import scopes, sharding
 from pneumo_jax.models.inception_v3 import InceptionV3
 from pneumo_jax.training import loop, optim
 from pneumo_jax.training.step import TrainState, cross_entropy, make_train_step
+from tests import reference
 
 HEAD = 'Logits,AuxLogits'
 SIZE, BATCH, CLASSES = 75, 4, 3
@@ -23,8 +24,7 @@ SIZE, BATCH, CLASSES = 75, 4, 3
 
 def _setup(trainable: str, bn_train, seed=0, dtype=jnp.float32):
   model = InceptionV3(num_classes=CLASSES, batch_norm_train=bn_train, dtype=dtype)
-  variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, SIZE, SIZE, 3))))(
-      jax.random.key(seed))
+  variables = reference.random_variables(model, SIZE, seed)
   mask = scopes.mask(variables['params'], trainable)
   c = default.get_config().optimizer
   tx = optim.make_optimizer(c, optax.constant_schedule(0.01), mask)
@@ -123,41 +123,44 @@ def test_balanced_class_weights():
   assert loop.class_weights(c, np.array([1, 2])) is None
 
 
-_DP_WORKER = textwrap.dedent('''
+def data_parallel_run() -> dict[str, np.ndarray]:
+  """Two steps of a top-blocks fine-tune, jitted over a mesh of every visible device."""
+  top = 'Mixed_7c,Logits,AuxLogits'
+  _, step, state = _setup(top, scopes.parse(top))
+  mesh = sharding.make_mesh()
+  repl = sharding.replicated(mesh)
+  step = jax.jit(step, in_shardings=(repl, sharding.batch_sharding(mesh), repl),
+                 out_shardings=(repl, repl))
+  state = jax.device_put(state, repl)
+  for i in range(2):
+    state, _ = step(state, sharding.shard_batch(_batch(i), mesh), jax.random.key(i))
+  return {'n': np.asarray(jax.device_count()),
+          **{k: np.asarray(v) for k, v in scopes.flatten(state.params).items()},
+          **{'bs/' + k: np.asarray(v) for k, v in scopes.flatten(state.batch_stats).items()}}
+
+
+_FOUR_DEVICE_WORKER = textwrap.dedent('''
     import sys
-    import jax, numpy as np
-    from pneumo_jax import scopes, sharding
+    import numpy as np
     sys.path.insert(0, 'tests')
-    import test_step as t
-    top = 'Mixed_7c,Logits,AuxLogits'
-    _, step, state = t._setup(top, scopes.parse(top))
-    mesh = sharding.make_mesh()
-    repl = sharding.replicated(mesh)
-    step = jax.jit(step, in_shardings=(repl, sharding.batch_sharding(mesh), repl),
-                   out_shardings=(repl, repl))
-    state = jax.device_put(state, repl)
-    for i in range(2):
-      state, _ = step(state, sharding.shard_batch(t._batch(i), mesh), jax.random.key(i))
-    flat = {**scopes.flatten(state.params), **{'bs/' + k: v for k, v in
-            scopes.flatten(state.batch_stats).items()}}
-    np.savez(sys.argv[1], n=len(jax.devices()), **{k: np.asarray(v) for k, v in flat.items()})
+    import test_step
+    np.savez(sys.argv[1], **test_step.data_parallel_run())
 ''')
 
 
 def test_four_devices_match_one(tmp_path):
   """Data-parallel over 4 (fake CPU) devices gives the single-device result: global batch norm
-  statistics and gradients, not per-device ones."""
-  results = []
-  for n in (1, 4):
-    out = tmp_path / f'{n}.npz'
-    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={n}')
-    subprocess.run([sys.executable, '-c', _DP_WORKER, str(out)], check=True, env=env,
-                   cwd=os.path.dirname(os.path.dirname(__file__)))
-    results.append(np.load(out))
-  one, four = results
+  statistics and gradients, not per-device ones. (The flag must precede JAX's start, so the
+  4-device run is a subprocess; this process has one CPU device.)"""
+  one = data_parallel_run()
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  subprocess.run([sys.executable, '-c', _FOUR_DEVICE_WORKER, str(tmp_path / 'four.npz')],
+                 check=True, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+  four = np.load(tmp_path / 'four.npz')
   assert int(one['n']) == 1 and int(four['n']) == 4
+  assert set(four.files) == set(one)
   changed = 0
-  for k in set(one.files) - {'n'}:
+  for k in set(one) - {'n'}:
     np.testing.assert_allclose(one[k], four[k], rtol=2e-4, atol=2e-6, err_msg=k)
     changed += k.startswith('bs/Mixed_7c')
   assert changed

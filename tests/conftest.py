@@ -46,12 +46,7 @@ def tiny_config(stage_folder, tmp_path_factory):
     c.eval_every_steps = 2
     c.checkpoint_every_steps = 1
     c.keep_checkpoints = 10
-    for k, v in overrides.items():
-      node = c
-      *parents, leaf = k.split('.')
-      for p in parents:
-        node = node[p]
-      node[leaf] = v
+    c.update_from_flattened_dict(overrides)  # Dotted paths, as sweeps and the CLI use.
     return c
 
   return make

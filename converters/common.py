@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from pneumo_jax import scopes
+from pneumo_jax.errors import WeightsError
 
 
 def model_shapes(model: nn.Module, image_size: int) -> dict[str, tuple[int, ...]]:
@@ -58,7 +59,7 @@ def check_names_and_shapes(
     if names:
       lines.append(f'  {len(names)} {title}:')
       lines.extend(f'    {n}' for n in names)
-  raise ValueError('\n'.join(lines))
+  raise WeightsError('\n'.join(lines))
 
 
 def save_variables(variables: Mapping[str, Any], out_dir: str, *, overwrite: bool = False) -> None:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from converters import common
+from pneumo_jax.errors import ConfigError
 
 _CHUNK = 1 << 20
 _MAX_ATTEMPTS = 5  # Transfers in one run; each must add bytes for the next to start.
@@ -208,7 +209,7 @@ def fetch(
     timeout: seconds to wait on connecting and on each read, so that no network fails fast.
   """
   if source not in RELEASES:
-    raise ValueError(f'unknown source {source!r}; choose one of {sorted(RELEASES)}')
+    raise ConfigError(f'unknown source {source!r}; choose one of {sorted(RELEASES)}')
   release = RELEASES[source]
   url = url or release.url
   digests = {'sha256': sha256} if sha256 else release.digests

@@ -36,6 +36,7 @@ import numpy as np
 
 from converters import common
 from pneumo_jax import scopes
+from pneumo_jax.errors import NotFoundError, WeightsError
 from pneumo_jax.models.inception_v3 import BN_EPSILON, InceptionV3
 
 NUM_CLASSES = 1000
@@ -50,15 +51,15 @@ def target_model() -> InceptionV3:
 def _check_file(path: str) -> None:
   """Clear errors for what Keras would report obscurely: no file, not HDF5, misnamed layout."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path} does not exist; give a Keras InceptionV3 .h5 file')
+    raise NotFoundError(f'{path} does not exist; give a Keras InceptionV3 .h5 file')
   if not h5py.is_hdf5(path):
-    raise ValueError(f'{path} is not an HDF5 file; give a Keras InceptionV3 .h5 file')
+    raise WeightsError(f'{path} is not an HDF5 file; give a Keras InceptionV3 .h5 file')
   with h5py.File(path, 'r') as f:
     keras3 = 'layers' in f and 'layer_names' not in f.attrs and 'model_weights' not in f
   if keras3 != path.endswith('.weights.h5'):
     want = 'end in .weights.h5' if keras3 else 'not end in .weights.h5'
     layout = "Keras 3's" if keras3 else 'the legacy Keras'
-    raise ValueError(f'{path} has {layout} layout, so its name must {want} (Keras reads a file '
+    raise WeightsError(f'{path} has {layout} layout, so its name must {want} (Keras reads a file '
                      'by its name): rename it')
 
 
@@ -77,7 +78,7 @@ def _load_keras(path: str) -> Any:
       model.load_weights(path)
   except (ValueError, KeyError, TypeError) as e:
     reason = str(e).strip().split('\n')[0]
-    raise ValueError(
+    raise WeightsError(
       f'{path} is not the weights of a Keras InceptionV3 with its 1000-class top (as '
       f'keras.applications.InceptionV3(weights=...) or {_OFFICIAL}; the _notop file lacks the '
       f'classifier). Keras says: {reason}'
@@ -149,14 +150,14 @@ def convert(h5_path: str) -> dict:
     if k.startswith('params/') and k.endswith('/weights') and not k.startswith('params/Logits/')
   )
   if not (len(convs) == len(norms) == len(slim) and len(dense) == 1):
-    raise ValueError(
+    raise WeightsError(
       f'keras.applications.InceptionV3 has {len(convs)} convs, {len(norms)} batch norms and '
       f'{len(dense)} dense layers; pneumo_jax expects {len(slim)}, {len(slim)} and 1.'
     )
   arrays = {}
   for scope, conv, norm in zip(slim, convs, norms, strict=True):
     if norm.scale or not norm.center or norm.epsilon != BN_EPSILON or conv.use_bias:
-      raise ValueError(
+      raise WeightsError(
         f'Keras layers {conv.name}/{norm.name} are not slim conv + batch norm (no conv bias, '
         f'BN centre only, epsilon {BN_EPSILON}); this Keras InceptionV3 differs from slim.'
       )

@@ -22,6 +22,7 @@ from absl import logging
 
 from converters import common
 from pneumo_jax import scopes
+from pneumo_jax.errors import WeightsError
 from pneumo_jax.models.inception_v3 import InceptionV3
 
 _SCOPE = 'InceptionV3/'
@@ -39,7 +40,7 @@ def _read(ckpt_path: str) -> dict[str, np.ndarray]:
   try:
     reader = tf.train.load_checkpoint(ckpt_path)
   except (ValueError, tf.errors.OpError) as e:
-    raise ValueError(
+    raise WeightsError(
       f'cannot read a TF checkpoint at {ckpt_path!r} (give the V1 file itself or the V2 prefix, '
       f'without .index/.data-*): {e}'
     ) from e
@@ -82,20 +83,20 @@ def convert(ckpt_path: str, *, drop_background: bool = False) -> dict:
   tensors = _read(ckpt_path)
   if _MARKER not in tensors:
     sample = ', '.join(sorted(tensors)[:5]) or 'no variables at all'
-    raise ValueError(
+    raise WeightsError(
       f'{ckpt_path} is not a TF-Slim InceptionV3 checkpoint: it has no {_MARKER} '
       f'(it holds e.g. {sample}).'
     )
   logits = tensors.get(_LOGITS, tensors.get(_AUX_LOGITS))
   num_classes = logits.shape[-1] if logits is not None else 1001
   if drop_background and num_classes != 1001:
-    raise ValueError(
+    raise WeightsError(
       f'--drop_background removes class 0 of a 1001-class checkpoint; {ckpt_path} has '
       f'{num_classes} classes.'
     )
   aux_kernels = [tuple(map(int, m.groups())) for n in tensors if (m := _AUX_CONV.match(n))]
   if len(aux_kernels) > 1:
-    raise ValueError(f'{ckpt_path} has several AuxLogits/Conv2d_2a_* kernels: {aux_kernels}.')
+    raise WeightsError(f'{ckpt_path} has several AuxLogits/Conv2d_2a_* kernels: {aux_kernels}.')
   aux_kernel = aux_kernels[0] if aux_kernels else None
   if aux_kernel is None and any(n.startswith(_SCOPE + 'AuxLogits/') for n in tensors):
     aux_kernel = (5, 5)  # Partial aux head: check it as the 299-pixel one, listing what's missing.

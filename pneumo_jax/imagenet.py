@@ -20,6 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from pneumo_jax.data import images, preprocess
+from pneumo_jax.errors import ConfigError
 from pneumo_jax.evaluation import inference
 from pneumo_jax.models.inception_v3 import InceptionV3
 
@@ -35,7 +36,7 @@ def class_names(num_classes: int) -> list[str]:
     return synsets
   if num_classes == len(synsets) + 1:
     return [BACKGROUND, *synsets]
-  raise ValueError(
+  raise ConfigError(
     f'a model with {num_classes} outputs is not an ImageNet classifier (1000, or 1001 with '
     "slim's background class); give the ImageNet weights from converters/, not fine-tuned ones"
   )
@@ -88,11 +89,11 @@ def print_top_k(config: ml_collections.ConfigDict, inputs: Sequence[str], k: int
     'converters.*_to_orbax (the path they print)'
   )
   if not (config.init_checkpoint and os.path.isdir(path)):
-    raise ValueError(f'config.init_checkpoint={config.init_checkpoint!r} is no directory; {hint}')
+    raise ConfigError(f'config.init_checkpoint={config.init_checkpoint!r} is no directory; {hint}')
   try:
     variables = ocp.StandardCheckpointer().restore(path)
   except (FileNotFoundError, ValueError) as e:
-    raise ValueError(
+    raise ConfigError(
       f'config.init_checkpoint={config.init_checkpoint!r} is not an orbax checkpoint ({e}); {hint}'
     ) from e
   for file, top in zip(files, top_k(variables, files, k, config.input.image_size), strict=True):

@@ -13,6 +13,8 @@ from typing import Any
 
 from flax import traverse_util
 
+from pneumo_jax.errors import ConfigError
+
 
 def parse(patterns: str | Sequence[str] | None) -> tuple[str, ...]:
   """Returns patterns as a tuple, splitting a comma-separated string; validates each regex."""
@@ -25,7 +27,7 @@ def parse(patterns: str | Sequence[str] | None) -> tuple[str, ...]:
     try:
       re.compile(p)
     except re.error as e:
-      raise ValueError(f'invalid scope pattern {p!r}: {e}') from e
+      raise ConfigError(f'invalid scope pattern {p!r}: {e}') from e
   return out
 
 

@@ -10,6 +10,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from pneumo_jax.errors import ConfigError
+
 DATA_AXIS = 'data'
 
 
@@ -32,7 +34,7 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
   n = mesh.devices.size // jax.process_count()
   for k, v in batch.items():
     if v.shape[0] % n:
-      raise ValueError(
+      raise ConfigError(
           f'batch field {k!r} has {v.shape[0]} rows, not divisible by the {n} local devices; '
           'choose input.batch_size / input.eval_batch_size as a multiple of the device count')
   sharding = batch_sharding(mesh)

@@ -31,6 +31,8 @@ from typing import Any
 import ml_collections
 from absl import logging
 
+from pneumo_jax import locks
+from pneumo_jax.errors import ConfigError, NotFoundError
 from pneumo_jax.evaluation import metrics
 
 Overrides = dict[str, Any]
@@ -53,7 +55,7 @@ def _merge(dicts: Sequence[Mapping[str, Any]]) -> Overrides:
   for d in dicts:
     for k, v in d.items():
       if k in out:
-        raise ValueError(f'sweep axes both set {k!r}: combine its values in one axis instead')
+        raise ConfigError(f'sweep axes both set {k!r}: combine its values in one axis instead')
       out[k] = v
   return out
 
@@ -63,10 +65,10 @@ def _as_axes(axis: Axis, combine) -> list[Overrides]:
   if isinstance(axis, Mapping):
     for k, values in axis.items():
       if isinstance(values, str) or not isinstance(values, Sequence):
-        raise ValueError(f'sweep axis {k!r} needs a list of values, got {values!r}')
+        raise ConfigError(f'sweep axis {k!r} needs a list of values, got {values!r}')
     return combine(*([{k: v} for v in values] for k, values in axis.items()))
   if isinstance(axis, str) or not all(isinstance(d, Mapping) for d in axis):
-    raise ValueError('a sweep axis is a list of override dicts or a {path: values} dict, '
+    raise ConfigError('a sweep axis is a list of override dicts or a {path: values} dict, '
                      f'got {axis!r}')
   return [dict(d) for d in axis]
 
@@ -90,14 +92,14 @@ def zip(*axes: Axis) -> list[Overrides]:
   lists = [_as_axes(a, zip) for a in axes]
   lengths = {len(x) for x in lists}
   if len(lengths) > 1:
-    raise ValueError(f'sweep.zip needs axes of one length, got lengths {[len(x) for x in lists]}')
+    raise ConfigError(f'sweep.zip needs axes of one length, got lengths {[len(x) for x in lists]}')
   return [_merge(combo) for combo in builtins.zip(*lists, strict=True)]
 
 
 def folds(k: int) -> list[Overrides]:
   """k-fold cross-validation: one trial per validation fold."""
   if not isinstance(k, int) or k < 2:
-    raise ValueError(f'sweep.folds needs an integer k >= 2, got {k!r}')
+    raise ConfigError(f'sweep.folds needs an integer k >= 2, got {k!r}')
   return [{_NUM_FOLDS_KEY: k, FOLD_KEY: i} for i in range(k)]
 
 
@@ -152,7 +154,7 @@ def trial_names(trials: Sequence[Mapping[str, Any]],
     elif common:
       name = f'{name},{_digest(common)}'
     if name in seen:
-      raise ValueError(f'sweep trials {seen[name]} and {dict(t)} both get the name {name!r}; '
+      raise ConfigError(f'sweep trials {seen[name]} and {dict(t)} both get the name {name!r}; '
                        'make their overrides differ')
     seen[name] = dict(t)
     names.append(name)
@@ -165,7 +167,7 @@ def trial_names(trials: Sequence[Mapping[str, Any]],
 def _load_module(config_file: str) -> ModuleType:
   path = config_file.split(':', 1)[0]
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'sweep config {path!r} does not exist')
+    raise NotFoundError(f'sweep config {path!r} does not exist')
   spec = importlib.util.spec_from_file_location('pneumo_jax_sweep_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -181,7 +183,7 @@ def _apply(config: ml_collections.ConfigDict, overrides: Mapping[str, Any], wher
   try:
     config.update_from_flattened_dict(dict(overrides))
   except (KeyError, TypeError, ValueError) as e:
-    raise ValueError(f'overrides {dict(overrides)} from {where} do not fit the config: {e}') from e
+    raise ConfigError(f'overrides {dict(overrides)} from {where} do not fit the config: {e}') from e
 
 
 def expand(config_file: str, overrides: Mapping[str, Any] | None = None,
@@ -194,25 +196,25 @@ def expand(config_file: str, overrides: Mapping[str, Any] | None = None,
   overrides = dict(overrides or {})
   module = _load_module(config_file)
   if not hasattr(module, 'get_sweep'):
-    raise ValueError(f'{config_file} defines no get_sweep(): it is not a sweep config')
+    raise ConfigError(f'{config_file} defines no get_sweep(): it is not a sweep config')
   config = module.get_config(*config_file.split(':', 1)[1:])  # ':arg' as config_flags passes it.
   config.lock()
   _apply(config, overrides, 'the command line')
   if config.best_metric not in metrics.HIGHER_IS_BETTER:
-    raise ValueError(f'best_metric={config.best_metric!r} is not one of '
+    raise ConfigError(f'best_metric={config.best_metric!r} is not one of '
                      f'{sorted(metrics.HIGHER_IS_BETTER)}')
   trials = module.get_sweep()
   if not trials or not all(isinstance(t, Mapping) for t in trials):
-    raise ValueError(f'{config_file}: get_sweep() must return a non-empty list of override dicts')
+    raise ConfigError(f'{config_file}: get_sweep() must return a non-empty list of override dicts')
   for t in trials:
     clash = sorted(set(t) & set(overrides))
     if clash:
-      raise ValueError(f'{clash} are swept by {config_file}; drop them from the command line')
+      raise ConfigError(f'{clash} are swept by {config_file}; drop them from the command line')
     if 'best_metric' in t:
-      raise ValueError(f'{config_file}: trials must share best_metric to be ranked together')
+      raise ConfigError(f'{config_file}: trials must share best_metric to be ranked together')
     _apply(copy.deepcopy(config), t, f'{config_file} get_sweep()')
   if len({_canonical(t) for t in trials}) < len(trials):
-    raise ValueError(f'{config_file}: get_sweep() lists the same trial twice')
+    raise ConfigError(f'{config_file}: get_sweep() lists the same trial twice')
   return config, [dict(t) for t in trials]
 
 
@@ -266,7 +268,7 @@ def _check_origin(trial: _Trial, origin: str) -> None:
   except FileNotFoundError:
     return
   if previous != origin:
-    raise ValueError(f'{trial.workdir} holds a trial of {previous}, not of {origin}: '
+    raise ConfigError(f'{trial.workdir} holds a trial of {previous}, not of {origin}: '
                      'give each sweep its own --workdir')
 
 
@@ -296,7 +298,7 @@ def _run_trial(trial: _Trial, argv: list[str], env: dict[str, str],
 def _default_command() -> list[str]:
   main = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'main.py')
   if not os.path.isfile(main):
-    raise FileNotFoundError(f'no {main} to run trials with; pass command=[python, main.py]')
+    raise NotFoundError(f'no {main} to run trials with; pass command=[python, main.py]')
   return [sys.executable, main]
 
 
@@ -339,7 +341,7 @@ def run(config_file: str, workdir: str, overrides: Mapping[str, Any] | None = No
   Trials share dataset.data_dir = workdir/data unless it is set, so a dataset is built once.
   """
   if parallel < 1:
-    raise ValueError(f'--sweep_parallel must be >= 1, got {parallel}')
+    raise ConfigError(f'--sweep_parallel must be >= 1, got {parallel}')
   base = list(command or _default_command())
   overrides = dict(overrides or {})
   config, sweep = expand(config_file, overrides)
@@ -349,47 +351,46 @@ def run(config_file: str, workdir: str, overrides: Mapping[str, Any] | None = No
   names = trial_names(sweep, overrides)
   trials = [_Trial(n, t, os.path.join(workdir, n))
             for n, t in builtins.zip(names, sweep, strict=True)]
-  os.makedirs(workdir, exist_ok=True)
+  with locks.workdir_lock(workdir):  # One sweep per workdir; trials lock their own.
+    origin = _origin(config_file)
+    results: dict[str, dict[str, Any]] = {}
+    pending = []
+    for trial in trials:
+      _check_origin(trial, origin)
+      done = _is_done(_read_summary(trial.workdir))
+      results[trial.name] = _result(trial, 'done' if done else 'pending')
+      if not done:
+        pending.append(trial)
+    logging.info('sweep %s: %d trials, %d finished before, %d to run, %d at a time',
+                 config_file, len(trials), len(trials) - len(pending), len(pending), parallel)
+    if prepare_data:
+      _prepare_data(config, pending, injected)
 
-  origin = _origin(config_file)
-  results: dict[str, dict[str, Any]] = {}
-  pending = []
-  for trial in trials:
-    _check_origin(trial, origin)
-    done = _is_done(_read_summary(trial.workdir))
-    results[trial.name] = _result(trial, 'done' if done else 'pending')
-    if not done:
-      pending.append(trial)
-  logging.info('sweep %s: %d trials, %d finished before, %d to run, %d at a time',
-               config_file, len(trials), len(trials) - len(pending), len(pending), parallel)
-  if prepare_data:
-    _prepare_data(config, pending, injected)
+    def write_tables():
+      _write_results(workdir, [results[t.name] for t in trials], config.best_metric,
+                     config_file, overrides)
 
-  def write_tables():
-    _write_results(workdir, [results[t.name] for t in trials], config.best_metric,
-                   config_file, overrides)
-
-  env = dict(os.environ)
-  if parallel > 1:  # One GPU shared by several processes: each takes memory as it needs it.
-    env.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
-  write_tables()
-  with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
-    futures = []
-    for trial in pending:
-      argv = [*base, '--config', config_file, '--workdir', trial.workdir, '--nosweep',
-              *(_flag(k, v) for k, v in {**overrides, **injected, **trial.overrides}.items())]
-      record = {'config': origin, 'overrides': {**overrides, **trial.overrides}, 'argv': argv}
-      futures.append(pool.submit(_run_trial, trial, argv, env, record))
-    try:
-      for future in concurrent.futures.as_completed(futures):
-        result = future.result()
-        results[result['name']] = result
-        logging.info('sweep trial %s: %s %s', result['name'], result['status'], result['error'])
-        write_tables()
-    except BaseException:  # Ctrl-C included: start no more trials; running ones get the signal.
-      pool.shutdown(wait=False, cancel_futures=True)
-      raise
-  return [results[t.name] for t in trials]
+    env = dict(os.environ)
+    if parallel > 1:  # One GPU shared by several processes: each takes memory as it needs it.
+      env.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+    write_tables()
+    with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
+      futures = []
+      for trial in pending:
+        argv = [*base, '--config', config_file, '--workdir', trial.workdir, '--nosweep',
+                *(_flag(k, v) for k, v in {**overrides, **injected, **trial.overrides}.items())]
+        record = {'config': origin, 'overrides': {**overrides, **trial.overrides}, 'argv': argv}
+        futures.append(pool.submit(_run_trial, trial, argv, env, record))
+      try:
+        for future in concurrent.futures.as_completed(futures):
+          result = future.result()
+          results[result['name']] = result
+          logging.info('sweep trial %s: %s %s', result['name'], result['status'], result['error'])
+          write_tables()
+      except BaseException:  # Ctrl-C included: start no more trials; running ones get the signal.
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    return [results[t.name] for t in trials]
 
 
 # ---------------------------------------------------------------- ranking and tables

@@ -92,7 +92,7 @@ def test_print_top_k(variables, image_files, tmp_path, capsys):
 
 def test_print_top_k_errors(tmp_path):
   config = default.get_config()
-  with pytest.raises(ValueError, match='name no image'):
+  with pytest.raises(FileNotFoundError, match='matches nothing'):
     imagenet.print_top_k(config, [str(tmp_path / '*.jpg')])
   (tmp_path / 'x.png').write_bytes(b'')
   for init in (tmp_path / 'model.h5', tmp_path):  # Not a directory; not an orbax checkpoint.

@@ -10,6 +10,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from pneumo_jax import sharding
+from pneumo_jax.errors import DatasetError
 
 
 @functools.cache
@@ -48,5 +49,5 @@ def predict(model: nn.Module, variables: Any, batches: Iterable[dict[str, np.nda
       if k not in ('image', 'mask'):
         out.setdefault(k, []).append(np.asarray(v)[keep])
   if not out:
-    raise ValueError('predict() got no batches: the split or input list is empty')
+    raise DatasetError('predict() got no batches: the split or input list is empty')
   return {k: np.concatenate(v) for k, v in out.items()}

@@ -15,6 +15,8 @@ import numpy as np
 from sklearn import exceptions
 from sklearn import metrics as skm
 
+from pneumo_jax.errors import ConfigError
+
 # The top-level scalars `compute` always returns, and whether a larger value is better. The
 # training loop logs these and ranks checkpoints by `config.best_metric`, one of these keys.
 HIGHER_IS_BETTER: dict[str, bool] = {
@@ -29,7 +31,7 @@ HIGHER_IS_BETTER: dict[str, bool] = {
 def better(name: str, candidate: float | None, incumbent: float | None) -> bool:
   """Whether `candidate` beats `incumbent` on metric `name`; an undefined (None) never wins."""
   if name not in HIGHER_IS_BETTER:
-    raise ValueError(f'unknown metric {name!r}; choose one of {sorted(HIGHER_IS_BETTER)}')
+    raise ConfigError(f'unknown metric {name!r}; choose one of {sorted(HIGHER_IS_BETTER)}')
   if candidate is None:
     return False
   if incumbent is None:

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from pneumo_jax import scopes
+from pneumo_jax.errors import ConfigError
 
 BN_EPSILON = 0.001
 BN_DECAY = 0.9997
@@ -172,7 +173,7 @@ def _conv(x: jax.Array, kernel: jax.Array, stride: int, padding: str, dtype: Any
 def _squeeze(x: jax.Array, scope: str) -> jax.Array:
   """slim's SpatialSqueeze, with a clear error where slim's reshape would fail."""
   if x.shape[1:3] != (1, 1):
-    raise ValueError(
+    raise ConfigError(
       f'{scope} produced a {x.shape[1]}x{x.shape[2]} map instead of 1x1: the input image is '
       'larger than TF-Slim InceptionV3 supports (at most 346 px); use input.image_size <= 346.'
     )
@@ -401,9 +402,9 @@ class InceptionV3(nn.Module):
     self, images: jax.Array, train: bool = False
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
     if self.depth_multiplier <= 0:
-      raise ValueError(f'depth_multiplier must be > 0, got {self.depth_multiplier}.')
+      raise ConfigError(f'depth_multiplier must be > 0, got {self.depth_multiplier}.')
     if images.ndim != 4 or images.shape[1] < 75 or images.shape[2] < 75:
-      raise ValueError(
+      raise ConfigError(
         f'InceptionV3 needs images [B, H, W, C] with H, W >= 75; got {images.shape}.'
       )
     common = dict(

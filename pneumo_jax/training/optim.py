@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from pneumo_jax.errors import ConfigError
+
 
 def make_schedule(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
   """The learning rate as a function of the step within the phase."""
@@ -28,7 +30,7 @@ def make_schedule(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Sched
   if cfg.name == 'warmup_cosine':
     return optax.warmup_cosine_decay_schedule(
         0.0, lr, cfg.warmup_steps, max(num_steps, cfg.warmup_steps + 1), cfg.end_learning_rate)
-  raise ValueError(f'config.schedule.name={cfg.name!r} is unknown; use one of '
+  raise ConfigError(f'config.schedule.name={cfg.name!r} is unknown; use one of '
                    'fixed, exponential, polynomial, warmup_cosine')
 
 
@@ -95,7 +97,7 @@ def _base(cfg: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientT
     return ftrl(lr, learning_rate_power=cfg.ftrl_learning_rate_power,
                 initial_accumulator_value=cfg.ftrl_initial_accumulator_value,
                 l1=cfg.ftrl_l1, l2=cfg.ftrl_l2)
-  raise ValueError(f'config.optimizer.name={name!r} is unknown; use one of rmsprop, momentum, '
+  raise ConfigError(f'config.optimizer.name={name!r} is unknown; use one of rmsprop, momentum, '
                    'sgd, adam, adamw, adagrad, adadelta, ftrl')
 
 

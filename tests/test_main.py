@@ -1,0 +1,102 @@
+"""main.py as a person runs it: one-line errors, a busy workdir, Ctrl-C during training."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--config', 'configs/sweeps/tiny.py', '--nosweep']
+
+
+def _main(*args: str, **kwargs) -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, 'main.py', *args], cwd=REPO, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+@pytest.mark.parametrize('args, expected', [
+    (['--config.input.imge_size=3'], "no field 'input.imge_size'; did you mean 'input.image_size'"),
+    (['--config.phases.head.num_steps=3'], "no field 'phases.head'"),
+    (['--config.input.image_size=abc'], "--config.input.image_size=abc: invalid literal"),
+])
+def test_a_bad_field_is_one_line_not_a_traceback(tmp_path, args, expected):
+  proc = _main('--config', 'configs/demo.py', '--workdir', str(tmp_path / 'w'), *args)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 2
+  assert expected in err and 'Traceback' not in err
+  assert not os.path.exists(tmp_path / 'w')
+
+
+def test_user_errors_exit_2_with_their_message_and_write_nothing(tmp_path):
+  workdir = str(tmp_path / 'w')
+  proc = _main('--config', 'configs/nope.py', '--workdir', workdir)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 2 and 'configs/nope.py: no such file' in err
+  proc = _main(*TINY, '--workdir', workdir, '--mode', 'predict', '--inputs', 'typo.png')
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 2 and "'typo.png' (no such file or folder)" in err
+  assert 'Traceback' not in err and not os.path.exists(workdir)
+  proc = _main(*TINY, '--workdir', workdir, '--mode', 'eval')
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 2 and 'train first' in err and not os.path.exists(workdir)
+
+
+def _wait_for_training(workdir: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+  path = os.path.join(workdir, 'metrics.jsonl')
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    if os.path.exists(path):
+      with open(path) as f:
+        if any(json.loads(line)['split'] == 'train' for line in f if line.strip()):
+          return
+    time.sleep(0.5)
+  proc.kill()
+  pytest.fail('training did not start')
+
+
+@pytest.mark.slow
+def test_busy_workdir_then_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
+  workdir = str(tmp_path / 'w')
+  run = [*TINY, '--workdir', workdir, '--config.num_steps=100000']
+  first = _main(*run)
+  _wait_for_training(workdir, first)
+
+  second = _main(*run)
+  _, err = second.communicate(timeout=120)
+  assert second.returncode == 2, err[-3000:]
+  assert f'in use by process {first.pid}' in err and 'Traceback' not in err
+
+  first.send_signal(signal.SIGINT)
+  _, err = first.communicate(timeout=120)
+  assert first.returncode == 128 + signal.SIGINT, err[-3000:]
+  assert 'Traceback' not in err
+  line = next(x for x in err.splitlines() if x.startswith('stopped at step'))
+  step = int(line.split()[3].rstrip(';'))
+  assert line == f'stopped at step {step}; run the same command to resume'
+  assert {'data', 'state'} <= set(os.listdir(os.path.join(workdir, 'checkpoints', str(step))))
+
+
+def test_a_second_signal_aborts_at_once():
+  """The first SIGINT only asks the loop to save; a second one ends the process there and then."""
+  code = textwrap.dedent("""
+      import os, signal, time
+      from pneumo_jax.training import interrupt
+      with interrupt.StopOnSignal() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum == signal.SIGINT
+        print('still running', flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+      print('not reached')
+  """)
+  proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
+                        timeout=60)
+  assert proc.returncode == 128 + signal.SIGTERM
+  assert proc.stdout == 'still running\n'
+  assert 'aborted without saving' in proc.stderr

@@ -40,7 +40,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.input.random_crop = True  # Train: slim's distorted bounding-box crop.
   c.input.random_flip = True  # Train: random left-right flip.
   c.input.color_distortion = True  # Train: brightness/saturation jitter (grey X-rays: off).
-  c.input.central_crop_fraction = 0.875  # Eval: central crop before resize.
+  # Eval, predict and explain: central crop before resize. None → follow the training view:
+  # 1.0 (the whole image, as training resizes it) when random_crop is off, slim's 0.875 when on
+  # (its distorted crops cover 5–100% of the image). Setting it below 1.0 with random_crop off
+  # judges the model on a zoom it never saw (a warning says so).
+  c.input.central_crop_fraction = ml_collections.FieldReference(None, field_type=float)
   c.input.num_workers = 0  # grain worker processes: 0 (main process) or >= 2 (1 is slow to close).
   c.input.class_balanced = False  # Sample classes equally (with replacement) for training.
 

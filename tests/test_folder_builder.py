@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from configs import default
-from pneumo_jax.data import folder_builder
+from pneumo_jax.data import dataset_for, folder_builder
 from pneumo_jax.data.folder_builder import DatasetError
 
 
@@ -152,11 +152,40 @@ def test_failed_build_leaves_nothing_complete(tmp_path, monkeypatch):
   monkeypatch.setattr(folder_builder, '_png_bytes', fail_late)
   with pytest.raises(RuntimeError, match='killed'):
     folder_builder.build(cfg(src), data)
-  config_dirs = list((tmp_path / 'data' / 'class_folder').iterdir())
-  assert len(config_dirs) == 1 and not any(config_dirs[0].iterdir())  # No 1.0.0, no temp dir.
+  assert os.listdir(data) == ['.build.lock']  # No class_folder/CONFIG/, no downloads/.
   monkeypatch.setattr(folder_builder, '_png_bytes', real)
   builder = folder_builder.build(cfg(src), data)
   assert sum(s.num_examples for s in builder.info.splits.values()) == 10
+
+
+def test_corrupt_image_leaves_no_build_directory(tmp_path):
+  src, data = tmp_path / 'src', tmp_path / 'data'
+  make_folder(src, {'a': 5, 'b': 5})
+  (src / 'b' / '002.png').write_bytes(b'not a png')
+  config = default.get_config()
+  config.dataset.source_dir, config.dataset.data_dir = str(src), str(data)
+  with pytest.raises(DatasetError, match='skip_corrupt'):
+    dataset_for(config, str(tmp_path / 'work'))
+  assert os.listdir(data) == ['.build.lock']
+  assert not (tmp_path / 'work').exists()
+
+
+def test_next_run_removes_what_killed_runs_left(tmp_path):
+  data = tmp_path / 'work' / 'data'
+  stale_images = data / 'synthetic_stages.incomplete-999999' / 'stage_0'
+  stale_images.mkdir(parents=True)
+  (stale_images / '0_0000.png').write_bytes(b'half written')
+  # What TFDS 4.9.10 leaves when a build is killed: its temporary directory, half filled.
+  stale_build = data / 'class_folder' / 'synthetic_stages_0123456789abcdef'
+  (stale_build / 'incomplete.K1LL3D_1.0.0').mkdir(parents=True)
+  (stale_build / 'incomplete.K1LL3D_1.0.0' / 'labels.txt').write_text('0:stage_0\n')
+  config = default.get_config()
+  config.dataset.synthetic = True
+  config.dataset.synthetic_images_per_class, config.dataset.synthetic_image_size = 5, 32
+  builder = dataset_for(config, str(tmp_path / 'work'))
+  assert sorted(os.listdir(data)) == ['.build.lock', 'class_folder', 'synthetic_stages']
+  assert os.listdir(data / 'class_folder') == [builder.data_path.parent.name]
+  assert os.listdir(builder.data_path.parent) == ['1.0.0']
 
 
 def test_odd_formats(tmp_path, caplog):
@@ -237,6 +266,7 @@ def test_bad_input(tmp_path, layout, overrides, needle):
   with pytest.raises(DatasetError) as e:
     folder_builder.build(cfg(src, **overrides), str(tmp_path / 'data'))
   assert needle in str(e.value)
+  assert not (tmp_path / 'data').exists()  # Checked before writing anything.
   if layout != 'ok':
     assert str(src) in str(e.value)
 

@@ -61,7 +61,8 @@ def test_unreadable_names_the_path(tmp_path, name, content):
   path.write_bytes(content)
   with pytest.raises(images.DatasetError, match=re.escape(name)) as e:
     images.load_image(path)
-  assert 'skip_corrupt' in str(e.value)
+  # The reader's message fits every caller; only the builder suggests dataset.skip_corrupt.
+  assert 'skip_corrupt' not in str(e.value)
 
 
 def test_missing_file_names_the_path(tmp_path):
@@ -75,3 +76,16 @@ def test_missing_file_names_the_path(tmp_path):
 ])
 def test_is_candidate(name, expected):
   assert images.is_candidate(name) is expected
+
+
+def test_expand_inputs_refuses_missing_paths_listing_all(tmp_path):
+  Image.fromarray(RGB).save(tmp_path / 'a.png')
+  (tmp_path / 'empty').mkdir()
+  named = [str(tmp_path / 'a.png'), str(tmp_path / 'typo.png'), str(tmp_path / '*.jpg'),
+           str(tmp_path / 'empty')]
+  with pytest.raises(images.NotFoundError) as e:
+    images.expand_inputs(named)
+  for bad in named[1:]:
+    assert repr(bad) in str(e.value)
+  assert repr(named[0]) not in str(e.value)
+  assert images.expand_inputs(named[:1] * 2) == named[:1]

@@ -11,7 +11,7 @@ from absl import flags
 from PIL import Image
 
 from configs import default
-from pneumo_jax.data import folder_builder, pipeline
+from pneumo_jax.data import folder_builder, pipeline, preprocess
 
 COUNTS = {'a': 12, 'b': 6, 'c': 3}  # → train 8 / 4 / 2, validation 4 / 2 / 1 at fraction 0.3.
 
@@ -174,3 +174,28 @@ def test_batch_must_divide_over_processes(solid):
     pipeline.train_iterator(solid, input_cfg(), seed=0, process_count=3)
   with pytest.raises(ValueError, match=r'input\.eval_batch_size=3'):
     pipeline.eval_batches(solid, 'validation', input_cfg(), process_count=2)
+
+
+@pytest.mark.parametrize('random_crop', [False, True])
+def test_eval_view_follows_the_training_view(textured, random_crop):
+  """Without random crops training resizes the whole image, so evaluation must too (no 0.875
+  zoom the model never saw); with slim's distorted crops, slim's central crop."""
+  cfg = input_cfg(random_crop=random_crop, random_flip=False, eval_batch_size=7)
+  (batch,) = pipeline.eval_batches(textured, 'validation', cfg)
+  source = textured.as_data_source('validation')
+  for row, index in enumerate(batch['index']):
+    image = source[int(index)]['image']
+    want = (preprocess.eval(image, 75, central_fraction=0.875) if random_crop else
+            preprocess.train(image, np.random.default_rng(0), 75, random_crop=False,
+                             random_flip=False, color_distortion=False))
+    np.testing.assert_array_equal(batch['image'][row], want)
+
+
+def test_an_explicit_eval_crop_is_kept_and_a_mismatch_named():
+  assert preprocess.eval_central_fraction(input_cfg(random_crop=False)) == 1.0
+  assert preprocess.eval_central_fraction(input_cfg(random_crop=True)) == 0.875
+  explicit = input_cfg(random_crop=False, central_crop_fraction=0.9)
+  assert preprocess.eval_central_fraction(explicit) == 0.9
+  assert 'input.central_crop_fraction=0.9' in preprocess.view_mismatch(explicit)
+  assert preprocess.view_mismatch(input_cfg(random_crop=False)) is None
+  assert preprocess.view_mismatch(input_cfg(random_crop=True, central_crop_fraction=0.8)) is None

@@ -11,14 +11,20 @@ fold `dataset.fold` of k (the validation folds of a k-fold sweep partition every
 Each distinct folder state and split setting gets its own build, named by a fingerprint of the
 files' paths, sizes and modification times plus the settings: a second run on an unchanged folder
 reuses its build, while an added, removed or edited file, or a changed setting, leads to a new
-build. TFDS writes into a temporary directory and renames it only once complete, so a killed
-build is never taken for a finished one.
+build. Builds hold the data dir's build lock, so runs sharing it build each dataset once.
+
+TFDS (4.9.10) writes into DATA_DIR/class_folder/CONFIG/incomplete.XXXXXX_1.0.0/ and renames it to
+1.0.0/ only once complete, so a killed build is never taken for a finished one; but a killed build
+leaves that temporary directory behind, a failed one (TFDS deletes the temporary directory) an
+empty CONFIG/, and every build an empty downloads/extracted/. Under the lock, `build` removes
+them all, before building and after, whether the build succeeded or not.
 
 Per-record labels and file names are also stored in the build's metadata, so that class counts,
 class-balanced sampling and prediction reports need not decode any image.
 """
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -26,6 +32,7 @@ import json
 import math
 import os
 import re
+import shutil
 import zlib
 from collections.abc import Iterator, Sequence
 
@@ -36,9 +43,11 @@ from absl import logging
 from etils import epath
 from PIL import Image
 
+from pneumo_jax import locks
 from pneumo_jax.data.images import DatasetError, is_candidate, load_image
 
-__all__ = ['DatasetError', 'build', 'label_names', 'split_filenames', 'split_labels']
+__all__ = ['DatasetError', 'build', 'check_settings', 'label_names', 'split_filenames',
+           'split_labels']
 
 # Bump when the stored records change for the same input, so that old builds are not reused.
 _FORMAT_VERSION = 1
@@ -77,6 +86,16 @@ class ClassFolder(tfds.core.GeneratorBasedBuilder):
   """Class-subfolder tree → PNG-encoded RGB records with label and relative file name."""
 
   VERSION = tfds.core.Version('1.0.0')
+
+  # TFDS prints "Downloading and preparing dataset Unknown size …" for any build; here nothing
+  # is downloaded, so say what happens instead.
+  def _log_download_bytes(self) -> None:
+    scan = self.builder_config.scan
+    logging.info('Building the dataset: %d images from %s into %s',
+                 sum(map(len, scan.files)), scan.root, self.data_dir)
+
+  def _log_download_done(self) -> None:
+    pass  # build() logs the result with the split sizes.
 
   def _info(self) -> tfds.core.DatasetInfo:
     scan = self.builder_config.scan
@@ -123,12 +142,13 @@ class ClassFolder(tfds.core.GeneratorBasedBuilder):
 def build(dataset_cfg: ml_collections.ConfigDict, data_dir: str) -> tfds.core.DatasetBuilder:
   """Returns the prepared builder for `dataset_cfg.source_dir`, building it unless up to date.
 
-  Read with `builder.as_data_source(split)` (no TensorFlow needed).
+  Read with `builder.as_data_source(split)` (no TensorFlow needed). Settings and the folder are
+  checked before anything is written; the build itself runs under `locks.build_lock(data_dir)`.
 
   Raises:
     DatasetError: bad settings or bad input; the message names the field or path and the fix.
   """
-  _check_settings(dataset_cfg)
+  check_settings(dataset_cfg)
   scan = _scan(dataset_cfg.source_dir, data_dir)
   settings = {
       'validation_fraction': float(dataset_cfg.validation_fraction),
@@ -145,11 +165,17 @@ def build(dataset_cfg: ml_collections.ConfigDict, data_dir: str) -> tfds.core.Da
   ).hexdigest()[:16]
   slug = re.sub(r'[^a-z0-9]+', '_', os.path.basename(scan.root).lower()).strip('_') or 'folder'
   config = _FolderConfig(name=f'{slug[:40]}_{fingerprint}', scan=scan, **settings)
-  builder = ClassFolder(config=config, data_dir=data_dir)
-  builder.download_and_prepare(
-      file_format='array_record',
-      download_config=tfds.download.DownloadConfig(num_shards=num_shards),
-  )
+  _assign_splits(scan, scan.files, config)  # Short splits fail before anything is written.
+  with locks.build_lock(data_dir):
+    _remove_leftovers(data_dir)
+    try:
+      builder = ClassFolder(config=config, data_dir=data_dir)
+      builder.download_and_prepare(
+          file_format='array_record',
+          download_config=tfds.download.DownloadConfig(num_shards=num_shards),
+      )
+    finally:
+      _remove_leftovers(data_dir)
   skipped = builder.info.metadata['skipped_corrupt']
   if skipped:
     logging.warning('Skipped %d unreadable image(s) in %s: %s', len(skipped), scan.root, skipped)
@@ -180,13 +206,17 @@ def _split_metadata(builder: tfds.core.DatasetBuilder, split: str) -> dict:
   if split not in splits:
     raise DatasetError(
         f'no split {split!r} in {builder.data_dir}; it has {sorted(splits)} '
-        '(a test split exists only with dataset.test_fraction > 0)'
+        '(a test split exists only with dataset.test_fraction > 0: rebuild with e.g. '
+        '--config.dataset.test_fraction=0.1, which also moves images out of train and validation)'
     )
   return splits[split]
 
 
-def _check_settings(cfg: ml_collections.ConfigDict) -> None:
-  """Rejects split settings that cannot describe a split, naming the config field."""
+def check_settings(cfg: ml_collections.ConfigDict) -> None:
+  """Rejects split settings that cannot describe a split, naming the config field.
+
+  Public so that callers can check before writing anything (e.g. before generating images).
+  """
   val, test, folds = cfg.validation_fraction, cfg.test_fraction, cfg.num_folds
   if not 0.0 <= test < 1.0:
     raise DatasetError(f'dataset.test_fraction={test} must be in [0, 1); 0 means no test split')
@@ -201,6 +231,27 @@ def _check_settings(cfg: ml_collections.ConfigDict) -> None:
     )
   if cfg.num_shards < 1:
     raise DatasetError(f'dataset.num_shards={cfg.num_shards} must be at least 1')
+
+
+def _remove_leftovers(data_dir: str) -> None:
+  """Deletes the incomplete builds and empty directories that TFDS leaves (see the module doc).
+
+  Only safe under the data dir's build lock: a live build's temporary directory looks the same.
+  """
+  root = os.path.join(data_dir, ClassFolder.name)
+  configs = [e.path for e in os.scandir(root) if e.is_dir()] if os.path.isdir(root) else []
+  removed = []
+  for config in configs:
+    for entry in os.scandir(config):
+      if entry.name.startswith('incomplete.') and entry.is_dir(follow_symlinks=False):
+        shutil.rmtree(entry.path)
+        removed.append(entry.path)
+  if removed:
+    logging.info('Removed %d incomplete build(s) that killed runs left: %s', len(removed), removed)
+  downloads = os.path.join(data_dir, 'downloads')
+  for empty in [*configs, root, os.path.join(downloads, 'extracted'), downloads]:
+    with contextlib.suppress(OSError):  # Not there, or not empty: keep it.
+      os.rmdir(empty)
 
 
 def _scan(source_dir: str, data_dir: str) -> _Scan:

@@ -10,18 +10,17 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
-from absl import logging
 from PIL import Image
+
+from pneumo_jax.errors import DatasetError, NotFoundError
+
+__all__ = ['DatasetError', 'NotFoundError', 'expand_inputs', 'is_candidate', 'load_image']
 
 # Extensions (compared lower-cased) that the builder treats as images; anything else is skipped.
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
 
 # Pillow's errors for a file that is not an image, is truncated or has a broken stream.
 _UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-
-
-class DatasetError(ValueError):
-  """Bad input data: the message names the offending path and how to fix it."""
 
 
 def is_candidate(name: str) -> bool:
@@ -58,33 +57,38 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
       image.load()  # Decode now: a truncated file must fail here, not later in a worker.
       return _to_rgb8(image)
   except _UNREADABLE as e:
-    raise DatasetError(
-        f'cannot read image {os.fspath(path)!r} ({type(e).__name__}: {e}); replace or delete the '
-        'file (the builder can skip such files with --config.dataset.skip_corrupt=True)'
-    ) from e
+    raise DatasetError(f'cannot read image {os.fspath(path)!r} ({type(e).__name__}: {e})') from e
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[str]:
   """Files to predict: named files as given (whatever their extension: the user asked for them),
   folders' image files (recursively, sorted), glob patterns' matches (sorted; folders among
-  them expanded). A named path that does not exist is kept, to be reported as unreadable.
+  them expanded), without repeats.
 
   Raises:
-    ValueError: nothing at all was named or matched.
+    NotFoundError: a named path does not exist, a pattern matches nothing, a folder holds no
+      image, or nothing was named; every such input is listed, before anything is read.
   """
-  files = []
-  for pattern in inputs:
-    pattern = os.path.expanduser(pattern)
+  if not inputs:
+    raise NotFoundError('no --inputs given; name image files, folders or glob patterns')
+  files, missing = [], []
+  for given in inputs:
+    pattern = os.path.expanduser(given)
     matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
-    if not matches:
-      logging.warning('--inputs %r matches no file', pattern)
+    if not matches or not os.path.exists(matches[0]):
+      why = 'matches nothing' if glob.has_magic(pattern) else 'no such file or folder'
+      missing.append(f'{given!r} ({why})')
+      continue
     for path in matches:
       if os.path.isdir(path):
-        files += sorted(os.path.join(root, name) for root, _, names in os.walk(path)
-                        for name in names if is_candidate(name))
+        found = sorted(os.path.join(root, name) for root, _, names in os.walk(path)
+                       for name in names if is_candidate(name))
+        if not found:
+          missing.append(f'{given!r} (folder {path!r} holds no {"/".join(IMAGE_EXTENSIONS)} file)')
+        files += found
       else:
         files.append(path)
-  files = list(dict.fromkeys(files))
-  if not files:
-    raise ValueError(f'--inputs {list(inputs)} name no image; give image files, folders or globs')
-  return files
+  if missing:
+    raise NotFoundError('--inputs: ' + '; '.join(missing) + '. Check the paths (a pattern in '
+                        'quotes is expanded here; unquoted, by the shell).')
+  return list(dict.fromkeys(files))

@@ -11,6 +11,7 @@ memory (with workers, each batch is assembled by one worker from its slice of th
 
 import dataclasses
 import math
+import signal
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from pneumo_jax.data import folder_builder, preprocess
+from pneumo_jax.errors import ConfigError
 
 _READ_THREADS = 4  # Per process: decoding and numpy resizing largely release the GIL.
 
@@ -44,7 +46,8 @@ class _TrainExample:
 
 @dataclasses.dataclass(frozen=True)
 class _EvalExample:
-  """Reads record `index` (or, for -1, a padding example) with slim's eval preprocessing."""
+  """Reads record `index` (or, for -1, a padding example) with eval preprocessing (central crop
+  `central_fraction`, see preprocess.eval_central_fraction)."""
 
   source: Sequence[dict[str, Any]]  # builder.as_data_source(split)
   size: int
@@ -100,7 +103,8 @@ def train_iterator(builder: tfds.core.DatasetBuilder, input_cfg: ml_collections.
         .to_iter_dataset(_read_options(batch))
         .batch(batch, drop_remainder=True))
   if input_cfg.num_workers > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=input_cfg.num_workers))
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=input_cfg.num_workers),
+                        worker_init_fn=_ignore_interrupt)
   return iter(ds)
 
 
@@ -119,9 +123,17 @@ def eval_batches(builder: tfds.core.DatasetBuilder, split: str,
   num_batches = math.ceil(math.ceil(len(source) / process_count) / batch)
   padded = np.full(num_batches * batch, -1, np.int64)
   padded[:len(mine)] = mine
-  example = _EvalExample(source, input_cfg.image_size, input_cfg.central_crop_fraction)
+  example = _EvalExample(source, input_cfg.image_size,
+                         preprocess.eval_central_fraction(input_cfg))
   ds = grain.MapDataset.source(padded).map(example).to_iter_dataset(_read_options(batch))
   return iter(ds.batch(batch))
+
+
+def _ignore_interrupt(worker_index: int, worker_count: int) -> None:
+  """grain worker init: a terminal's Ctrl-C reaches every process of its group, but only the main
+  process should react (it saves a checkpoint); workers would each die with a traceback."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _read_options(batch: int) -> grain.ReadOptions:
@@ -131,6 +143,6 @@ def _read_options(batch: int) -> grain.ReadOptions:
 
 def _local_batch(global_batch: int, process_count: int, field: str) -> int:
   if global_batch < 1 or global_batch % process_count:
-    raise ValueError(f'{field}={global_batch} must be a positive multiple of the number of '
+    raise ConfigError(f'{field}={global_batch} must be a positive multiple of the number of '
                      f'processes ({process_count})')
   return global_batch // process_count

@@ -6,11 +6,18 @@ left-right flip, brightness/saturation jitter, clip, scale to [-1, 1]; eval = ce
 bilinear resize, scale to [-1, 1]. Resizing reproduces TF1's `resize_bilinear` with
 `align_corners=False` (no half-pixel offset, no antialiasing), which slim used for both.
 Randomness comes only from the `rng` passed in, so a pipeline controls it per record.
+
+The evaluation view follows the training view (`eval_central_fraction`): a model trained on whole
+images is judged on whole images, one trained on slim's distorted crops on slim's central crop.
 """
 
+import ml_collections
 import numpy as np
 
+from pneumo_jax.errors import ConfigError
+
 MIN_SIZE = 75  # InceptionV3's smallest input.
+SLIM_CENTRAL_FRACTION = 0.875  # slim's eval crop: what ImageNet weights were evaluated with.
 
 # slim's distorted_bounding_box_crop defaults; the "object" is the whole image.
 _MIN_OBJECT_COVERED = 0.1
@@ -48,11 +55,35 @@ def train(image: np.ndarray, rng: np.random.Generator, size: int, *, random_crop
   return _to_signed(out)
 
 
-def eval(image: np.ndarray, size: int, *, central_fraction: float = 0.875) -> np.ndarray:
+def eval_central_fraction(input_cfg: ml_collections.ConfigDict) -> float:
+  """The eval crop that frames images as training did: input.central_crop_fraction when set,
+  else 1.0 (the whole image) without random crops and slim's 0.875 with its distorted crops.
+
+  Without random crops training resizes the whole image, so any central crop would show the
+  model a zoom it never saw (and cut a film's costophrenic angles and apices). Slim's distorted
+  crops cover 5–100% of the image, so its 0.875 central crop lies within what training showed.
+  """
+  if input_cfg.central_crop_fraction is not None:
+    return float(input_cfg.central_crop_fraction)
+  return SLIM_CENTRAL_FRACTION if input_cfg.random_crop else 1.0
+
+
+def view_mismatch(input_cfg: ml_collections.ConfigDict) -> str | None:
+  """A warning when an explicit eval crop frames images unlike training, else None."""
+  fraction = eval_central_fraction(input_cfg)
+  if input_cfg.random_crop or fraction == 1.0:
+    return None
+  return (f'input.central_crop_fraction={fraction} zooms evaluation images {1 / fraction:.2f}× '
+          'relative to training, which sees whole images (input.random_crop=False); leave it '
+          'unset (None) to evaluate on the training view')
+
+
+def eval(image: np.ndarray, size: int, *,
+         central_fraction: float = SLIM_CENTRAL_FRACTION) -> np.ndarray:
   """uint8 [H, W, 3] → float32 [size, size, 3] in [-1, 1]: central crop and resize, as slim."""
   _check(image, size)
   if not 0.0 < central_fraction <= 1.0:
-    raise ValueError(f'input.central_crop_fraction={central_fraction} must be in (0, 1]')
+    raise ConfigError(f'input.central_crop_fraction={central_fraction} must be in (0, 1]')
   h, w = image.shape[:2]
   # tf.image.central_crop's rounding: the offset is truncated, the size is what remains.
   top, left = int((h - h * central_fraction) / 2), int((w - w * central_fraction) / 2)
@@ -64,7 +95,7 @@ def _check(image: np.ndarray, size: int) -> None:
     raise ValueError(f'expected a non-empty uint8 [H, W, 3] image, got {image.dtype} '
                      f'{image.shape}')
   if size < MIN_SIZE:
-    raise ValueError(f'input.image_size={size} is below InceptionV3\'s minimum {MIN_SIZE}')
+    raise ConfigError(f'input.image_size={size} is below InceptionV3\'s minimum {MIN_SIZE}')
 
 
 def _to_signed(image: np.ndarray) -> np.ndarray:

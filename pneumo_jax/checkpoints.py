@@ -1,24 +1,61 @@
-"""Orbax checkpoints: the training state and data iterator, initialisation from pretrained weights.
+"""Orbax checkpoints: a run's state and data iterator, initialisation from pretrained weights.
 
-Layout under WORKDIR: `checkpoints/<step>/{state,data}` (the last `keep_checkpoints`) and
-`best/<step>/state` (the best by `config.best_metric`). `state` holds step, params, batch_stats,
-opt_state and, with EMA on, ema_params, all keyed by the model's TF-Slim scope names.
+Layout under WORKDIR:
+  base/            the leaves no phase of the run changes (frozen params, moving statistics of
+                   frozen batch norms), written once when the run starts, with the sha256 of their
+                   content in its orbax metadata;
+  checkpoints/<step>/{state,data,base_ref}   the last `keep_checkpoints`;
+  best/<step>/{state,base_ref}               the best by `config.best_metric`.
+`state` holds step, opt_state and the params, batch_stats and (with EMA on) ema_params that can
+change, keyed by the model's TF-Slim scope names; `data` the grain iterator's position; `base_ref`
+(JSON) the base's sha256 and the paths taken from it. A head-only checkpoint is thus the head and
+its optimizer state instead of the whole network twice (params and EMA), and the workdir stays
+self-sufficient (no reference to where the pretrained weights came from): copy it and predict
+works. Restoring checks that base/ still hashes to what the checkpoint recorded. The EMA of a
+frozen leaf is the leaf itself (the train step skips frozen leaves), so base/ serves both.
+Checkpoints without `base_ref`, written before base/ existed, hold the full state and still load.
 """
 
+import glob
+import hashlib
 import os
-from typing import Any
+import shutil
+from collections.abc import Callable, Collection, Mapping
+from typing import Any, NamedTuple
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
-from pneumo_jax import scopes
+from pneumo_jax import errors, scopes
 
 LATEST_DIR = 'checkpoints'
 BEST_DIR = 'best'
+BASE_DIR = 'base'
+BASE_REF = 'base_ref'  # The JSON item naming the base a checkpoint was saved against.
 LABELS_FILE = 'labels.txt'  # The class names, one a line, in output order.
+# Entry of a saved state → the base collection its frozen leaves come from.
+_FROM_BASE = {'params': 'params', 'ema_params': 'params', 'batch_stats': 'batch_stats'}
+
+
+class BaseMismatchError(errors.WeightsError):
+  """WORKDIR/base is not what a checkpoint was saved against: replaced, edited or unreadable."""
+
+
+class Base(NamedTuple):
+  """What a run's checkpoints leave out: the paths, per collection, of leaves kept in
+  WORKDIR/base, and the content hash of that base."""
+  sha256: str
+  paths: dict[str, frozenset[str]]  # 'params' / 'batch_stats' → paths.
+
+  def within(self, frozen: Mapping[str, Collection[str]]) -> 'Base':
+    """Only the paths also in `frozen`: a run resumed with a config that trains more of the model
+    saves those leaves in full again (base/ itself stays as written)."""
+    return self._replace(paths={c: p & frozenset(frozen.get(c, ())) for c, p in
+                                self.paths.items()})
 
 
 def save_label_names(workdir: str, names: list[str]) -> None:
@@ -35,29 +72,216 @@ def load_label_names(workdir: str) -> list[str] | None:
     return f.read().splitlines()
 
 
-def manager(workdir: str, subdir: str = LATEST_DIR, keep: int = 3) -> ocp.CheckpointManager:
+def manager(workdir: str, subdir: str = LATEST_DIR, keep: int = 3, *,
+            cleanup: bool = False) -> ocp.CheckpointManager:
+  """A manager that writes WORKDIR/subdir (creating it).
+
+  Args:
+    cleanup: delete the `<step>.orbax-checkpoint-tmp` directories of saves a killed run left
+      (orbax does it in the background, finished before the first save and before the process
+      exits). Only for the training run, the workdir's one writer: for anyone else such a
+      directory may be a live run's save in progress.
+  """
   return ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, subdir)),
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           cleanup_tmp_directories=cleanup))
+
+
+def content_hash(tree: Mapping[str, Any]) -> str:
+  """sha256 over every leaf's path, dtype, shape and bytes, in sorted path order."""
+  h = hashlib.sha256()
+  for path, leaf in sorted(scopes.flatten(tree).items()):
+    a = np.asarray(leaf)
+    h.update(f'{path}\0{a.dtype.str}\0{a.shape}\0'.encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+  return h.hexdigest()
+
+
+def write_base(workdir: str, state: Mapping[str, Any],
+               frozen: Mapping[str, Collection[str]]) -> Base | None:
+  """Writes the `frozen` leaves of `state` ({collection: paths}) to WORKDIR/base; returns the Base
+  the run's checkpoints then refer to, or None when nothing is frozen (they store everything).
+
+  Always written anew (a second or so), so nothing an earlier run left in this workdir
+  can leak in. Called by the training run only, before any save.
+  """
+  for tmp in glob.glob(os.path.join(workdir, BASE_DIR + ocp.utils.TMP_DIR_SUFFIX + '*')):
+    shutil.rmtree(tmp)  # What a run killed while writing its base left.
+  if not any(frozen.values()):
+    return None
+  tree = {c: scopes.unflatten({k: np.asarray(v) for k, v in scopes.flatten(state[c]).items()
+                               if k in frozen[c]}) for c in frozen}
+  digest = content_hash(tree)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.abspath(os.path.join(workdir, BASE_DIR)), tree, force=True,
+               custom_metadata={'sha256': digest})
+  return Base(digest, {c: frozenset(p) for c, p in frozen.items()})
+
+
+def _paths(ref: Mapping[str, Any] | None) -> dict[str, frozenset[str]]:
+  return {c: frozenset(p) for c, p in (ref or {}).get('paths', {}).items()}
+
+
+def _drop(state: Mapping[str, Any], paths: Mapping[str, Collection[str]]) -> dict[str, Any]:
+  """`state` without the leaves taken from the base."""
+  out = dict(state)
+  for entry, collection in _FROM_BASE.items():
+    if entry in out and paths.get(collection):
+      out[entry] = scopes.unflatten({k: v for k, v in scopes.flatten(out[entry]).items()
+                                     if k not in paths[collection]})
+  return out
+
+
+def _merge(stored: Mapping[str, Any], base: Mapping[str, Mapping[str, Any]],
+           paths: Mapping[str, Collection[str]],
+           place: Callable[[str, str, Any], Any]) -> dict[str, Any]:
+  """`stored` with the base leaves put back, each through place(entry, path, array)."""
+  out = dict(stored)
+  for entry, collection in _FROM_BASE.items():
+    if entry in out and paths.get(collection):
+      out[entry] = scopes.unflatten({
+          **scopes.flatten(out[entry]),
+          **{k: place(entry, k, base[collection][k]) for k in paths[collection]}})
+  return out
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: dict[str, Any],
-         data_iterator: Any = None) -> None:
-  """Saves `state` (and the grain iterator's position, when given) as checkpoint `step`."""
-  items = {'state': ocp.args.StandardSave(state)}
+         data_iterator: Any = None, base: Base | None = None) -> None:
+  """Saves `state` as checkpoint `step`, less the leaves kept in `base` (the checkpoint records
+  which, and the base's hash), with the grain iterator's position when given."""
+  paths = base.paths if base else {}
+  items = {'state': ocp.args.StandardSave(_drop(state, paths)),
+           BASE_REF: ocp.args.JsonSave({'sha256': base and base.sha256,
+                                        'paths': {c: sorted(p) for c, p in paths.items()}})}
   if data_iterator is not None:
     items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
   mngr.save(step, args=ocp.args.Composite(**items))
 
 
+def _read_ref(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any] | None:
+  """The checkpoint's base_ref, None for one written before base/ existed (full state)."""
+  if not (epath.Path(mngr.directory) / str(step) / BASE_REF).exists():
+    return None
+  return mngr.restore(step, args=ocp.args.Composite(**{BASE_REF: ocp.args.JsonRestore()}))[
+      BASE_REF]
+
+
+def _short(digest: str | None) -> str:
+  return f'{digest[:12]}…' if digest else 'none'
+
+
+def _load_base(workdir: str, ref: Mapping[str, Any], what: str) -> dict[str, dict[str, Any]]:
+  """WORKDIR/base as {collection: {path: array}}, once it is shown to be the base `ref` names.
+
+  Two checks: the hash base/ recorded when written is the checkpoint's (else base/ belongs to
+  another run), and its arrays still hash to it (else they were changed since).
+  """
+  path = os.path.abspath(os.path.join(workdir, BASE_DIR))
+  want = ref['sha256']
+  count = sum(len(p) for p in ref['paths'].values())
+  if not os.path.isdir(path):
+    raise errors.NotFoundError(
+        f'{what} keeps its {count} frozen arrays in {path}, which is missing; copy the whole '
+        f'workdir {workdir} (base/ included), or train again')
+  with ocp.StandardCheckpointer() as ckptr:
+    meta = ckptr.metadata(path)
+    recorded = (meta.custom_metadata or {}).get('sha256')
+    if meta.item_metadata is None or recorded != want:
+      raise BaseMismatchError(
+          f'{path} holds other frozen weights (sha256 {_short(recorded)}) than {what} was saved '
+          f'against ({_short(want)}): base/ was replaced, perhaps copied from another run; put '
+          f'back the base/ that came with {workdir}, or train again')
+    tree = ckptr.restore(path, jax.tree.map(lambda m: np.empty(m.shape, m.dtype),
+                                            meta.item_metadata.tree))
+  got = content_hash(tree)
+  if got != want:
+    raise BaseMismatchError(
+        f'{path} was modified after its run wrote it: its arrays hash to {_short(got)}, not '
+        f'{_short(want)} as recorded; restore {workdir} from a copy, or train again')
+  return {c: scopes.flatten(tree.get(c, {})) for c in ref['paths']}
+
+
 def restore(mngr: ocp.CheckpointManager, step: int, target: dict[str, Any],
-            data_iterator: Any = None) -> dict[str, Any]:
-  """Restores checkpoint `step` into the shapes/shardings of `target`; rewinds the iterator."""
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-  items = {'state': ocp.args.StandardRestore(abstract)}
+            data_iterator: Any = None) -> tuple[dict[str, Any], Base | None]:
+  """Restores checkpoint `step`, base leaves merged back, into the shapes and shardings of
+  `target`, and rewinds the iterator. Also returns the base it was saved against (None: it holds
+  everything), which the resumed run's saves share. WORKDIR is the manager's parent."""
+  ref = _read_ref(mngr, step)
+  paths = _paths(ref)
+  items = {'state': ocp.args.StandardRestore(
+      jax.tree.map(ocp.utils.to_shape_dtype_struct, _drop(target, paths)))}
   if data_iterator is not None:
     items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
-  return mngr.restore(step, args=ocp.args.Composite(**items))['state']
+  stored = mngr.restore(step, args=ocp.args.Composite(**items))['state']
+  if not any(paths.values()):
+    return stored, None
+  workdir = os.path.dirname(str(mngr.directory))
+  base = _load_base(workdir, ref, f'checkpoint {step} in {mngr.directory}')
+  flat_target = {e: scopes.flatten(target[e]) for e in _FROM_BASE if e in target}
+  place = lambda entry, path, a: jax.device_put(a, flat_target[entry][path].sharding)
+  return _merge(stored, base, paths, place), Base(ref['sha256'], paths)
+
+
+def _reader(workdir: str, subdir: str) -> ocp.CheckpointManager | None:
+  """A manager that only reads WORKDIR/subdir; None (nothing created) when it does not exist."""
+  path = os.path.abspath(os.path.join(workdir, subdir))
+  if not os.path.isdir(path):
+    return None
+  return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False))
+
+
+def _find(workdir: str, checkpoint: str) -> tuple[str, int] | None:
+  """(subdir, step) of 'latest', 'best' or a step number (in checkpoints/, else best/)."""
+  if checkpoint in ('latest', 'best'):
+    subdirs, step = [BEST_DIR if checkpoint == 'best' else LATEST_DIR], None
+  elif checkpoint.isdigit():
+    subdirs, step = [LATEST_DIR, BEST_DIR], int(checkpoint)
+  else:
+    raise errors.ConfigError(f'--checkpoint={checkpoint!r}: use latest, best or a step number')
+  for subdir in subdirs:
+    mngr = _reader(workdir, subdir)
+    if mngr is None:
+      continue
+    with mngr:
+      steps = mngr.all_steps()
+    if steps and step is None:
+      return subdir, max(steps)
+    if step in steps:
+      return subdir, step
+  return None
+
+
+def _listing(workdir: str) -> str:
+  parts = []
+  for subdir in (LATEST_DIR, BEST_DIR):
+    mngr = _reader(workdir, subdir)
+    steps = []
+    if mngr is not None:
+      with mngr:
+        steps = mngr.all_steps()
+    parts.append(f'{subdir}/: {", ".join(map(str, steps)) or "none"}')
+  return '; '.join(parts)
+
+
+def read(workdir: str, checkpoint: str = 'latest') -> tuple[dict[str, Any], int]:
+  """(saved state with its base leaves merged back, step) of a checkpoint: 'latest', 'best' or a
+  step number. Reads only; raises NotFoundError, before touching anything, when there is none."""
+  found = _find(workdir, checkpoint)
+  if found is None:
+    raise errors.NotFoundError(
+        f'no checkpoint {checkpoint!r} in {workdir} ({_listing(workdir)}); train first '
+        f'(--mode=train --workdir={workdir}), or pass --checkpoint with a step listed')
+  subdir, step = found
+  with _reader(workdir, subdir) as mngr:
+    ref = _read_ref(mngr, step)
+    stored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))[
+        'state']
+  paths = _paths(ref)
+  if not any(paths.values()):
+    return stored, step
+  base = _load_base(workdir, ref, f'checkpoint {step} in {os.path.join(workdir, subdir)}')
+  return _merge(stored, base, paths, lambda entry, path, a: a), step
 
 
 def load_for_inference(workdir: str, checkpoint: str = 'latest',
@@ -67,19 +291,7 @@ def load_for_inference(workdir: str, checkpoint: str = 'latest',
   Args:
     checkpoint: 'latest', 'best', or a step number.
   """
-  subdir = BEST_DIR if checkpoint == 'best' else LATEST_DIR
-  mngr = manager(workdir, subdir)
-  if checkpoint in ('latest', 'best'):
-    step = mngr.latest_step()
-  elif checkpoint.isdigit():
-    step = int(checkpoint)
-  else:
-    raise ValueError(f'--checkpoint={checkpoint!r}: use latest, best or a step number')
-  if step is None or step not in mngr.all_steps():
-    raise FileNotFoundError(
-        f'no checkpoint {checkpoint!r} in {mngr.directory} (have: {mngr.all_steps() or "none"}); '
-        'train first, or pass --checkpoint with one of the steps listed')
-  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+  state, step = read(workdir, checkpoint)
   params = state.get('ema_params') if use_ema else None
   return {'params': params or state['params'], 'batch_stats': state['batch_stats']}, step
 
@@ -118,12 +330,18 @@ def load_init(init_checkpoint: str, variables: dict[str, Any], exclude_scopes: s
   """
   path = os.path.expanduser(init_checkpoint)
   if not os.path.exists(path) and not os.path.exists(path + '.index'):
-    raise FileNotFoundError(
+    raise errors.NotFoundError(
         f'config.init_checkpoint={init_checkpoint!r} does not exist; give an orbax directory '
         '(converters/), a TF-Slim .ckpt or a Keras .h5')
   if _is_raw(path):
     path = _convert(path, workdir)
-  loaded = _read_orbax(path)
+  try:
+    loaded = _read_orbax(path)
+  except Exception as e:  # orbax's errors name its internal files (_METADATA), not the setting.
+    raise errors.WeightsError(
+        f'config.init_checkpoint={init_checkpoint!r} is a folder but not an orbax checkpoint '
+        f'({type(e).__name__}); give a directory written by converters/ (see the README), a '
+        'TF-Slim .ckpt or a Keras .h5') from e
   problems = []
   out = {}
   for collection in ('params', 'batch_stats'):
@@ -147,7 +365,7 @@ def load_init(init_checkpoint: str, variables: dict[str, Any], exclude_scopes: s
                  for k in have if k not in want and not scopes.matches(exclude_scopes, k)]
     out[collection] = scopes.unflatten(merged)
   if problems:
-    raise ValueError(
+    raise errors.WeightsError(
         f'config.init_checkpoint={init_checkpoint!r} does not fit the model outside '
         f'config.exclude_scopes={exclude_scopes!r}:\n  ' + '\n  '.join(problems) +
         '\nAdd the offending scopes to config.exclude_scopes (e.g. Logits,AuxLogits for a new '

@@ -1,12 +1,15 @@
-"""Checkpoints: pretrained initialisation (orbax, raw slim), exclusion, and restore errors."""
+"""Checkpoints: pretrained initialisation (orbax, raw slim), exclusion, the frozen-weights base,
+the previous format, and restore errors."""
 
 import os
+import shutil
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from pneumo_jax import checkpoints, scopes
+from pneumo_jax import checkpoints, errors, scopes
 from pneumo_jax.models.inception_v3 import InceptionV3
 from tests import reference
 
@@ -54,5 +57,145 @@ def test_missing_init_checkpoint_and_bad_restore_requests(tmp_path):
     checkpoints.load_init(str(tmp_path / 'nope'), {}, '', False, str(tmp_path))
   with pytest.raises(FileNotFoundError, match='train first'):
     checkpoints.load_for_inference(str(tmp_path))
+  assert not os.listdir(tmp_path)  # Not even an empty checkpoints/.
   with pytest.raises(ValueError, match='latest, best or a step'):
     checkpoints.load_for_inference(str(tmp_path), 'newest')
+
+
+def _tree(rng, *paths):
+  return scopes.unflatten({p: rng.normal(size=(3, 2)).astype(np.float32) for p in paths})
+
+
+def _state(seed=0):
+  """A run's state in miniature: a frozen body, a head that trains, EMA and optimizer state."""
+  rng = np.random.default_rng(seed)
+  params = _tree(rng, 'body/w', 'body/BatchNorm/beta', 'head/w')
+  return {'step': np.int32(5), 'params': params,
+          'batch_stats': _tree(rng, 'body/BatchNorm/moving_mean', 'head/BatchNorm/moving_mean'),
+          'ema_params': {'body': params['body'], 'head': _tree(rng, 'w')},
+          'opt_state': {'trace': {'head': _tree(rng, 'w')}}}
+
+
+FROZEN = {'params': {'body/w', 'body/BatchNorm/beta'},
+          'batch_stats': {'body/BatchNorm/moving_mean'}}
+
+
+def _saved_with_base(workdir, state, step=5, subdir=checkpoints.LATEST_DIR):
+  base = checkpoints.write_base(workdir, state, FROZEN)
+  mngr = checkpoints.manager(workdir, subdir)
+  checkpoints.save(mngr, step, state, base=base)
+  mngr.wait_until_finished()
+  return base
+
+
+def _raw(workdir, step, subdir=checkpoints.LATEST_DIR):
+  """The `state` item exactly as orbax stored it."""
+  with checkpoints.manager(workdir, subdir) as mngr:
+    return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+
+
+def _assert_same(a, b):
+  fa, fb = (dict(jax.tree_util.tree_flatten_with_path(x)[0]) for x in (a, b))
+  assert fa.keys() == fb.keys()
+  for k in fa:
+    np.testing.assert_array_equal(fa[k], fb[k], err_msg=jax.tree_util.keystr(k))
+
+
+def test_checkpoint_keeps_frozen_leaves_once_in_base(tmp_path):
+  """The checkpoint stores what changes; base/ the rest with its hash; reading merges them back."""
+  workdir = str(tmp_path)
+  state = _state()
+  base = _saved_with_base(workdir, state)
+  stored = _raw(workdir, 5)
+  assert set(scopes.flatten(stored['params'])) == {'head/w'}
+  assert set(scopes.flatten(stored['ema_params'])) == {'head/w'}
+  assert set(scopes.flatten(stored['batch_stats'])) == {'head/BatchNorm/moving_mean'}
+  on_disk = ocp.StandardCheckpointer().restore(os.path.join(workdir, checkpoints.BASE_DIR))
+  assert {c: set(scopes.flatten(t)) for c, t in on_disk.items()} == FROZEN
+  assert checkpoints.content_hash(on_disk) == base.sha256
+  got, step = checkpoints.read(workdir)
+  assert step == 5
+  _assert_same(got, state)
+  variables, _ = checkpoints.load_for_inference(workdir)
+  _assert_same(variables, {'params': state['ema_params'], 'batch_stats': state['batch_stats']})
+  # Copied elsewhere, the workdir still loads: nothing refers outside it.
+  moved = str(tmp_path.parent / 'moved')
+  shutil.copytree(workdir, moved)
+  _assert_same(checkpoints.read(moved)[0], state)
+
+
+def test_missing_or_altered_base_is_a_clear_error(tmp_path):
+  workdir = str(tmp_path / 'run')
+  state = _state()
+  base = _saved_with_base(workdir, state)
+  base_dir = os.path.join(workdir, checkpoints.BASE_DIR)
+  kept = str(tmp_path / 'kept_base')
+  shutil.copytree(base_dir, kept)
+
+  shutil.rmtree(base_dir)
+  with pytest.raises(errors.NotFoundError, match=rf'frozen arrays in {base_dir}, which is missing'):
+    checkpoints.load_for_inference(workdir)
+
+  checkpoints.write_base(workdir, _state(seed=1), FROZEN)  # Another run's base.
+  with pytest.raises(checkpoints.BaseMismatchError, match=r'holds other frozen weights') as e:
+    checkpoints.load_for_inference(workdir)
+  assert workdir in str(e.value) and base.sha256[:12] in str(e.value)
+
+  shutil.rmtree(base_dir)  # This run's base with one array edited, its recorded hash kept.
+  arrays = ocp.StandardCheckpointer().restore(kept)
+  arrays['params']['body']['w'][0, 0] += 1
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(base_dir, arrays, custom_metadata={'sha256': base.sha256})
+  with pytest.raises(checkpoints.BaseMismatchError, match=r'modified after its run wrote it'):
+    checkpoints.read(workdir)
+
+  shutil.rmtree(base_dir)
+  shutil.copytree(kept, base_dir)
+  _assert_same(checkpoints.read(workdir)[0], state)
+
+
+def test_checkpoint_of_the_previous_format_loads(tmp_path):
+  """Written before base/ existed: the full state in `state`, no base_ref."""
+  workdir = str(tmp_path)
+  state = _state()
+  with checkpoints.manager(workdir) as mngr:
+    mngr.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+  got, step = checkpoints.read(workdir)
+  assert step == 3
+  _assert_same(got, state)
+  variables, _ = checkpoints.load_for_inference(workdir, use_ema=False)
+  _assert_same(variables, {'params': state['params'], 'batch_stats': state['batch_stats']})
+
+
+def test_readers_write_nothing_in_a_workdir_without_a_run(tmp_path):
+  """eval/predict/explain must say "train first" before creating anything."""
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  for workdir in (str(empty), str(tmp_path / 'absent')):
+    for which in ('latest', 'best', '3'):
+      with pytest.raises(errors.NotFoundError, match=r'no checkpoint .* train first'):
+        checkpoints.load_for_inference(workdir, which)
+  assert os.listdir(empty) == [] and not os.path.exists(tmp_path / 'absent')
+
+
+def test_checkpoint_lookup(tmp_path):
+  """latest and best from their folders; a step number from checkpoints/, else best/."""
+  workdir = str(tmp_path)
+  state = _state()
+  _saved_with_base(workdir, state, step=2, subdir=checkpoints.BEST_DIR)
+  with pytest.raises(errors.NotFoundError, match=r"no checkpoint 'latest'"):
+    checkpoints.read(workdir)
+  assert checkpoints.read(workdir, 'best')[1] == 2 and checkpoints.read(workdir, '2')[1] == 2
+  with pytest.raises(errors.NotFoundError, match=r'checkpoints/: none; best/: 2'):
+    checkpoints.read(workdir, '4')
+  with pytest.raises(errors.ConfigError, match='latest, best or a step'):
+    checkpoints.read(workdir, 'newest')
+
+
+def test_an_init_checkpoint_folder_that_is_no_checkpoint_names_the_setting(tmp_path):
+  (tmp_path / 'weights').mkdir()
+  (tmp_path / 'weights' / 'README').write_text('not a checkpoint')
+  variables = reference.random_variables(InceptionV3(num_classes=4), 75, seed=0)
+  with pytest.raises(ValueError, match=r"config\.init_checkpoint='.*weights' is a folder but not "
+                                       'an orbax checkpoint'):
+    checkpoints.load_init(str(tmp_path / 'weights'), variables, HEAD, False, str(tmp_path))

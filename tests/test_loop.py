@@ -1,8 +1,12 @@
-"""The training loop: phases, resume, EMA, best checkpoint, NaN stop, pretrained initialisation."""
+"""The training loop: phases, resume, EMA, best checkpoint, NaN stop, pretrained initialisation,
+what checkpoints hold."""
 
 import json
 import os
+import shutil
+import signal
 
+import grain
 import jax
 import ml_collections
 import numpy as np
@@ -10,9 +14,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 from pneumo_jax import checkpoints, scopes
-from pneumo_jax.training import loop
+from pneumo_jax.training import interrupt, loop
+from pneumo_jax.training.monitor import Monitor
 
 HEAD = 'Logits,AuxLogits'
+TMP = ocp.utils.TMP_DIR_SUFFIX  # A save in progress: `<step>.orbax-checkpoint-tmp`.
 
 
 def _two_phase(make):
@@ -23,9 +29,34 @@ def _two_phase(make):
   return c
 
 
-def _state(workdir, step, subdir=checkpoints.LATEST_DIR):
-  mngr = checkpoints.manager(workdir, subdir)
-  return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+def _state(workdir, step):
+  """Checkpoint `step` as the run holds it in memory (its frozen leaves from base/)."""
+  return checkpoints.read(workdir, str(step))[0]
+
+
+def _assert_same(a, b):
+  """Every leaf bitwise equal, by path (optax's named tuples read back as dicts)."""
+  flat = lambda t: {jax.tree_util.keystr(p, simple=True, separator='/'): x
+                    for p, x in jax.tree.leaves_with_path(t)}
+  fa, fb = flat(a), flat(b)
+  assert fa.keys() == fb.keys()
+  for path in fa:
+    np.testing.assert_array_equal(fa[path], fb[path], err_msg=path)
+
+
+def _trained(config, workdir, last_step):
+  """Runs `config`; returns the state of the run's last checkpoint as it was in memory."""
+  save, trained = checkpoints.save, {}
+
+  def keep_last(mngr, step, state, *args, **kwargs):
+    if step == last_step and mngr.directory.name == checkpoints.LATEST_DIR:
+      trained.update(jax.device_get(state))
+    save(mngr, step, state, *args, **kwargs)
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(checkpoints, 'save', keep_last)
+    summary = loop.train_and_evaluate(config, workdir)
+  return summary, trained
 
 
 def _moved(a, b):
@@ -35,23 +66,26 @@ def _moved(a, b):
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory, tiny_config):
-  """An uninterrupted two-phase run, and the same run killed after step 3's checkpoint, resumed."""
+  """An uninterrupted two-phase run (with its final state as trained), and the same run killed
+  after step 3's checkpoint, given the directories of killed saves, resumed."""
   config = _two_phase(tiny_config)
   straight = str(tmp_path_factory.mktemp('straight'))
-  summary = loop.train_and_evaluate(config, straight)
+  summary, trained = _trained(config, straight, 4)
 
   resumed = str(tmp_path_factory.mktemp('resumed'))
   _killed_after_step_3(config, resumed)
+  for subdir in (checkpoints.LATEST_DIR, checkpoints.BEST_DIR):
+    os.makedirs(os.path.join(resumed, subdir, f'5{TMP}', 'state'))
   loop.train_and_evaluate(config, resumed)
-  return straight, resumed, summary
+  return straight, resumed, summary, trained
 
 
 def _killed_after_step_3(config, workdir):
   """Runs `config` in `workdir` until just after step 3's checkpoint is written, then dies."""
   save = checkpoints.save
 
-  def save_then_die(mngr, step, state, data_iterator=None):
-    save(mngr, step, state, data_iterator)
+  def save_then_die(mngr, step, state, *args, **kwargs):
+    save(mngr, step, state, *args, **kwargs)
     if step == 3 and mngr.directory.name == checkpoints.LATEST_DIR:
       mngr.wait_until_finished()
       raise KeyboardInterrupt('simulated kill after step 3')
@@ -65,7 +99,7 @@ def _killed_after_step_3(config, workdir):
 
 def test_resume_equals_uninterrupted_run(runs):
   """Every leaf of the state (optimizer included), the logged records and the best checkpoint."""
-  straight, resumed, _ = runs
+  straight, resumed, _, _ = runs
   summaries = []
   for workdir in (straight, resumed):
     with open(os.path.join(workdir, loop.SUMMARY_FILE)) as f:
@@ -75,12 +109,69 @@ def test_resume_equals_uninterrupted_run(runs):
   s, r = summaries
   assert (s['best_step'], s['best'], s['final'], s['records']) == (
       r['best_step'], r['best'], r['final'], r['records'])
-  a, b = _state(straight, 4), _state(resumed, 4)
-  la, lb = jax.tree.leaves_with_path(a), jax.tree.leaves_with_path(b)
-  assert [p for p, _ in la] == [p for p, _ in lb]
-  assert any('opt_state' in jax.tree_util.keystr(p) for p, _ in la)
-  for (path, x), (_, y) in zip(la, lb, strict=True):
-    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+  a = _state(straight, 4)
+  assert any('opt_state' in jax.tree_util.keystr(p) for p, _ in jax.tree.leaves_with_path(a))
+  _assert_same(a, _state(resumed, 4))
+
+
+def test_checkpoints_hold_only_what_the_run_changes(runs):
+  """Leaves no phase trains (all but Mixed_7c and the heads: params, their EMA, batch-norm
+  statistics) are written once, to base/; a checkpoint read back is the state as trained."""
+  straight, _, _, trained = runs
+  changing = ('Mixed_7c/', 'Logits/', 'AuxLogits/')
+  for subdir, step in ((checkpoints.LATEST_DIR, 4), (checkpoints.BEST_DIR, None)):
+    with checkpoints.manager(straight, subdir) as mngr:
+      stored = mngr.restore(step or mngr.latest_step(), args=ocp.args.Composite(
+          state=ocp.args.StandardRestore()))['state']
+    for entry in ('params', 'ema_params', 'batch_stats'):
+      paths = set(scopes.flatten(stored[entry]))
+      assert paths and all(p.startswith(changing) for p in paths), (subdir, entry)
+  base = ocp.StandardCheckpointer().restore(os.path.join(straight, checkpoints.BASE_DIR))
+  frozen = {k for k in scopes.flatten(trained['params']) if not k.startswith(changing)}
+  assert set(scopes.flatten(base['params'])) == frozen
+  assert 'Mixed_6e/Branch_0/Conv2d_0a_1x1/BatchNorm/moving_mean' in scopes.flatten(
+      base['batch_stats'])
+  _assert_same(_state(straight, 4), trained)
+
+
+def test_a_killed_saves_leftovers_are_removed_by_the_next_run(runs):
+  resumed = runs[1]
+  for subdir in (checkpoints.LATEST_DIR, checkpoints.BEST_DIR):
+    assert not [n for n in os.listdir(os.path.join(resumed, subdir)) if TMP in n], subdir
+
+
+def _save_previous_format(mngr, step, state, data_iterator=None, base=None):
+  """checkpoints.save as it was before base/: the whole state, no base_ref."""
+  items = {'state': ocp.args.StandardSave(state)}
+  if data_iterator is not None:
+    items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+  mngr.save(step, args=ocp.args.Composite(**items))
+
+
+def test_resume_from_checkpoints_of_the_previous_format(runs, tiny_config, tmp_path):
+  """Killed after step 3 with checkpoints written the old way (and no base/), the run resumes
+  and ends in the uninterrupted run's state."""
+  workdir = str(tmp_path)
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(checkpoints, 'save', _save_previous_format)
+    _killed_after_step_3(_two_phase(tiny_config), workdir)
+  shutil.rmtree(os.path.join(workdir, checkpoints.BASE_DIR))
+  loop.train_and_evaluate(_two_phase(tiny_config), workdir)
+  _assert_same(_state(workdir, 4), _state(runs[0], 4))
+
+
+def test_head_only_checkpoint_is_small_and_infers_as_trained(tiny_config, tmp_path):
+  """Head only: a checkpoint is a few percent of the state; inference gets the trained EMA."""
+  workdir = str(tmp_path)
+  _, trained = _trained(tiny_config(ema_decay=0.5, num_steps=2), workdir, 2)
+  on_disk = sum(f.stat().st_size for f in (tmp_path / checkpoints.LATEST_DIR / '2').rglob('*')
+                if f.is_file())
+  state_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(trained))
+  print(f'checkpoint {on_disk / 1e6:.1f} MB, state {state_bytes / 1e6:.1f} MB')
+  assert on_disk < state_bytes / 20
+  variables, step = checkpoints.load_for_inference(workdir)
+  assert step == 2
+  _assert_same(variables, {'params': trained['ema_params'], 'batch_stats': trained['batch_stats']})
 
 
 def test_each_phase_moves_exactly_its_scopes(runs):
@@ -110,7 +201,7 @@ def test_ema_is_saved_and_used_for_inference(runs):
 
 
 def test_outputs_and_best_checkpoint(runs):
-  straight, _, summary = runs
+  straight, _, summary, _ = runs
   for name in ('config.json', 'metrics.jsonl', 'summary.json', 'curves.png', 'train_images.png'):
     assert os.path.exists(os.path.join(straight, name)), name
   assert os.listdir(os.path.join(straight, 'tensorboard'))
@@ -196,3 +287,33 @@ def test_early_stopping_on_the_best_metric(tiny_config, tmp_path, monkeypatch):
   assert summary['best']['accuracy'] == 0.75
   assert checkpoints.manager(str(tmp_path), checkpoints.BEST_DIR).all_steps() == [2]
   assert checkpoints.manager(str(tmp_path)).latest_step() == 4
+  # Running it again finds it finished: no dataset build, no further training.
+  monkeypatch.setattr(loop, '_Run', None)
+  assert loop.train_and_evaluate(c, str(tmp_path)) == summary
+  assert checkpoints.manager(str(tmp_path)).latest_step() == 4
+
+
+def test_a_signal_saves_after_the_current_step_and_the_resume_matches(runs, tiny_config,
+                                                                         tmp_path):
+  """SIGINT (Ctrl-C) or SIGTERM mid-run: the step finishes, a checkpoint with the data iterator
+  is saved (no periodic one is due), and resuming gives the uninterrupted run's state exactly."""
+  straight = runs[0]
+  config = _two_phase(tiny_config)
+  config.checkpoint_every_steps = 0
+  workdir = str(tmp_path / 'signalled')
+  write = Monitor.write
+
+  def write_then_signal(self, step, split, scalars):
+    write(self, step, split, scalars)
+    if (step, split) == (2, 'train'):
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(Monitor, 'write', write_then_signal)
+    with pytest.raises(interrupt.Stopped, match='stopped at step 2; run the same command') as e:
+      loop.train_and_evaluate(config, workdir)
+  assert e.value.signum == signal.SIGTERM
+  assert checkpoints.manager(workdir).all_steps() == [2]
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # Handlers restored.
+  loop.train_and_evaluate(config, workdir)
+  _assert_same(_state(straight, 4), _state(workdir, 4))

@@ -22,17 +22,19 @@ HEAD = 'Logits,AuxLogits'
 SIZE, BATCH, CLASSES = 75, 4, 3
 
 
-def _setup(trainable: str, bn_train, seed=0, dtype=jnp.float32):
+def _setup(trainable: str, bn_train, seed=0, dtype=jnp.float32, ema_decay=0.0, ema_scopes=None):
   model = InceptionV3(num_classes=CLASSES, batch_norm_train=bn_train, dtype=dtype)
   variables = reference.random_variables(model, SIZE, seed)
   mask = scopes.mask(variables['params'], trainable)
   c = default.get_config().optimizer
   tx = optim.make_optimizer(c, optax.constant_schedule(0.01), mask)
   step = make_train_step(model, tx, mask, aux_loss_weight=0.4, label_smoothing=0.1,
-                         class_weights=None, ema_decay=0.0)
+                         class_weights=None, ema_decay=ema_decay,
+                         ema_mask=ema_scopes and scopes.mask(variables['params'], ema_scopes))
   state = TrainState(step=jnp.zeros([], jnp.int32), params=variables['params'],
                      batch_stats=variables['batch_stats'],
-                     opt_state=tx.init(variables['params']))
+                     opt_state=tx.init(variables['params']),
+                     ema_params=jax.tree.map(np.copy, variables['params']) if ema_decay else None)
   return model, step, state
 
 
@@ -65,6 +67,29 @@ def test_head_only_step_leaves_backbone_bitwise_unchanged(head_only):
   moved_stats = _moved(before.batch_stats, after.batch_stats)
   assert moved_stats and all(k.startswith('AuxLogits/') for k in moved_stats), moved_stats
   assert np.isfinite(float(metrics['total_loss'])) and float(metrics['grad_norm']) > 0
+
+
+def test_ema_leaves_frozen_weights_bitwise_and_averages_the_rest():
+  """Frozen leaves: the EMA is the weight itself, bit for bit (checkpoints store it once, in
+  base/; averaging would round it: 0.1·w + 0.9·w ≠ w in float32). Trainable ones: the usual
+  average. `ema_mask` leaves (trained in another phase) are averaged even while frozen: their EMA
+  starts 1 off here and moves a tenth of the way to the weight."""
+  decay = 0.9
+  _, step, state = _setup(HEAD, scopes.parse(HEAD), ema_decay=decay,
+                          ema_scopes='Mixed_7c,' + HEAD)
+  flat = scopes.flatten(state.ema_params)
+  state = state.replace(ema_params=scopes.unflatten(
+      {k: v + 1 if k.startswith('Mixed_7c/') else v for k, v in flat.items()}))
+  new, _ = jax.jit(step)(state, _batch(), jax.random.key(0))
+  p0, p1 = scopes.flatten(state.params), scopes.flatten(new.params)
+  e0, e1 = scopes.flatten(state.ema_params), scopes.flatten(new.ema_params)
+  for k in p1:
+    if k.startswith(('Logits/', 'AuxLogits/', 'Mixed_7c/')):
+      want = (1 - decay) * np.asarray(p1[k]) + decay * np.asarray(e0[k])
+      np.testing.assert_allclose(e1[k], want, rtol=1e-6, atol=1e-6, err_msg=k)
+    else:
+      np.testing.assert_array_equal(e1[k], p0[k], err_msg=k)
+  assert not np.array_equal(e1['Logits/Conv2d_1c_1x1/weights'], p1['Logits/Conv2d_1c_1x1/weights'])
 
 
 def test_all_bn_in_train_mode_corrupts_frozen_statistics():

@@ -4,6 +4,7 @@ Running it again on the same WORKDIR resumes from the latest checkpoint: same st
 same optimizer state, same next batch.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -17,11 +18,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from pneumo_jax import checkpoints, scopes, sharding
+from pneumo_jax import checkpoints, locks, scopes, sharding
 from pneumo_jax.data import dataset_for, folder_builder, pipeline
+from pneumo_jax.errors import ConfigError
 from pneumo_jax.evaluation import inference, metrics
 from pneumo_jax.models import build_model
-from pneumo_jax.training import optim
+from pneumo_jax.training import interrupt, optim
 from pneumo_jax.training.monitor import Monitor, read_records
 from pneumo_jax.training.step import TrainState, make_train_step
 
@@ -43,11 +45,11 @@ def resolve_phases(config: ml_collections.ConfigDict) -> list[Phase]:
   phases, start = [], 0
   for name, overrides in config.phases.items():
     if 'num_steps' not in overrides or overrides.num_steps <= 0:
-      raise ValueError(f'config.phases.{name}.num_steps must be a positive number of steps')
+      raise ConfigError(f'config.phases.{name}.num_steps must be a positive number of steps')
     cfg = ml_collections.ConfigDict(config.to_dict())
     for key, value in overrides.items():
       if key not in ('num_steps', 'trainable_scopes', 'batch_norm', 'schedule', 'optimizer'):
-        raise ValueError(f'config.phases.{name}.{key} is not a per-phase field; use num_steps, '
+        raise ConfigError(f'config.phases.{name}.{key} is not a per-phase field; use num_steps, '
                          'trainable_scopes, batch_norm, schedule or optimizer')
       if isinstance(value, ml_collections.ConfigDict):
         cfg[key].update(value)
@@ -72,7 +74,24 @@ def batch_norm_train(cfg: ml_collections.ConfigDict) -> tuple[str, ...] | None:
     return ()
   if rule == 'all':
     return None
-  raise ValueError(f"config.batch_norm={rule!r} is unknown; use 'trainable', 'frozen' or 'all'")
+  raise ConfigError(f"config.batch_norm={rule!r} is unknown; use 'trainable', 'frozen' or 'all'")
+
+
+def frozen_paths(variables: dict[str, Any], phases: list[Phase]) -> dict[str, set[str]]:
+  """{'params', 'batch_stats'} → paths of the leaves no phase changes: params outside every
+  phase's trainable scopes, moving statistics of the batch norms no phase trains. Checkpoints
+  leave them out; they are kept once, in WORKDIR/base."""
+  trained = {k for p in phases for k, t in scopes.flatten(
+      scopes.mask(variables['params'], p.cfg.trainable_scopes)).items() if t}
+  rules = [batch_norm_train(p.cfg) for p in phases]
+
+  def learns(path: str) -> bool:  # `X/BatchNorm/moving_*`, as ConvBN decides; others may change.
+    layer, _, name = path.rpartition('/')
+    return (layer.rpartition('/')[2] != 'BatchNorm' or not name.startswith('moving_')
+            or any(r is None or scopes.matches(r, f'{layer}/beta') for r in rules))
+
+  return {'params': set(scopes.flatten(variables['params'])) - trained,
+          'batch_stats': {k for k in scopes.flatten(variables['batch_stats']) if not learns(k)}}
 
 
 def class_weights(cfg: ml_collections.ConfigDict, counts: np.ndarray) -> np.ndarray | None:
@@ -80,7 +99,7 @@ def class_weights(cfg: ml_collections.ConfigDict, counts: np.ndarray) -> np.ndar
   if not cfg.class_weighting:
     return None
   if cfg.class_weighting != 'balanced':
-    raise ValueError(f"config.class_weighting={cfg.class_weighting!r}: use '' or 'balanced'")
+    raise ConfigError(f"config.class_weighting={cfg.class_weighting!r}: use '' or 'balanced'")
   return counts.sum() / (len(counts) * np.maximum(counts, 1))
 
 
@@ -138,19 +157,40 @@ class _Run:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains per `config` in `workdir` (resuming if it holds checkpoints); returns the summary."""
+  """Trains per `config` in `workdir` (resuming if it holds checkpoints); returns the summary.
+
+  Holds the workdir's lock throughout, so a second run on it stops at once (locks.BusyError). A
+  run that already finished returns its summary before touching anything else. The first
+  SIGINT/SIGTERM during training saves a checkpoint after the current step and raises
+  interrupt.Stopped.
+  """
+  phases = resolve_phases(config)
+  with locks.workdir_lock(workdir), contextlib.ExitStack() as cleanup:
+    summary = _finished(workdir, phases[-1].end)
+    if summary:
+      logging.info('%s already finished (%d steps).', workdir, summary['step'])
+      return summary
+    return _train(config, workdir, phases, cleanup)
+
+
+def _finished(workdir: str, total: int) -> dict[str, Any] | None:
+  """The summary of a run that ended (all steps or early stopping) with this many steps."""
+  path = os.path.join(workdir, SUMMARY_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    summary = json.load(f)
+  return summary if summary.get('status') == 'done' and summary['num_steps'] == total else None
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, phases: list[Phase],
+           cleanup: contextlib.ExitStack) -> dict[str, Any]:
   t_start = time.time()
-  os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
   run = _Run(config, workdir)
-  phases = resolve_phases(config)
   total = phases[-1].end
-  if not config.init_checkpoint:
-    logging.warning('*' * 70 + '\nNO PRETRAINED WEIGHTS: config.init_checkpoint is empty, so '
-                    'InceptionV3 starts from RANDOM initialisation.\nFine-tuning needs ImageNet '
-                    'weights: see converters/ and the README.\n' + '*' * 70)
 
   rng = jax.random.key(config.seed)
   init_rng, dropout_rng = jax.random.split(rng)
@@ -160,25 +200,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                       out_shardings=repl)(init_rng)
   variables = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
 
-  train_iter = pipeline.train_iterator(run.builder, config.input, seed=config.seed,
-                                       process_index=jax.process_index(),
-                                       process_count=jax.process_count())
-  mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
-  best_mngr = checkpoints.manager(workdir, checkpoints.BEST_DIR, keep=1)
+  train_iter = cleanup.enter_context(contextlib.closing(  # Stops grain's worker processes.
+      pipeline.train_iterator(run.builder, config.input, seed=config.seed,
+                              process_index=jax.process_index(),
+                              process_count=jax.process_count())))
+  mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints, cleanup=True)
+  best_mngr = checkpoints.manager(workdir, checkpoints.BEST_DIR, keep=1, cleanup=True)
   step = mngr.latest_step() or 0
-  if step >= total and os.path.exists(os.path.join(workdir, SUMMARY_FILE)):
-    logging.info('%s already finished (%d steps).', workdir, step)
-    with open(os.path.join(workdir, SUMMARY_FILE)) as f:
-      return json.load(f)
+  if not step and not config.init_checkpoint:
+    logging.warning('*' * 70 + '\nNO PRETRAINED WEIGHTS: config.init_checkpoint is empty, so '
+                    'InceptionV3 starts from RANDOM initialisation.\nFine-tuning needs ImageNet '
+                    'weights: see converters/ and the README.\n' + '*' * 70)
 
   def optimizer(phase: Phase):
     trainable = scopes.mask(variables['params'], phase.cfg.trainable_scopes)
     if not any(scopes.flatten(trainable).values()):
-      raise ValueError(f'trainable_scopes={phase.cfg.trainable_scopes!r} (phase {phase.name!r}) '
+      raise ConfigError(f'trainable_scopes={phase.cfg.trainable_scopes!r} (phase {phase.name!r}) '
                        'matches no parameter; patterns match parameter paths such as '
                        "'Logits/Conv2d_1c_1x1/weights' from their start")
     schedule = optim.make_schedule(phase.cfg.schedule, phase.end - phase.start)
     return trainable, schedule, optim.make_optimizer(phase.cfg.optimizer, schedule, trainable)
+
+  frozen = frozen_paths(variables, phases)
+  ema_mask = scopes.unflatten({k: k not in frozen['params']
+                               for k in scopes.flatten(variables['params'])})
 
   def fresh_ema(params):  # A copy: params and EMA are donated to the step separately.
     return jax.tree.map(jnp.copy, params) if config.ema_decay else None
@@ -190,7 +235,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if step:
     phase = next(p for p in phases if p.start < step <= p.end)
     target = _state_dict(state.replace(opt_state=optimizer(phase)[2].init(state.params)))
-    state = TrainState(**checkpoints.restore(mngr, step, target, train_iter))
+    restored, base = checkpoints.restore(mngr, step, target, train_iter)
+    state, base = TrainState(**restored), base and base.within(frozen)
     logging.info('Resumed from %s at step %d (phase %r).', mngr.directory, step, phase.name)
   elif config.init_checkpoint:
     loaded = checkpoints.load_init(config.init_checkpoint, variables, config.exclude_scopes,
@@ -198,51 +244,60 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     loaded = jax.device_put(loaded, repl)
     state = state.replace(params=loaded['params'], batch_stats=loaded['batch_stats'],
                           ema_params=fresh_ema(loaded['params']))
+  if not step:
+    base = checkpoints.write_base(workdir, _state_dict(state), frozen)
   monitor = Monitor(workdir, total, step, active=run.lead)
   run.recover_best(best_mngr.latest_step(), read_records(workdir))
   log = _TrainLog(monitor, mngr, config.input.batch_size)
   stopped_early = False
-  for phase in phases:
-    if step >= phase.end or stopped_early:
-      continue
-    trainable, schedule, tx = optimizer(phase)
-    if step == phase.start:
-      state = state.replace(opt_state=jax.jit(tx.init, out_shardings=repl)(state.params))
-    logging.info('Phase %r: steps %d–%d, trainable %r, batch norm %r.', phase.name,
-                 phase.start, phase.end, phase.cfg.trainable_scopes, phase.cfg.batch_norm)
-    model = build_model(config, len(run.names), batch_norm_train=batch_norm_train(phase.cfg))
-    train_step = jax.jit(
-        make_train_step(model, tx, trainable, aux_loss_weight=config.aux_loss_weight,
-                        label_smoothing=config.label_smoothing,
-                        class_weights=run.class_weights, ema_decay=config.ema_decay),
-        in_shardings=(repl, sharding.batch_sharding(run.mesh), repl),
-        out_shardings=(repl, repl), donate_argnums=0)
-    t_ckpt = time.time()
-    while step < phase.end:
-      batch = next(train_iter)
-      if step == 0:
-        monitor.image_grid(batch['image'], batch['label'], run.names)
-      state, m = train_step(state, sharding.shard_batch(batch, run.mesh),
-                            jax.random.fold_in(dropout_rng, step))
-      step += 1
-      log.add(m)
-      last = step == phase.end
-      now = time.time()
-      if (last or _due(step, config.log_every_steps)
-          or (config.log_every_secs and now - log.since >= config.log_every_secs)):
-        log.flush(step, float(schedule(step - phase.start)))
-      if last or _due(step, config.eval_every_steps):
-        log.flush(step, float(schedule(step - phase.start)))
-        stopped_early = _evaluate_and_keep_best(run, state, monitor, best_mngr)
-      if (last or stopped_early or _due(step, config.checkpoint_every_steps)
-          or (config.checkpoint_every_secs and now - t_ckpt >= config.checkpoint_every_secs)):
-        log.flush(step, float(schedule(step - phase.start)))
-        checkpoints.save(mngr, step, _state_dict(state), train_iter)
-        t_ckpt = now
-      if stopped_early:
-        logging.info('Early stopping at step %d: no %s improvement in %d evaluations.', step,
-                     config.best_metric, config.early_stopping_patience)
-        break
+  with interrupt.StopOnSignal() as stop:
+    for phase in phases:
+      if step >= phase.end or stopped_early:
+        continue
+      trainable, schedule, tx = optimizer(phase)
+      if step == phase.start:
+        state = state.replace(opt_state=jax.jit(tx.init, out_shardings=repl)(state.params))
+      logging.info('Phase %r: steps %d–%d, trainable %r, batch norm %r.', phase.name,
+                   phase.start, phase.end, phase.cfg.trainable_scopes, phase.cfg.batch_norm)
+      model = build_model(config, len(run.names), batch_norm_train=batch_norm_train(phase.cfg))
+      train_step = jax.jit(
+          make_train_step(model, tx, trainable, aux_loss_weight=config.aux_loss_weight,
+                          label_smoothing=config.label_smoothing,
+                          class_weights=run.class_weights, ema_decay=config.ema_decay,
+                          ema_mask=ema_mask),
+          in_shardings=(repl, sharding.batch_sharding(run.mesh), repl),
+          out_shardings=(repl, repl), donate_argnums=0)
+      t_ckpt = time.time()
+      while step < phase.end:
+        batch = next(train_iter)
+        if step == 0:
+          monitor.image_grid(batch['image'], batch['label'], run.names)
+        state, m = train_step(state, sharding.shard_batch(batch, run.mesh),
+                              jax.random.fold_in(dropout_rng, step))
+        step += 1
+        log.add(m)
+        last = step == phase.end
+        now = time.time()
+        if (last or _due(step, config.log_every_steps)
+            or (config.log_every_secs and now - log.since >= config.log_every_secs)):
+          log.flush(step, float(schedule(step - phase.start)))
+        if last or _due(step, config.eval_every_steps):
+          log.flush(step, float(schedule(step - phase.start)))
+          stopped_early = _evaluate_and_keep_best(run, state, monitor, best_mngr, base)
+        if (last or stopped_early or stop.signum or _due(step, config.checkpoint_every_steps)
+            or (config.checkpoint_every_secs and now - t_ckpt >= config.checkpoint_every_secs)):
+          log.flush(step, float(schedule(step - phase.start)))
+          checkpoints.save(mngr, step, _state_dict(state), train_iter, base)
+          t_ckpt = now
+        if stop.signum:  # Saved just above, with the data iterator: resume loses nothing.
+          mngr.wait_until_finished()
+          best_mngr.wait_until_finished()
+          monitor.close()
+          raise interrupt.Stopped(step, stop.signum)
+        if stopped_early:
+          logging.info('Early stopping at step %d: no %s improvement in %d evaluations.', step,
+                       config.best_metric, config.early_stopping_patience)
+          break
   mngr.wait_until_finished()
   best_mngr.wait_until_finished()
   monitor.close()
@@ -292,8 +347,8 @@ def _due(step: int, every: int) -> bool:
   return bool(every) and step % every == 0
 
 
-def _evaluate_and_keep_best(run: _Run, state: TrainState, monitor: Monitor,
-                            best_mngr: Any) -> bool:
+def _evaluate_and_keep_best(run: _Run, state: TrainState, monitor: Monitor, best_mngr: Any,
+                            base: checkpoints.Base | None) -> bool:
   """Evaluates on validation, saves a new best; True when early stopping should end the run."""
   config = run.config
   run.evaluate(state, monitor)
@@ -301,7 +356,7 @@ def _evaluate_and_keep_best(run: _Run, state: TrainState, monitor: Monitor,
   if run.best_value is None or metrics.better(config.best_metric, value, run.best_value):
     run.best_value, run.best_step, run.best_eval = value, int(state.step), dict(run.last_eval)
     run.evals_since_best = 0
-    checkpoints.save(best_mngr, int(state.step), _state_dict(state))
+    checkpoints.save(best_mngr, int(state.step), _state_dict(state), base=base)
   else:
     run.evals_since_best += 1
   patience = config.early_stopping_patience

@@ -2,7 +2,9 @@
 
 Gradients are taken only with respect to the trainable parameters, so a head-only step never runs
 the backbone's backward pass; frozen parameters are carried over untouched (not even `+ 0`), and the
-model's `batch_norm_train` rule keeps frozen batch-norm layers in inference mode.
+model's `batch_norm_train` rule keeps frozen batch-norm layers in inference mode. The EMA skips the
+leaves the run never trains, so theirs stay bitwise equal to the parameters: checkpoints then keep
+them once, in WORKDIR/base (see checkpoints).
 """
 
 from collections.abc import Callable
@@ -37,7 +39,8 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, trainable: Any, *,
                     aux_loss_weight: float, label_smoothing: float,
-                    class_weights: np.ndarray | None, ema_decay: float) -> Callable:
+                    class_weights: np.ndarray | None, ema_decay: float,
+                    ema_mask: Any = None) -> Callable:
   """Builds step(state, batch, rng) → (state, metrics).
 
   Args:
@@ -45,8 +48,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, trainabl
     tx: from `optim.make_optimizer` with the same `trainable` mask.
     trainable: tree of bools shaped like the params.
     class_weights: per-class loss weights (Keras's `class_weight`), or None for 1.
+    ema_mask: tree of bools, the leaves the EMA averages (default `trainable`); the rest are
+      carried over as they are. The loop passes the leaves any phase trains, so a leaf trained
+      earlier keeps converging to its (now fixed) value.
   """
   is_trainable = scopes.flatten(trainable)
+  ema_follows = is_trainable if ema_mask is None else scopes.flatten(ema_mask)
   num_classes = model.num_classes
 
   def step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
@@ -77,10 +84,13 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, trainabl
         {k: grads[k] if k in grads else jnp.zeros_like(v) for k, v in flat.items()})
     updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
     stepped = scopes.flatten(optax.apply_updates(state.params, updates))
-    params = scopes.unflatten({k: stepped[k] if is_trainable[k] else v for k, v in flat.items()})
+    new = {k: stepped[k] if is_trainable[k] else v for k, v in flat.items()}
+    params = scopes.unflatten(new)
     ema = state.ema_params
     if ema is not None:
-      ema = optax.incremental_update(params, ema, 1.0 - ema_decay)
+      ema = scopes.unflatten({
+          k: optax.incremental_update(new[k], v, 1.0 - ema_decay) if ema_follows[k] else v
+          for k, v in scopes.flatten(ema).items()})
     metrics['grad_norm'] = optax.tree.norm(grads)
     return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                          opt_state=opt_state, ema_params=ema), metrics

@@ -1,0 +1,55 @@
+"""Stopping a training run cleanly on Ctrl-C or a scheduler's SIGTERM.
+
+A cluster scheduler sends SIGTERM some time before it kills a job, and a person presses Ctrl-C:
+either way the work since the last checkpoint should not be lost. While `StopOnSignal` is
+active, the first SIGINT or SIGTERM only records itself; the loop finishes the step it is in,
+saves a checkpoint (data iterator included) and raises `Stopped`. A second signal aborts at once.
+"""
+
+import os
+import signal
+import sys
+import threading
+import types
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Stopped(Exception):
+  """Training stopped on a signal after saving step `step`; the message says how to resume."""
+
+  def __init__(self, step: int, signum: int):
+    super().__init__(f'stopped at step {step}; run the same command to resume')
+    self.step, self.signum = step, signum
+
+
+class StopOnSignal:
+  """Context manager: `signum` is set by the first SIGINT/SIGTERM while inside it.
+
+  Only the main thread can install handlers; elsewhere it does nothing (signum stays None).
+  """
+
+  def __init__(self) -> None:
+    self.signum: int | None = None
+    self._previous: dict[int, object] = {}
+
+  def __enter__(self) -> 'StopOnSignal':
+    if threading.current_thread() is threading.main_thread():
+      self._previous = {s: signal.signal(s, self._handle) for s in _SIGNALS}
+    return self
+
+  def __exit__(self, *exc: object) -> None:
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+
+  def _handle(self, signum: int, frame: types.FrameType | None) -> None:
+    del frame
+    if self.signum is None:
+      self.signum = signum
+      print(f'\n{signal.Signals(signum).name}: saving a checkpoint after this step '
+            '(press Ctrl-C again to abort without saving).', file=sys.stderr, flush=True)
+      return
+    print(f'{signal.Signals(signum).name} again: aborted without saving.', file=sys.stderr,
+          flush=True)
+    os._exit(128 + signum)
+

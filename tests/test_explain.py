@@ -1,7 +1,7 @@
-"""Explanations: guided-ReLU gradient semantics, Grad-CAM against the closed-form CAM, the files,
-and (the test that means something) Grad-CAM finding a planted patch in a trained model."""
+"""Explanations: guided-ReLU gradient semantics, Grad-CAM against the closed-form CAM, the layer's
+grid check, the annotated panels, and (the test that means something) Grad-CAM finding a planted
+patch in a trained model."""
 
-import filecmp
 import os
 
 import flax.linen as nn
@@ -102,21 +102,186 @@ def test_unknown_layer_is_a_clear_error(random_model):
     explain.explain(model, variables, images, layer='Mixed_9z')
 
 
-def test_write_files(tmp_path, random_model, explained):
-  source = tmp_path / 'scan.JPG'
-  Image.fromarray(np.full((120, 90, 3), 128, np.uint8)).save(source, format='JPEG')
-  one = {k: v[0] for k, v in explained.items()}
-  names = ['normal', 'mild', 'severe']
-  paths = explain.write(str(tmp_path / 'out'), 'scan', str(source),
-                        np.asarray(random_model[2][0]), one, names)
-  cls = names[int(one['target'])]
-  assert [os.path.basename(p) for p in paths] == [
-      'scan_original.jpg', f'scan_{cls}_gradcam.png', f'scan_{cls}_guided_backprop.png',
-      f'scan_{cls}_guided_gradcam.png']
-  assert filecmp.cmp(paths[0], source, shallow=False)
-  for p in paths[1:]:
-    with Image.open(p) as image:
-      assert image.size == (SIZE, SIZE) and image.mode == 'RGB'
+def test_layer_grid_is_known_before_compiling(random_model):
+  model, variables, _ = random_model
+  assert explain.layer_grid(model, variables, 75, 'Mixed_7c') == (1, 1)
+  assert explain.layer_grid(model, variables, SIZE, 'Mixed_7c') == (2, 2)
+  assert explain.layer_grid(model, variables, 299, 'Mixed_7c') == (8, 8)
+  assert explain.layer_grid(model, variables, 75, 'Mixed_5d') == (7, 7)
+  with pytest.raises(ValueError, match="'Mixed_9z' is not a submodule"):
+    explain.layer_grid(model, variables, 299, 'Mixed_9z')
+
+
+@pytest.mark.parametrize('grid', [(1, 1), (2, 2)])
+def test_grid_warning_for_one_or_two_cells(grid):
+  message = explain.grid_warning('Mixed_7c', grid, 75)
+  assert message is not None and '\n' not in message
+  assert f'Mixed_7c is a {grid[0]}×{grid[1]} grid for 75×75' in message
+  assert 'nearly uniform' in message and 'Mixed_6e' in message and 'input.image_size' in message
+
+
+@pytest.mark.parametrize('grid', [(3, 3), (8, 8), (35, 35)])
+def test_no_grid_warning_from_three_cells(grid):
+  assert explain.grid_warning('Mixed_5d', grid, 299) is None
+
+
+NAMES = ('normal', 'mild', 'severe')
+
+
+@pytest.fixture(scope='module')
+def grey_explained(random_model, stage_folder):
+  """Two of the synthetic X-rays (grey, three equal channels) as the model sees them at SIZE px,
+  and their explanations (same shapes as `explained`: no new compile)."""
+  model, variables, _ = random_model
+  files = [os.path.join(stage_folder, f'stage_{s}', f'{s}_0001.png') for s in (3, 1)]
+  views = []
+  for file in files:
+    with Image.open(file) as image:
+      views.append(preprocess.eval(np.asarray(image.convert('RGB')), SIZE))
+  views = np.stack(views)
+  assert np.array_equal(views[..., 0], views[..., 2])
+  return views, jax.device_get(explain.explain(model, variables, jnp.asarray(views)))
+
+
+def _one(result, row=0):
+  return {k: v[row] for k, v in result.items()}
+
+
+def _image_axes(fig):
+  """The panels (the axes that show images), left to right; the colour bar shows none."""
+  return sorted((ax for ax in fig.axes if ax.images), key=lambda ax: ax.get_position().x0)
+
+
+def test_panel_title_names_prediction_truth_layer_and_step(grey_explained):
+  views, result = grey_explained
+  one = _one(result)
+  predicted = int(one['probs'].argmax())
+  wrong = (predicted + 1) % 3
+  fig = explain.panel_figure(views[0], one, NAMES, layer='Mixed_7c', step=1234,
+                             true_label=wrong)
+  title = fig.get_suptitle()
+  assert f'predicted {NAMES[predicted]} ({one["probs"][predicted]:.1%})' in title
+  assert f'true {NAMES[wrong]} (wrong)' in title
+  assert 'layer Mixed_7c' in title and 'step 1234' in title
+  assert 'explaining' not in title  # The explained class is the prediction.
+  assert len(title.splitlines()) <= 2
+
+  right = explain.panel_figure(views[0], one, NAMES, layer='Mixed_7c', step=1,
+                               true_label=predicted).get_suptitle()
+  assert f'true {NAMES[predicted]} (correct)' in right
+  assert 'true' not in explain.panel_figure(views[0], one, NAMES, layer='Mixed_7c',
+                                            step=1).get_suptitle()
+
+
+def test_panel_title_names_an_explained_class_other_than_the_prediction(grey_explained):
+  views, result = grey_explained
+  one = _one(result)
+  predicted = int(one['probs'].argmax())
+  other = (predicted + 1) % 3
+  one['target'] = np.array(other)  # As explain(..., target) returns it; the rest only draws.
+  fig = explain.panel_figure(views[0], one, NAMES, layer='Mixed_7c', step=5)
+  title = fig.get_suptitle()
+  assert f'explaining {NAMES[other]} ({one["probs"][other]:.1%})' in title
+  assert f'predicted {NAMES[predicted]} ({one["probs"][predicted]:.1%})' in title
+  assert NAMES[other] in _image_axes(fig)[1].get_title()
+
+
+def test_panels_of_a_grey_film_are_grey_on_the_model_framing(grey_explained):
+  views, result = grey_explained
+  fig = explain.panel_figure(views[0], _one(result), NAMES, layer='Mixed_7c', step=0)
+  a, b, c = _image_axes(fig)
+  assert len(fig.axes) == 4  # The three panels and the colour bar.
+  for ax in (a, b, c):
+    for image in ax.images:
+      assert image.get_array().shape[:2] == (SIZE, SIZE)
+  for ax in (a, c):
+    (image,) = ax.images
+    assert image.get_array().ndim == 2 and image.get_cmap().name == 'gray'
+  np.testing.assert_allclose(a.images[0].get_array(), views[0][..., 0])
+  base, heat = b.images
+  np.testing.assert_allclose(base.get_array(), views[0][..., 0])
+  np.testing.assert_allclose(heat.get_array(), result['grad_cam'][0])
+  assert heat.get_cmap().name == 'jet' and 0 < heat.get_alpha() < 1
+  guided = np.asarray(c.images[0].get_array())
+  assert guided.min() >= 0 and guided.max() == pytest.approx(1.0)
+
+
+def test_panel_input_of_a_colour_image_is_rgb(random_model, explained):
+  _, _, images = random_model
+  view = np.asarray(images[1])
+  a, b, c = _image_axes(explain.panel_figure(view, _one(explained, 1), NAMES, layer='Mixed_7c',
+                                             step=0))
+  np.testing.assert_array_equal(a.images[0].get_array(), explain.to_uint8(view))
+  assert b.images[0].get_array().shape == (SIZE, SIZE, 3)
+  assert c.images[0].get_array().shape == (SIZE, SIZE)  # Guided Grad-CAM is grey for any input.
+
+
+def test_panel_has_a_grad_cam_colour_bar(grey_explained):
+  views, result = grey_explained
+  fig = explain.panel_figure(views[0], _one(result), NAMES, layer='Mixed_7c', step=0)
+  (bar,) = [ax for ax in fig.axes if not ax.images]
+  assert bar.get_ylabel() == 'Grad-CAM (relative)'
+  assert bar.get_ylim() == (0.0, 1.0)
+
+
+@pytest.mark.parametrize(('size', 'shown'), [(SIZE, 3 * SIZE), (299, 299)])
+def test_panels_show_whole_screen_pixels_per_input_pixel(size, shown):
+  """Small inputs are enlarged by a whole factor (nearest pixel), a 299 px input is shown 1:1."""
+  rng = np.random.default_rng(0)
+  result = {'probs': np.array([0.2, 0.5, 0.3]), 'target': np.array(1),
+            'grad_cam': rng.uniform(0, 1, (size, size)),
+            'guided_grad_cam': rng.normal(size=(size, size, 3))}
+  fig = explain.panel_figure(rng.uniform(-1, 1, (size, size, 3)), result, NAMES,
+                             layer='Mixed_5d', step=0)
+  for ax in _image_axes(fig):
+    box = ax.get_window_extent()
+    assert (box.width, box.height) == pytest.approx((shown, shown))
+    assert all(image.get_interpolation() == 'nearest' for image in ax.images)
+
+
+def test_panel_refuses_an_explanation_of_another_framing(grey_explained):
+  views, result = grey_explained
+  with pytest.raises(ValueError, match=f'explanation is {SIZE}×{SIZE} but the view is 99×99'):
+    explain.panel_figure(views[0][:99, :99], _one(result), NAMES, layer='Mixed_7c', step=0)
+
+
+def test_guided_grey_is_the_channel_sum_with_outliers_capped():
+  grad = np.zeros((20, 20, 3))
+  grad[..., 0], grad[..., 1] = 1.0, -3.0  # |sum| = 2 everywhere; the channels differ.
+  grad[0, 0] = [100.0, 0.0, 0.0]  # One outlier (under 1% of the pixels) must not blacken the rest.
+  grey = explain.guided_grey(grad)
+  assert grey.shape == (20, 20)
+  np.testing.assert_allclose(grey[1:, :], 1.0)
+  assert grey[0, 0] == 1.0
+  grad[..., 2] = 2.0  # Now the channels cancel: a grey film's value has no effect here.
+  grad[0, 0] = [0.0, 0.0, 0.5]
+  grey = explain.guided_grey(grad)
+  np.testing.assert_array_equal(grey[1:, :], 0.0)
+  np.testing.assert_array_equal(explain.guided_grey(np.zeros((4, 4, 3))), 0.0)
+
+
+def test_write_panel_writes_one_png_atomically(tmp_path, grey_explained, monkeypatch):
+  views, result = grey_explained
+  path = str(tmp_path / 'out' / 'scan.png')  # The folder does not exist yet.
+  assert explain.write_panel(path, views[0], _one(result), NAMES, layer='Mixed_7c', step=7,
+                             true_label=2) == path
+  assert os.listdir(tmp_path / 'out') == ['scan.png']  # No temporary file left behind.
+  with Image.open(path) as image:
+    assert image.format == 'PNG' and image.mode == 'RGBA'
+    size = image.size
+    image.verify()
+  assert size[0] > 3 * 3 * SIZE and size[1] > 3 * SIZE
+  before = (tmp_path / 'out' / 'scan.png').read_bytes()
+
+  def killed(self, f, **kwargs):
+    f.write(b'\x89PNG half')
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(explain.Figure, 'savefig', killed)
+  with pytest.raises(KeyboardInterrupt):
+    explain.write_panel(path, views[1], _one(result, 1), NAMES, layer='Mixed_7c', step=8)
+  assert os.listdir(tmp_path / 'out') == ['scan.png']
+  assert (tmp_path / 'out' / 'scan.png').read_bytes() == before
 
 
 # --- The planted patch: a trained model's Grad-CAM must point at what decides the class. ---

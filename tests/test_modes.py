@@ -2,8 +2,10 @@
 device and (in a subprocess, as the flag must precede JAX's import) on four."""
 
 import csv
+import glob
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -89,7 +91,7 @@ def test_eval_refuses_a_checkpoint_with_other_classes(run, tiny_config, tmp_path
 def test_predict_lists_unreadable_files_and_predicts_the_rest(run, inputs):
   config, workdir, names = run
   path = modes.run_predict(config, workdir, inputs)
-  assert path == os.path.join(workdir, 'predictions.csv')
+  assert path == os.path.join(workdir, 'predictions', f'step{STEP}.csv')
   rows = _rows(path)
   assert list(rows[0]) == ['path', 'prediction', *names, 'error']
   errors = {os.path.basename(r['path']): r['error'] for r in rows if r['error']}
@@ -115,16 +117,69 @@ def test_flip_tta_averages_an_image_with_its_mirror(run, inputs):
   np.testing.assert_allclose(tta[0], plain.mean(0), atol=1e-6)  # average to the same.
 
 
-def test_explain_writes_images(run, inputs):
-  config, workdir, names = run
+def test_explain_writes_one_panel_per_image(run, inputs, capsys):
+  config, workdir, _ = run
   out = modes.run_explain(config, workdir, inputs[1:], layer='Mixed_5d', target_class=2)
-  assert out == os.path.join(workdir, 'explain')
-  files = sorted(os.listdir(out))
-  assert files == sorted([f'pair_{x}_{names[2]}_{kind}.png' for x in 'ab'
-                          for kind in ('gradcam', 'guided_backprop', 'guided_gradcam')] +
-                         ['pair_a_original.png', 'pair_b_original.png'])
+  assert out == os.path.join(workdir, 'explain', f'step{STEP}_Mixed_5d_class2')
+  assert sorted(os.listdir(out)) == ['pair_a.png', 'pair_b.png']
   with pytest.raises(ValueError, match='--target_class=4 is not a class id'):
     modes.run_explain(config, workdir, inputs[1:], target_class=4)
+  capsys.readouterr()
+  modes.run_explain(config, workdir, inputs[1:2], layer='Mixed_7c')  # 1×1 cell at 75 px.
+  assert 'Warning' in capsys.readouterr().out
+
+
+def test_true_label_comes_from_a_class_folder():
+  names = ['stage_0', 'stage_1']
+  assert modes._true_label('/data/xrays/stage_1/sub/a.png', names) == 1
+  assert modes._true_label('/data/new_films/a.png', names) is None
+
+
+def test_predict_refuses_missing_inputs_and_keeps_earlier_predictions(run, inputs, tmp_path):
+  config, workdir, _ = run
+  path = modes.run_predict(config, workdir, inputs)
+  before = pathlib.Path(path).read_text()
+  with pytest.raises(FileNotFoundError, match=r'typo\.png'):
+    modes.run_predict(config, workdir, [str(tmp_path / 'typo.png')])
+  (tmp_path / 'bad.png').write_bytes(b'not a png')
+  with pytest.raises(ValueError, match='none of the 1 input'):
+    modes.run_predict(config, workdir, [str(tmp_path / 'bad.png')])
+  assert pathlib.Path(path).read_text() == before
+  other = modes.run_predict(config, workdir, inputs[1:2])  # Other inputs: a new file.
+  assert other != path and pathlib.Path(path).read_text() == before
+  with open(os.path.splitext(other)[0] + '.json') as f:
+    assert json.load(f)['provenance']['num_inputs'] == 2
+
+
+def test_eval_and_predict_see_a_file_the_same_way(run, tiny_config):
+  """A validation file predicted on its own gets the probabilities eval gave it: one view."""
+  config, workdir, names = run
+  whole = ml_collections.ConfigDict(config.to_dict())
+  whole.input.random_crop = False  # → eval and predict both use the whole image.
+  modes.run_eval(whole, workdir)
+  # test_eval_writes_reports evaluated with slim's crop (random_crop on): that report is kept.
+  stems = {}
+  for path in glob.glob(os.path.join(workdir, 'eval', f'validation_{STEP}*.json')):
+    with open(path) as f:
+      stems[json.load(f)['provenance']['central_crop_fraction']] = path[:-len('.json')]
+  assert set(stems) == {0.875, 1.0}
+  evaluated = _rows(stems[1.0] + '_predictions.csv')
+  files = [os.path.join(config.dataset.source_dir, r['path']) for r in evaluated]
+  predicted = _rows(modes.run_predict(whole, workdir, files))
+  for e, p in zip(evaluated, predicted, strict=True):
+    for n in names:
+      assert float(p[n]) == pytest.approx(float(e[n]), abs=1e-5)
+
+
+def test_eval_without_a_run_or_a_test_split_says_what_to_do(run, tiny_config, tmp_path):
+  config, workdir, _ = run
+  empty = tmp_path / 'no_run'
+  empty.mkdir()
+  with pytest.raises(FileNotFoundError, match='train first'):
+    modes.run_eval(config, str(empty))
+  assert os.listdir(empty) == []  # Nothing built, nothing created.
+  with pytest.raises(ValueError, match=r'dataset\.test_fraction'):
+    modes.run_eval(config, workdir, split='test')
 
 
 _FOUR_DEVICES = """
@@ -145,7 +200,8 @@ def test_four_devices_give_the_same_results(run, inputs):
   """eval_batch_size 6 is not a multiple of 4: the modes round batches up and pad them."""
   shutil.rmtree(os.path.join(run[1], 'explain'), ignore_errors=True)
   config, workdir, names = run
-  one = {r['path']: r for r in _rows(modes.run_predict(config, workdir, inputs))}
+  path = modes.run_predict(config, workdir, inputs)
+  one = {r['path']: r for r in _rows(path)}
   accuracy = modes.run_eval(config, workdir)['accuracy']
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
              JAX_PLATFORMS='cpu')
@@ -155,13 +211,14 @@ def test_four_devices_give_the_same_results(run, inputs):
       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f'ACCURACY {accuracy}' in proc.stdout
-  four = {r['path']: r for r in _rows(os.path.join(workdir, 'predictions.csv'))}
+  four = {r['path']: r for r in _rows(path)}  # Same inputs and settings: refreshed in place.
   assert four.keys() == one.keys()
   for path, row in one.items():
     assert four[path]['error'] == row['error']
     for n in names:
       assert float(four[path][n] or 0) == pytest.approx(float(row[n] or 0), abs=1e-5)
-  assert len(os.listdir(os.path.join(workdir, 'explain'))) == 8  # Two images, four files each.
+  explained = os.path.join(workdir, 'explain', f'step{STEP}_Mixed_5d')
+  assert sorted(os.listdir(explained)) == ['pair_a.png', 'pair_b.png']
 
 
 def test_predict_needs_only_the_workdir(run, inputs, tmp_path):

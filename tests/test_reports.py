@@ -79,3 +79,32 @@ def test_predictions_refuse_ambiguous_columns(tmp_path):
                               ['error', 'ok'], {})
   with pytest.raises(ValueError, match='rows of probabilities'):
     reports.write_predictions(str(tmp_path / 'p.csv'), ['x', 'y'], np.ones((1, 3)) / 3, NAMES, {})
+
+
+def test_a_report_made_with_other_settings_is_kept_not_replaced(tmp_path):
+  labels, probs, m = _eval()
+  first = reports.write_eval(str(tmp_path), 'validation', 5, m, NAMES, labels, probs,
+                             {'image_size': 299, 'central_crop_fraction': 1.0})
+  again = reports.write_eval(str(tmp_path), 'validation', 5, m, NAMES, labels, probs,
+                             {'image_size': 299, 'central_crop_fraction': 1.0})
+  assert again == first  # The same evaluation, re-run: refreshed in place.
+  other = reports.write_eval(str(tmp_path), 'validation', 5, m, NAMES, labels, probs,
+                             {'image_size': 299, 'central_crop_fraction': 0.875})
+  assert other == str(tmp_path / 'eval' / 'validation_5_2.json')
+  with open(first) as f:
+    assert json.load(f)['provenance']['central_crop_fraction'] == 1.0
+  assert os.path.exists(tmp_path / 'eval' / 'validation_5_2_roc.png')
+
+
+def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):
+  path = tmp_path / 'p.csv'
+  path.write_text('old')
+  with pytest.raises(RuntimeError), reports.atomic_path(str(path)) as tmp:
+    with open(tmp, 'w') as f:
+      f.write('half')
+    raise RuntimeError('killed mid-write')
+  assert path.read_text() == 'old'
+  assert os.listdir(tmp_path) == ['p.csv']  # No temporary file left behind.
+  with reports.atomic_path(str(path)) as tmp, open(tmp, 'w') as f:
+    f.write('new')
+  assert path.read_text() == 'new' and os.listdir(tmp_path) == ['p.csv']

@@ -10,23 +10,28 @@ whose backward pass lets only positive gradients through positive inputs, via th
 `activation` field. Their product, guided Grad-CAM, is sharp like the latter and class-specific
 like the former.
 
-Everything here is a pure function of (model, variables, images): jitted, batched, and it runs
-on however many devices the images are sharded over.
+`explain` is a pure function of (model, variables, images): jitted, batched, and it runs on
+however many devices the images are sharded over. `write_panel` turns one image's result into a
+PNG a clinician can read: the input as the model saw it, Grad-CAM with a colour bar and guided
+Grad-CAM side by side on that same framing, titled with the prediction, the truth, the layer and
+the checkpoint step. `layer_grid` and `grid_warning` check before any compile that the layer's
+grid is fine enough for Grad-CAM to say where the model looks.
 """
 
 import functools
 import os
-import shutil
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
-from absl import logging
-from PIL import Image
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+
+from pneumo_jax.errors import ConfigError
 
 DEFAULT_LAYER = 'Mixed_7c'
 
@@ -73,7 +78,7 @@ def _forward(model: nn.Module, variables: Any, images: jax.Array, layer: str,
   with nn.intercept_methods(_on_layer_output(layer, perturb, found)):
     logits, _ = model.apply(variables, images, train=False)
   if not found:
-    raise ValueError(
+    raise ConfigError(
         f'explain layer {layer!r} is not a submodule of the model; use a scope path such as '
         "'Mixed_5d', 'Mixed_6e' or 'Mixed_7c' (slim endpoint names)")
   return logits, captured[0]
@@ -123,10 +128,6 @@ def _grad_cam(model: nn.Module, variables: Any, images: jax.Array, target: jax.A
       lambda d: _forward(model, variables, images, layer, d), jnp.zeros(shape.shape, shape.dtype))
   target, cotangent = _one_hot_scores(logits, target)
   (grads,) = vjp((cotangent, jnp.zeros_like(acts)))
-  if acts.shape[1] * acts.shape[2] == 1:  # Known while tracing: warns once per compilation.
-    logging.warning('Grad-CAM at %s is a single cell for %dx%d inputs, so it cannot say where '
-                    'the model looks; pick an earlier layer (Mixed_6e, Mixed_5d).', layer,
-                    *images.shape[1:3])
   weights = grads.astype(jnp.float32).mean(axis=(1, 2))  # [B, K]: one weight per feature map.
   cam = jax.nn.relu(jnp.einsum('bhwk,bk->bhw', acts.astype(jnp.float32), weights))
   rows = _upsampling(images.shape[1], cam.shape[1], layer)
@@ -168,44 +169,155 @@ def explain(model: nn.Module, variables: Any, images: jax.Array, target: jax.Arr
   return out
 
 
+def layer_grid(model: nn.Module, variables: Any, image_size: int, layer: str) -> tuple[int, int]:
+  """The (rows, columns) of cells in `layer`'s output for square `image_size` inputs.
+
+  Traced with `jax.eval_shape` (nothing is compiled), so callers can check the layer before
+  explaining anything; an unknown layer raises the same ValueError as `explain`.
+  """
+  image = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  acts = jax.eval_shape(lambda v, x: _forward(model, v, x, layer)[1], variables, image)
+  return acts.shape[1], acts.shape[2]
+
+
+def grid_warning(layer: str, grid: tuple[int, int], image_size: int) -> str | None:
+  """A one-line warning when `layer` has at most 2×2 cells at this input size, else None.
+
+  Grad-CAM can only be as fine as the layer's grid, placed at its cells' centres: with one cell
+  the map is constant, with 2×2 it is one smooth ramp across the image.
+  """
+  if max(grid) > 2:
+    return None
+  return (f'Grad-CAM at {layer} is a {grid[0]}×{grid[1]} grid for {image_size}×{image_size} '
+          'inputs: the Grad-CAM map is then nearly uniform; choose an earlier layer such as '
+          'Mixed_6e or Mixed_5d, or a larger input.image_size')
+
+
 def to_uint8(image: np.ndarray) -> np.ndarray:
   """A preprocessed image in [-1, 1] back to uint8 for display."""
   return np.clip(np.rint((np.asarray(image) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def heatmap_overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-  """A [0, 1] map as a jet-coloured layer over a uint8 [H, W, 3] image."""
-  heat = matplotlib.colormaps['jet'](np.asarray(cam))[..., :3] * 255.0
-  return np.rint((1 - alpha) * image + alpha * heat).astype(np.uint8)
+def guided_grey(grad: np.ndarray, percentile: float = 99.0) -> np.ndarray:
+  """A guided (Grad-CAM) gradient [H, W, 3] as one grey channel in [0, 1]: |Σ_c grad|, divided by
+  its `percentile`-th percentile and clipped.
 
-
-def gradient_image(grad: np.ndarray) -> np.ndarray:
-  """A gradient [H, W, 3] as a viewable uint8 image: zero is mid-grey, ±3 std saturate."""
-  grad = np.asarray(grad, np.float64)
-  grad = (grad - grad.mean()) / (grad.std() + 1e-12)
-  return np.clip(np.rint(127.5 + grad * 127.5 / 3.0), 0, 255).astype(np.uint8)
-
-
-def write(out_dir: str, name: str, source: str, view: np.ndarray, result: dict[str, np.ndarray],
-          label_names: Sequence[str]) -> list[str]:
-  """Writes one image's explanation files under `out_dir`; returns their paths.
-
-  `<name>_original<ext>` is a byte copy of `source`; the others are PNGs on the image as the model
-  saw it (`view`, preprocessed, in [-1, 1]) and carry the explained class in their names:
-  `<name>_<class>_gradcam.png` (heatmap over the image), `..._guided_backprop.png`,
-  `..._guided_gradcam.png`. `result` holds one image's rows of `explain`'s output.
+  Why the channel sum: for a grey film the three channels hold one number, and the gradient with
+  respect to that number is exactly the sum of the three. The channels' gradients differ only
+  because the first convolution's ImageNet weights treat red, green and blue differently, which
+  is what showed as rainbow noise; for colour inputs the sum is the sensitivity to a pixel's
+  brightness. Why the absolute value and the percentile: that is how SmoothGrad (Smilkov et al.
+  2017) renders gradient maps, since a handful of extreme pixels would otherwise leave the rest of
+  the map black. All zeros stay all zeros.
   """
-  os.makedirs(out_dir, exist_ok=True)
-  original = os.path.join(out_dir, f'{name}_original{os.path.splitext(source)[1].lower()}')
-  shutil.copyfile(source, original)
-  stem = os.path.join(out_dir, f'{name}_{label_names[int(result["target"])]}')
-  images = {
-      'gradcam': heatmap_overlay(to_uint8(view), result['grad_cam']),
-      'guided_backprop': gradient_image(result['guided_backprop']),
-      'guided_gradcam': gradient_image(result['guided_grad_cam']),
-  }
-  paths = [original]
-  for kind, pixels in images.items():
-    paths.append(f'{stem}_{kind}.png')
-    Image.fromarray(pixels).save(paths[-1])
-  return paths
+  grey = np.abs(np.asarray(grad, np.float64).sum(axis=-1))
+  top = np.percentile(grey, percentile)
+  return np.clip(grey / top, 0.0, 1.0) if top > 0 else np.zeros_like(grey)
+
+
+_DPI = 100
+# Inputs smaller than this (in pixels) are enlarged by a whole factor, drawn with nearest-pixel
+# interpolation: crisp cells rather than a blur. A 299 px input is drawn 1:1.
+_MIN_PANEL_PX = 256
+CAM_LABEL = 'Grad-CAM (relative)'
+
+
+def _title(label_names: Sequence[str], probs: np.ndarray, target: int, layer: str, step: int,
+           true_label: int | None) -> str:
+  predicted = int(probs.argmax())
+  first = f'predicted {label_names[predicted]} ({probs[predicted]:.1%})'
+  if true_label is not None:
+    verdict = 'correct' if true_label == predicted else 'wrong'
+    first += f' · true {label_names[true_label]} ({verdict})'
+  second = f'layer {layer} · checkpoint step {step}'
+  if target != predicted:
+    second = f'explaining {label_names[target]} ({probs[target]:.1%}) · {second}'
+  return f'{first}\n{second}'
+
+
+def panel_figure(view: np.ndarray, result: dict[str, np.ndarray], label_names: Sequence[str], *,
+                 layer: str, step: int, true_label: int | None = None) -> Figure:
+  """One image's explanation as a Figure of three panels on the model input's exact framing.
+
+  (a) the input as the model saw it (grey when its channels are equal), (b) Grad-CAM over it with
+  a colour bar, (c) guided Grad-CAM in grey (`guided_grey`); the title names the prediction, the
+  truth if known, the explained class if it is not the prediction, the layer and the step. Axes
+  are placed in pixels so that every image pixel covers a whole number of screen pixels.
+
+  Args:
+    view: the preprocessed model input, [H, W, 3] in [-1, 1].
+    result: one image's rows of `explain`'s output.
+    label_names: the class names, by id.
+    layer: the layer Grad-CAM weighed (as passed to `explain`).
+    step: the checkpoint's training step.
+    true_label: the image's class id, if known.
+  """
+  view = np.asarray(view, np.float32)
+  cam = np.asarray(result['grad_cam'])
+  h, w = view.shape[:2]
+  if cam.shape != (h, w):
+    raise ValueError(f'the explanation is {cam.shape[0]}×{cam.shape[1]} but the view is {h}×{w}; '
+                     'pass the preprocessed image the model explained')
+  target = int(result['target'])
+  scale = max(1, -(-_MIN_PANEL_PX // max(h, w)))
+  pw, ph = scale * w, scale * h
+  pad, gap, bar_w, bar_labels, panel_title, title = 12, 16, 12, 50, 24, 56
+  a_left = pad
+  b_left = a_left + pw + gap
+  bar_left = b_left + pw + gap // 2
+  c_left = bar_left + bar_w + bar_labels
+  width, height = c_left + pw + pad, pad + ph + panel_title + title
+  fig = Figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI)
+
+  def axes(left: int, box_w: int = pw) -> Any:
+    return fig.add_axes((left / width, pad / height, box_w / width, ph / height))
+
+  grey = np.allclose(view, view[..., :1], atol=1e-6)  # A grey film: one channel, grey colormap.
+
+  def show_input(ax: Any) -> None:
+    if grey:
+      ax.imshow(view[..., 0], cmap='gray', vmin=-1.0, vmax=1.0, interpolation='nearest')
+    else:
+      ax.imshow(to_uint8(view), interpolation='nearest')
+
+  a, b, c = axes(a_left), axes(b_left), axes(c_left)
+  show_input(a)
+  a.set_title(f'(a) model input, {h}×{w}')
+  show_input(b)
+  norm = Normalize(0.0, 1.0)
+  b.imshow(cam, cmap='jet', norm=norm, alpha=0.45, interpolation='nearest')
+  b.set_title(f'(b) Grad-CAM: {label_names[target]}')
+  # Its own fully opaque mappable: the overlay's alpha would wash out the bar's colours.
+  fig.colorbar(ScalarMappable(norm, 'jet'), cax=axes(bar_left, bar_w), label=CAM_LABEL,
+               ticks=[0, 0.5, 1])
+  c.imshow(guided_grey(result['guided_grad_cam']), cmap='gray', vmin=0.0, vmax=1.0,
+           interpolation='nearest')
+  c.set_title(f'(c) guided Grad-CAM: {label_names[target]}')
+  for ax in (a, b, c):
+    ax.set_axis_off()
+  fig.suptitle(_title(label_names, np.asarray(result['probs']), target, layer, step, true_label),
+               y=1 - 6 / height, va='top')
+  return fig
+
+
+def write_panel(path: str, view: np.ndarray, result: dict[str, np.ndarray],
+                label_names: Sequence[str], *, layer: str, step: int,
+                true_label: int | None = None) -> str:
+  """Writes `panel_figure`'s PNG to `path` (creating its folder) and returns `path`.
+
+  The PNG is written to a temporary file beside it and renamed onto `path`, so a killed run leaves
+  either the old file or the new one, never half of one.
+  """
+  fig = panel_figure(view, result, label_names, layer=layer, step=step, true_label=true_label)
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  tmp = os.path.join(folder, f'.{os.path.basename(path)}.{os.getpid()}.tmp')
+  try:
+    with open(tmp, 'wb') as f:
+      fig.savefig(f, format='png', dpi=_DPI)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  return path

@@ -5,7 +5,9 @@ EMA weights when the run kept them. Class names come from the run's dataset (the
 subfolders), so a checkpoint and a dataset with different numbers of classes are refused.
 """
 
+import hashlib
 import itertools
+import json
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -16,25 +18,28 @@ import numpy as np
 
 from pneumo_jax import checkpoints, sharding
 from pneumo_jax.data import dataset_for, folder_builder, images, pipeline, preprocess
+from pneumo_jax.errors import ConfigError, DatasetError
 from pneumo_jax.evaluation import explain, inference, metrics, reports
 from pneumo_jax.models import build_model
 
-PREDICTIONS_FILE = 'predictions.csv'
+PREDICTIONS_DIR = 'predictions'
 EXPLAIN_DIR = 'explain'
 
 
-def _restore(config: ml_collections.ConfigDict, workdir: str, checkpoint: str,
-             label_names: Sequence[str]) -> tuple[Any, dict[str, Any], int]:
-  """(model, variables, step) for inference; the aux head is not built (inference ignores it)."""
-  variables, step = checkpoints.load_for_inference(workdir, checkpoint)
+def _model_for(config: ml_collections.ConfigDict, workdir: str, variables: dict[str, Any],
+               step: int, label_names: Sequence[str]) -> Any:
+  """The inference model for restored `variables`; refuses a checkpoint with other classes.
+
+  The aux head is not built (inference ignores it).
+  """
   have = np.shape(variables['params']['Logits']['Conv2d_1c_1x1']['biases'])[-1]
   if have != len(label_names):
-    raise ValueError(
+    raise ConfigError(
         f'checkpoint {step} in {workdir} predicts {have} classes, but the dataset '
         f'({config.dataset.source_dir or "config.dataset"}) has {len(label_names)}: '
         f'{list(label_names)}; point --config.dataset.source_dir at the folder the run was '
         'trained on, or --workdir at a run trained on this one')
-  return build_model(config, have, create_aux_logits=False), variables, step
+  return build_model(config, have, create_aux_logits=False)
 
 
 def _label_names(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
@@ -53,10 +58,16 @@ def _global_batch(config: ml_collections.ConfigDict) -> int:
 def run_eval(config: ml_collections.ConfigDict, workdir: str, *, split: str = 'validation',
              checkpoint: str = 'latest') -> dict[str, Any]:
   """Evaluates a checkpoint on a split; writes WORKDIR/eval/<split>_<step>{.json,_*.png,
-  _predictions.csv} (see reports) and prints the metrics table. Returns the metrics."""
+  _predictions.csv} (see reports) and prints the metrics table. Returns the metrics.
+
+  The checkpoint is found before the dataset is built, so a workdir without a run is refused
+  before anything is written.
+  """
+  variables, step = checkpoints.load_for_inference(workdir, checkpoint)
   builder = dataset_for(config, workdir)
   names = folder_builder.label_names(builder)
-  model, variables, step = _restore(config, workdir, checkpoint, names)
+  folder_builder.split_labels(builder, split)  # A missing split fails here, naming the fix.
+  model = _model_for(config, workdir, variables, step, names)
   input_cfg = ml_collections.ConfigDict(config.input.to_dict())
   input_cfg.eval_batch_size = _global_batch(config)
   batches = pipeline.eval_batches(builder, split, input_cfg, process_index=jax.process_index(),
@@ -64,14 +75,23 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str, *, split: str = 'v
   out = inference.predict(model, variables, batches)
   result = metrics.compute(out['label'], out['probs'], names)
   if jax.process_index() == 0:
-    path = reports.write_eval(workdir, split, step, result, names, out['label'], out['probs'])
-    files = np.asarray(folder_builder.split_filenames(builder, split))[out['index']]
-    reports.write_predictions(f'{reports.eval_stem(workdir, split, step)}_predictions.csv',
-                              list(files), out['probs'], names, {},
-                              true_labels=[names[i] for i in out['label']])
+    files = list(np.asarray(folder_builder.split_filenames(builder, split))[out['index']])
+    provenance = {'split': split, 'step': step, 'dataset': str(builder.data_dir),
+                  **_view(config)}
+    path = reports.write_eval(
+        workdir, split, step, result, names, out['label'], out['probs'], provenance,
+        write_extra=lambda stem: reports.write_predictions(
+            f'{stem}_predictions.csv', files, out['probs'], names, {},
+            true_labels=[names[i] for i in out['label']]))
     print(f'{split} split, checkpoint step {step} ({len(files)} images); report in {path}')
     print(metrics.format_table(result, names))
   return result
+
+
+def _view(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The preprocessing settings that decide what the model sees (part of a report's provenance)."""
+  return {'image_size': config.input.image_size,
+          'central_crop_fraction': preprocess.eval_central_fraction(config.input)}
 
 
 def _examples(files: Sequence[str], config: ml_collections.ConfigDict, errors: dict[str, str],
@@ -79,13 +99,15 @@ def _examples(files: Sequence[str], config: ml_collections.ConfigDict, errors: d
   """(eval-preprocessed image, index in `readable`) for each file that can be read.
 
   As the examples are consumed, unreadable files go to `errors` (path → message) and the others
-  to `readable`. With `flips`, each image is followed by its left-right mirror image.
+  to `readable`. With `flips`, each image is followed by its left-right mirror image. The view is
+  the evaluation pipeline's (preprocess.eval_central_fraction), so a file is framed as in eval.
   """
+  fraction = preprocess.eval_central_fraction(config.input)
   for path in files:
     try:
       image = preprocess.eval(images.load_image(path), config.input.image_size,
-                              central_fraction=config.input.central_crop_fraction)
-    except (ValueError, OSError) as e:
+                              central_fraction=fraction)
+    except DatasetError as e:
       errors[path] = str(e)
       continue
     readable.append(path)
@@ -104,43 +126,56 @@ def _padded_batches(examples: Iterator[tuple[np.ndarray, int]],
            'mask': np.arange(batch) < len(chunk)}
 
 
-def _report_errors(errors: dict[str, str]) -> None:
-  if errors:
-    print(f'{len(errors)} unreadable input(s), skipped:')
-    for path, message in errors.items():
-      print(f'  {path}: {message}')
+def _report_errors(errors: dict[str, str], total: int) -> None:
+  """Lists unreadable inputs; fails (nothing written yet) when none of the inputs was readable."""
+  if not errors:
+    return
+  listing = '\n'.join(f'  {message}' for message in errors.values())
+  if len(errors) == total:
+    raise DatasetError(f'none of the {total} input(s) could be read:\n{listing}')
+  print(f'{len(errors)} of {total} input(s) unreadable, skipped:\n{listing}')
 
 
 def run_predict(config: ml_collections.ConfigDict, workdir: str, inputs: Sequence[str], *,
                 checkpoint: str = 'latest', tta: bool = False) -> str:
-  """Classifies image files; writes WORKDIR/predictions.csv and returns its path.
+  """Classifies image files; writes WORKDIR/predictions/step<step>[_tta].csv and returns its path.
 
   Args:
-    inputs: image files, folders (searched recursively) or glob patterns.
+    inputs: image files, folders (searched recursively) or glob patterns; each must exist or
+      match (else NotFoundError, before anything is written).
     tta: average the probabilities with those of the left-right mirrored image.
 
-  One CSV row per input (see reports.write_predictions); a file that cannot be read gets its
-  error in the row instead of failing the run. Runs in one process, on all its devices.
+  One CSV row per input (see reports.write_predictions); a file that cannot be read is listed
+  and gets its error in its row, unless no input at all can be read (an error, nothing written).
+  The CSV's provenance (inputs, checkpoint, view) sits in the `.json` beside it; predictions made
+  with other inputs or settings get a new name (`..._2.csv`) instead of replacing it.
+  Runs in one process, on all its devices.
   """
   files = images.expand_inputs(inputs)
+  variables, step = checkpoints.load_for_inference(workdir, checkpoint)
   names = _label_names(config, workdir)
-  model, variables, step = _restore(config, workdir, checkpoint, names)
+  model = _model_for(config, workdir, variables, step, names)
   errors: dict[str, str] = {}
   readable: list[str] = []
   batches = _padded_batches(_examples(files, config, errors, readable, flips=tta),
                             _global_batch(config))
   first = next(batches, None)
-  probs = np.zeros((0, len(names)))
-  if first is not None:
-    out = inference.predict(model, variables, itertools.chain([first], batches))
-    probs = np.zeros((len(readable), len(names)))
-    np.add.at(probs, out['index'], out['probs'])
-    probs /= np.bincount(out['index'], minlength=len(readable))[:, None]
-  path = reports.write_predictions(os.path.join(workdir, PREDICTIONS_FILE), files, probs, names,
-                                   errors)
+  if first is None:  # Nothing readable: this raises, before anything is written.
+    _report_errors(errors, len(files))
+  out = inference.predict(model, variables, itertools.chain([first], batches))
+  probs = np.zeros((len(readable), len(names)))
+  np.add.at(probs, out['index'], out['probs'])
+  probs /= np.bincount(out['index'], minlength=len(readable))[:, None]
+  provenance = {'step': step, 'tta': tta, **_view(config), 'num_inputs': len(files),
+                'inputs_sha256': hashlib.sha256(json.dumps(
+                    [os.path.abspath(f) for f in files]).encode()).hexdigest()}
+  stem = reports.claim_stem(
+      os.path.join(workdir, PREDICTIONS_DIR, f'step{step}{"_tta" if tta else ""}'), provenance)
+  path = reports.write_predictions(f'{stem}.csv', files, probs, names, errors)
+  reports.write_json(f'{stem}.json', {'provenance': provenance, 'csv': os.path.basename(path)})
   print(f'Predicted {len(readable)} image(s) with checkpoint step {step}'
         f'{" (flip TTA)" if tta else ""}: {path}')
-  _report_errors(errors)
+  _report_errors(errors, len(files))
   return path
 
 
@@ -157,27 +192,44 @@ def _output_names(files: Sequence[str]) -> dict[str, str]:
   return out
 
 
+def _true_label(path: str, names: Sequence[str]) -> int | None:
+  """The class of a file inside a class folder (its nearest ancestor named like a class)."""
+  for part in reversed(os.path.normpath(os.path.abspath(path)).split(os.sep)[:-1]):
+    if part in names:
+      return list(names).index(part)
+  return None
+
+
 def run_explain(config: ml_collections.ConfigDict, workdir: str, inputs: Sequence[str], *,
                 checkpoint: str = 'latest', layer: str = explain.DEFAULT_LAYER,
                 target_class: int | None = None) -> str:
-  """Writes Grad-CAM, guided backprop and guided Grad-CAM PNGs (see explain.write) for each
-  input under WORKDIR/explain/; returns that folder.
+  """Writes one annotated panel per input (see explain.write_panel) under
+  WORKDIR/explain/step<step>_<layer>[_class<k>]/; returns that folder.
 
   Args:
     inputs: image files, folders (searched recursively) or glob patterns.
-    layer: the submodule Grad-CAM weighs; it needs more than 1×1 cells at input.image_size
-      (Mixed_7c does from about 107 px; use Mixed_6e or Mixed_5d below that).
+    layer: the submodule Grad-CAM weighs; it needs more than 2×2 cells at input.image_size
+      (Mixed_7c does from about 139 px; use Mixed_6e or Mixed_5d below that): a warning says so.
     target_class: class id to explain in every image; None → each image's predicted class.
+
+  An input inside a folder named like a class (the training layout) shows that class as the
+  true one.
   """
   files = images.expand_inputs(inputs)
+  variables, step = checkpoints.load_for_inference(workdir, checkpoint)
   names = _label_names(config, workdir)
   if target_class is not None and not 0 <= target_class < len(names):
-    raise ValueError(f'--target_class={target_class} is not a class id; use 0..{len(names) - 1} '
-                     f'for {names}')
-  model, variables, step = _restore(config, workdir, checkpoint, names)
+    raise ConfigError(f'--target_class={target_class} is not a class id; use '
+                      f'0..{len(names) - 1} for {names}')
+  model = _model_for(config, workdir, variables, step, names)
+  size = config.input.image_size
+  warning = explain.grid_warning(layer, explain.layer_grid(model, variables, size, layer), size)
+  if warning:
+    print(f'Warning: {warning}')
   mesh = sharding.make_mesh()
   variables = sharding.replicate(variables, mesh)
-  out_dir = os.path.join(workdir, EXPLAIN_DIR)
+  target = '' if target_class is None else f'_class{target_class}'
+  out_dir = os.path.join(workdir, EXPLAIN_DIR, f'step{step}_{layer.replace("/", "-")}{target}')
   stems = _output_names(files)
   errors: dict[str, str] = {}
   readable: list[str] = []
@@ -191,11 +243,12 @@ def run_explain(config: ml_collections.ConfigDict, workdir: str, inputs: Sequenc
     for row in np.flatnonzero(batch['mask']):
       path = readable[batch['index'][row]]
       one = {k: v[row] for k, v in result.items()}
-      explain.write(out_dir, stems[path], path, batch['image'][row], one, names)
+      explain.write_panel(os.path.join(out_dir, f'{stems[path]}.png'), batch['image'][row], one,
+                          names, layer=layer, step=step, true_label=_true_label(path, names))
       predicted = int(one['probs'].argmax())
       print(f'{path}: predicted {names[predicted]} ({one["probs"][predicted]:.1%}), '
             f'explained {names[int(one["target"])]}')
+  _report_errors(errors, len(files))
   print(f'Explanations at {layer} (checkpoint step {step}) for {len(readable)} image(s) in '
         f'{out_dir}')
-  _report_errors(errors)
   return out_dir

@@ -17,7 +17,7 @@ import optax
 
 from configs import default
 from pneumo_jax import scopes
-from pneumo_jax.models.inception_v3 import InceptionV3
+from pneumo_jax.models.inception_v3 import BACKBONE, InceptionV3
 from pneumo_jax.training import optim
 from pneumo_jax.training.step import TrainState, make_train_step
 
@@ -45,12 +45,14 @@ def main() -> None:
     model = InceptionV3(num_classes=4, batch_norm_train=scopes.parse(trainable))
     variables = jax.jit(model.init)(key, images[:1])
     mask = scopes.mask(variables['params'], trainable)
-    tx = optim.make_optimizer(default.get_config().optimizer, optax.constant_schedule(0.01), mask)
+    tx = optim.make_optimizer(default.get_config().optimizer, optax.constant_schedule(0.01), mask,
+                              BACKBONE.weight_decay)
     state = TrainState(step=jnp.zeros([], jnp.int32), params=variables['params'],
                        batch_stats=variables['batch_stats'],
                        opt_state=tx.init(variables['params']))
     step = jax.jit(make_train_step(model, tx, mask, aux_loss_weight=0.4, label_smoothing=0.0,
-                                   class_weights=None, ema_decay=0.0))
+                                   class_weights=None, ema_decay=0.0,
+                                   aux_logits=BACKBONE.aux_logits))
     if not rows:
       fwd = jax.jit(lambda v, x, m=model: m.apply(v, x, train=True, rngs={'dropout': key},
                                                   mutable=['batch_stats']))

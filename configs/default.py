@@ -48,12 +48,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.input.num_workers = 0  # grain worker processes: 0 (main process) or >= 2 (1 is slow to close).
   c.input.class_balanced = False  # Sample classes equally (with replacement) for training.
 
-  # --- Model: Flax InceptionV3 with TF-Slim scope names. ---
+  # --- Model. ---
   c.model = ml_collections.ConfigDict()
-  c.model.create_aux_logits = True  # Aux head on Mixed_6e (slim's create_aux_logits).
-  c.model.dropout_keep_prob = 0.8  # Before the logits, as in slim.
-  c.model.depth_multiplier = 1.0  # Scales every conv's depth; != 1 cannot load ImageNet weights.
-  c.model.min_depth = 16  # Floor for scaled depths.
+  # The backbone: 'inception_v3' (TF-Slim scope names; the fields below marked InceptionV3 apply
+  # to it only) or 'densenet121' (torchvision names; see configs/densenet_two_phase.py).
+  c.model.name = 'inception_v3'
+  c.model.create_aux_logits = True  # InceptionV3: aux head on Mixed_6e (slim's flag).
+  c.model.dropout_keep_prob = 0.8  # Before the logits, as in slim (1.0: no dropout).
+  c.model.depth_multiplier = 1.0  # InceptionV3: scales every conv's depth (!= 1: no ImageNet
+  #   weights fit).
+  c.model.min_depth = 16  # InceptionV3: floor for scaled depths.
   c.model.batch_norm_decay = 0.9997  # Moving-average decay (slim's); lower it from scratch.
   c.model.dtype = 'float32'  # Compute dtype: 'bfloat16' for mixed precision (params stay f32).
 

@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import hashlib
 import http.client
-import importlib
 import os
 import re
 import sys
@@ -23,8 +22,9 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from converters import common
 from pneumo_jax.errors import ConfigError
+from pneumo_jax.models.inception_v3 import keras_weights, slim_weights
+from pneumo_jax.models.weights import save_variables
 
 _CHUNK = 1 << 20
 _MAX_ATTEMPTS = 5  # Transfers in one run; each must add bytes for the next to start.
@@ -188,8 +188,8 @@ def _unpack_checkpoint(archive: str, into: str) -> str:
 
 
 def _converter(source: str) -> Callable[[str], dict[str, Any]]:
-  """The `convert` of converters/<source>_to_orbax.py, imported only when needed (TF, Keras)."""
-  return importlib.import_module(f'converters.{source}_to_orbax').convert
+  """InceptionV3's reader for the release's file (TF and Keras are imported only when reading)."""
+  return {'slim': slim_weights.read, 'keras': keras_weights.read}[source]
 
 
 def fetch(
@@ -238,7 +238,7 @@ def fetch(
   if final.endswith('.tar.gz'):
     unpacked = os.path.join(dest, release.filename.removesuffix('.tar.gz'))
     weights = _unpack_checkpoint(final, unpacked)
-  common.save_variables(_converter(source)(weights), out)
+  save_variables(_converter(source)(weights), out)
   print(f'wrote {out}; use --config.init_checkpoint={out}')
   return out
 

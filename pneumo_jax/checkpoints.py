@@ -31,6 +31,8 @@ from absl import logging
 from etils import epath
 
 from pneumo_jax import errors, scopes
+from pneumo_jax.models import weights
+from pneumo_jax.models.backbone import Backbone
 
 LATEST_DIR = 'checkpoints'
 BEST_DIR = 'best'
@@ -296,52 +298,49 @@ def load_for_inference(workdir: str, checkpoint: str = 'latest',
   return {'params': params or state['params'], 'batch_stats': state['batch_stats']}, step
 
 
-def _read_orbax(path: str) -> dict[str, Any]:
-  return ocp.StandardCheckpointer().restore(os.path.abspath(path))
-
-
-def _convert(path: str, workdir: str) -> str:
-  """Converts a raw TF-Slim `.ckpt` or Keras `.h5` once; returns the cached orbax directory."""
+def _convert(path: str, workdir: str, backbone: Backbone) -> str:
+  """Reads a raw weights file (`backbone.weight_formats`) once; returns the cached orbax copy."""
   out = os.path.join(workdir, 'converted', os.path.basename(path.rstrip('/')) + '_orbax')
   if not os.path.isdir(out):
-    from converters import common  # TensorFlow/h5py only when converting.
-    if path.endswith('.h5'):
-      from converters import keras_to_orbax as conv
-    else:
-      from converters import slim_to_orbax as conv
-    common.save_variables(conv.convert(path), out)
+    if not backbone.recognise(path):
+      raise errors.WeightsError(
+          f'config.init_checkpoint={path!r} is not {backbone.weight_formats} '
+          f'(config.model.name={backbone.name!r}); give that, or set config.model.name to the '
+          'backbone the file holds')
+    weights.save_variables(backbone.load_weights(path), out)
   logging.warning('Converted %s; the orbax copy is cached at %s (pass it as init_checkpoint '
                   'next time).', path, out)
   return out
 
 
-def _is_raw(path: str) -> bool:
-  return (path.endswith('.h5') or path.endswith('.ckpt') or os.path.exists(path + '.index')
-          or (os.path.isfile(path) and not os.path.isdir(path)))
+def read_weights(init_checkpoint: str, backbone: Backbone, workdir: str) -> dict[str, Any]:
+  """{'params', 'batch_stats'} from an orbax directory (converters/) or a raw weights file of
+  `backbone` (converted once, cached under WORKDIR/converted/)."""
+  path = os.path.expanduser(init_checkpoint)
+  if not os.path.exists(path) and not os.path.exists(path + '.index'):
+    raise errors.NotFoundError(
+        f'config.init_checkpoint={init_checkpoint!r} does not exist; give an orbax directory '
+        f'(converters/) or {backbone.weight_formats}')
+  if not os.path.isdir(path):
+    path = _convert(path, workdir, backbone)
+  try:
+    return ocp.StandardCheckpointer().restore(os.path.abspath(path))
+  except Exception as e:  # orbax's errors name its internal files (_METADATA), not the setting.
+    raise errors.WeightsError(
+        f'config.init_checkpoint={init_checkpoint!r} is a folder but not an orbax checkpoint '
+        f'({type(e).__name__}); give a directory written by converters/ (see the README) or '
+        f'{backbone.weight_formats}') from e
 
 
 def load_init(init_checkpoint: str, variables: dict[str, Any], exclude_scopes: str,
-              ignore_missing_vars: bool, workdir: str) -> dict[str, Any]:
+              ignore_missing_vars: bool, workdir: str, backbone: Backbone) -> dict[str, Any]:
   """Overwrites `variables` with a pretrained checkpoint, except under `exclude_scopes`.
 
   Every variable outside the excluded scopes must be in the checkpoint with the same shape, and
   every checkpoint variable outside them must exist in the model (`ignore_missing_vars` relaxes
   the first, as slim's flag does); all offenders are listed in one error.
   """
-  path = os.path.expanduser(init_checkpoint)
-  if not os.path.exists(path) and not os.path.exists(path + '.index'):
-    raise errors.NotFoundError(
-        f'config.init_checkpoint={init_checkpoint!r} does not exist; give an orbax directory '
-        '(converters/), a TF-Slim .ckpt or a Keras .h5')
-  if _is_raw(path):
-    path = _convert(path, workdir)
-  try:
-    loaded = _read_orbax(path)
-  except Exception as e:  # orbax's errors name its internal files (_METADATA), not the setting.
-    raise errors.WeightsError(
-        f'config.init_checkpoint={init_checkpoint!r} is a folder but not an orbax checkpoint '
-        f'({type(e).__name__}); give a directory written by converters/ (see the README), a '
-        'TF-Slim .ckpt or a Keras .h5') from e
+  loaded = read_weights(init_checkpoint, backbone, workdir)
   problems = []
   out = {}
   for collection in ('params', 'batch_stats'):

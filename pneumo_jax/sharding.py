@@ -44,3 +44,9 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
 def replicate(tree: Any, mesh: Mesh) -> Any:
   """Places a pytree of arrays on every device of the mesh."""
   return jax.device_put(tree, replicated(mesh))
+
+
+def round_up(batch: int) -> int:
+  """`batch` rounded up to a multiple of the device count, so a padded batch splits evenly."""
+  n = jax.device_count()
+  return -(-batch // n) * n

@@ -10,7 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from pneumo_jax import checkpoints, errors, scopes
-from pneumo_jax.models.inception_v3 import InceptionV3
+from pneumo_jax.models.inception_v3 import BACKBONE, InceptionV3
 from tests import reference
 
 HEAD = 'Logits,AuxLogits'
@@ -24,12 +24,12 @@ def test_init_checkpoint_with_exclude_scopes(tiny_config, tmp_path):
   ckptr.wait_until_finished()
   variables = reference.random_variables(InceptionV3(num_classes=4), 75, seed=0)
   with pytest.raises(ValueError) as e:
-    checkpoints.load_init(path, variables, '', False, str(tmp_path))
+    checkpoints.load_init(path, variables, '', False, str(tmp_path), BACKBONE)
   msg = str(e.value)
   for offender in ('params/Logits/Conv2d_1c_1x1/weights', 'params/Logits/Conv2d_1c_1x1/biases',
                    'params/AuxLogits/Conv2d_2b_1x1/weights'):
     assert offender in msg
-  loaded = checkpoints.load_init(path, variables, HEAD, False, str(tmp_path))
+  loaded = checkpoints.load_init(path, variables, HEAD, False, str(tmp_path), BACKBONE)
   lp, pp, mp = (scopes.flatten(x['params']) for x in (loaded, pretrained, variables))
   for k in lp:
     np.testing.assert_array_equal(lp[k], mp[k] if k.startswith(('Logits', 'AuxLogits')) else pp[k])
@@ -43,7 +43,7 @@ def test_raw_slim_checkpoint_is_converted_once_and_cached(tmp_path):
   prefix = reference.write_tf_checkpoint(arrays, str(tmp_path / 'model.ckpt'), 'V2')
   workdir = str(tmp_path / 'run')
   variables = reference.random_variables(InceptionV3(num_classes=4), 75, seed=0)
-  loaded = checkpoints.load_init(prefix, variables, HEAD, False, workdir)
+  loaded = checkpoints.load_init(prefix, variables, HEAD, False, workdir, BACKBONE)
   got, want = scopes.flatten(loaded['batch_stats']), scopes.flatten(slim['batch_stats'])
   np.testing.assert_array_equal(got['Mixed_7c/Branch_3/Conv2d_0b_1x1/BatchNorm/moving_mean'],
                                 want['Mixed_7c/Branch_3/Conv2d_0b_1x1/BatchNorm/moving_mean'])
@@ -54,7 +54,7 @@ def test_raw_slim_checkpoint_is_converted_once_and_cached(tmp_path):
 
 def test_missing_init_checkpoint_and_bad_restore_requests(tmp_path):
   with pytest.raises(FileNotFoundError, match='init_checkpoint'):
-    checkpoints.load_init(str(tmp_path / 'nope'), {}, '', False, str(tmp_path))
+    checkpoints.load_init(str(tmp_path / 'nope'), {}, '', False, str(tmp_path), BACKBONE)
   with pytest.raises(FileNotFoundError, match='train first'):
     checkpoints.load_for_inference(str(tmp_path))
   assert not os.listdir(tmp_path)  # Not even an empty checkpoints/.
@@ -198,4 +198,5 @@ def test_an_init_checkpoint_folder_that_is_no_checkpoint_names_the_setting(tmp_p
   variables = reference.random_variables(InceptionV3(num_classes=4), 75, seed=0)
   with pytest.raises(ValueError, match=r"config\.init_checkpoint='.*weights' is a folder but not "
                                        'an orbax checkpoint'):
-    checkpoints.load_init(str(tmp_path / 'weights'), variables, HEAD, False, str(tmp_path))
+    checkpoints.load_init(str(tmp_path / 'weights'), variables, HEAD, False, str(tmp_path),
+                          BACKBONE)

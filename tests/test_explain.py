@@ -15,7 +15,8 @@ from pneumo_jax import checkpoints
 from pneumo_jax.data import preprocess
 from pneumo_jax.evaluation import explain
 from pneumo_jax.models import build_model
-from pneumo_jax.models.inception_v3 import InceptionV3
+from pneumo_jax.models.inception_v3 import BACKBONE, InceptionV3
+from pneumo_jax.modes import explain as explain_mode
 from pneumo_jax.training import loop
 from tests import reference
 
@@ -49,7 +50,8 @@ def random_model():
 @pytest.fixture(scope='module')
 def explained(random_model):
   model, variables, images = random_model
-  return jax.device_get(explain.explain(model, variables, images))
+  return jax.device_get(explain.explain(model, variables, images, layer='Mixed_7c',
+                                        cells=BACKBONE.cell_centres['Mixed_7c']))
 
 
 def test_outputs_shapes_and_ranges(random_model, explained):
@@ -89,7 +91,7 @@ def test_chosen_class_and_other_layers(random_model, explained):
   model, variables, images = random_model
   other = (explained['target'] + 1) % 3
   out = jax.device_get(explain.explain(model, variables, images, jnp.asarray(other),
-                                       layer='Mixed_5d'))
+                                       layer='Mixed_5d', cells=BACKBONE.cell_centres['Mixed_5d']))
   np.testing.assert_array_equal(out['target'], other)
   np.testing.assert_allclose(out['probs'], explained['probs'], rtol=1e-5)
   assert out['grad_cam'].shape == (2, SIZE, SIZE)
@@ -114,10 +116,13 @@ def test_layer_grid_is_known_before_compiling(random_model):
 
 @pytest.mark.parametrize('grid', [(1, 1), (2, 2)])
 def test_grid_warning_for_one_or_two_cells(grid):
-  message = explain.grid_warning('Mixed_7c', grid, 75)
+  finer = explain_mode._finer_layers(BACKBONE, 'Mixed_7c', 75)
+  assert finer == ['Mixed_6e', 'Mixed_5d']  # At least 3×3 cells at 75 px, from the backbone.
+  message = explain.grid_warning('Mixed_7c', grid, 75, finer)
   assert message is not None and '\n' not in message
   assert f'Mixed_7c is a {grid[0]}×{grid[1]} grid for 75×75' in message
-  assert 'nearly uniform' in message and 'Mixed_6e' in message and 'input.image_size' in message
+  assert 'nearly uniform' in message and 'Mixed_6e or Mixed_5d' in message
+  assert 'input.image_size' in message
 
 
 @pytest.mark.parametrize('grid', [(3, 3), (8, 8), (35, 35)])
@@ -140,7 +145,9 @@ def grey_explained(random_model, stage_folder):
       views.append(preprocess.eval(np.asarray(image.convert('RGB')), SIZE))
   views = np.stack(views)
   assert np.array_equal(views[..., 0], views[..., 2])
-  return views, jax.device_get(explain.explain(model, variables, jnp.asarray(views)))
+  return views, jax.device_get(explain.explain(model, variables, jnp.asarray(views),
+                                               layer='Mixed_7c',
+                                               cells=BACKBONE.cell_centres['Mixed_7c']))
 
 
 def _one(result, row=0):
@@ -362,7 +369,8 @@ def test_grad_cam_finds_the_planted_patch(tmp_path, tiny_config):
   labels = np.array([y for _, y, _ in held_out])
   variables, _ = checkpoints.load_for_inference(workdir)
   model = build_model(c, len(PLANTED_CLASSES), create_aux_logits=False)
-  out = jax.device_get(explain.explain(model, variables, jnp.asarray(images), layer=PATCH_LAYER))
+  out = jax.device_get(explain.explain(model, variables, jnp.asarray(images), layer=PATCH_LAYER,
+                                       cells=BACKBONE.cell_centres[PATCH_LAYER]))
   accuracy = (out['target'] == labels).mean()
   inside, near = [], []
   for cam, (_, label, mask) in zip(out['grad_cam'], held_out, strict=True):

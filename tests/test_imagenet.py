@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from configs import default
-from pneumo_jax import imagenet
 from pneumo_jax.models.inception_v3 import InceptionV3
+from pneumo_jax.modes import imagenet
 from tests import reference
 
 SIZE = 75  # The smallest input: one cheap compile.
@@ -22,6 +22,12 @@ def test_class_names():
   assert slim_style == [imagenet.BACKGROUND, *keras_style]
   with pytest.raises(ValueError, match='4 outputs is not an ImageNet classifier'):
     imagenet.class_names(4)
+
+
+def _config():
+  c = default.get_config()
+  c.input.image_size = SIZE
+  return c
 
 
 @pytest.fixture(scope='module')
@@ -51,7 +57,7 @@ def image_files(tmp_path_factory):
 
 def test_top_k_on_random_weights(variables, image_files):
   _, paths = image_files
-  result = imagenet.top_k(variables, paths, k=5, image_size=SIZE)
+  result = imagenet.top_k(_config(), variables, paths, k=5)
   names = set(imagenet.class_names(1001))
   assert len(result) == len(paths)
   for top in result:
@@ -59,7 +65,7 @@ def test_top_k_on_random_weights(variables, image_files):
     values = [v for _, v in top]
     assert values == sorted(values, reverse=True) and sum(values) <= 1 + 1e-6
   assert result[0] != result[1]  # Different images, different predictions.
-  assert imagenet.top_k(variables, [], image_size=SIZE) == []
+  assert imagenet.top_k(_config(), variables, []) == []
 
 
 def test_top_k_names_the_right_classes(variables, image_files):
@@ -69,7 +75,7 @@ def test_top_k_names_the_right_classes(variables, image_files):
   biases[[7, 1000, 3, 0, 500]] = [9.0, 8.0, 7.0, 6.0, 5.0]
   logits = {'weights': np.zeros((1, 1, 2048, 1001), np.float32), 'biases': biases}
   params = {**variables['params'], 'Logits': {'Conv2d_1c_1x1': logits}}
-  result = imagenet.top_k({**variables, 'params': params}, paths[:1], k=5, image_size=SIZE)
+  result = imagenet.top_k(_config(), {**variables, 'params': params}, paths[:1], k=5)
   names = imagenet.class_names(1001)
   expected = np.exp(biases) / np.exp(biases).sum()
   assert [n for n, _ in result[0]] == [names[i] for i in (7, 1000, 3, 0, 500)]
@@ -84,7 +90,7 @@ def test_print_top_k(variables, image_files, tmp_path, capsys):
   config = default.get_config()
   config.init_checkpoint = str(tmp_path / 'weights')
   config.input.image_size = SIZE
-  imagenet.print_top_k(config, [str(folder)], k=3)
+  imagenet.print_top_k(config, [str(folder)], str(tmp_path), k=3)
   lines = capsys.readouterr().out.splitlines()
   assert [line for line in lines if not line.startswith(' ')] == paths
   assert len(lines) == 4 * len(paths) and all('%' in line for line in lines[1:4])
@@ -93,9 +99,10 @@ def test_print_top_k(variables, image_files, tmp_path, capsys):
 def test_print_top_k_errors(tmp_path):
   config = default.get_config()
   with pytest.raises(FileNotFoundError, match='matches nothing'):
-    imagenet.print_top_k(config, [str(tmp_path / '*.jpg')])
+    imagenet.print_top_k(config, [str(tmp_path / '*.jpg')], str(tmp_path))
   (tmp_path / 'x.png').write_bytes(b'')
   for init in (tmp_path / 'model.h5', tmp_path):  # Not a directory; not an orbax checkpoint.
     config.init_checkpoint = str(init)
-    with pytest.raises(ValueError, match='give an orbax directory'):
-      imagenet.print_top_k(config, [str(tmp_path / 'x.png')])
+    with pytest.raises((ValueError, FileNotFoundError),
+                       match=r'init_checkpoint=.*(does not exist|not an orbax)'):
+      imagenet.print_top_k(config, [str(tmp_path / 'x.png')], str(tmp_path))

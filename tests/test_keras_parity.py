@@ -21,6 +21,7 @@ import pytest
 
 from converters import keras_to_orbax
 from pneumo_jax import scopes
+from pneumo_jax.models.inception_v3 import keras_weights
 from tests import reference
 
 # Keras's TensorFlow backend converts tensors with np.array(x), which NumPy 2 flags.
@@ -62,7 +63,7 @@ def converted(h5_files, tmp_path_factory):
   keras_to_orbax.main([h5_files['legacy'], out])
   return {
     'legacy': ocp.StandardCheckpointer().restore(out),
-    'keras3': keras_to_orbax.convert(h5_files['keras3']),
+    'keras3': keras_weights.read(h5_files['keras3']),
   }
 
 
@@ -70,7 +71,7 @@ def converted(h5_files, tmp_path_factory):
 def outputs(keras_model, converted):
   """{size: (keras endpoints, pneumo_jax endpoints)} on the same two random images."""
   keras_fn = reference.keras_endpoints(keras_model)
-  apply = jax.jit(lambda v, x: keras_to_orbax.target_model().apply(v, x, train=False))
+  apply = jax.jit(lambda v, x: keras_weights.target_model().apply(v, x, train=False))
   result = {}
   for size in SIZES:
     images = _images(size)
@@ -126,10 +127,10 @@ def test_rejects_other_files(tmp_path):
   reference.save_keras_legacy_h5(tiny, str(tmp_path / 'tiny.h5'))
   for name in ('tiny.weights.h5', 'tiny.h5'):
     with pytest.raises(ValueError, match='not the weights of a Keras InceptionV3'):
-      keras_to_orbax.convert(str(tmp_path / name))
+      keras_weights.read(str(tmp_path / name))
   os.rename(tmp_path / 'tiny.weights.h5', tmp_path / 'renamed.h5')
   with pytest.raises(ValueError, match=r'must end in \.weights\.h5'):
-    keras_to_orbax.convert(str(tmp_path / 'renamed.h5'))
+    keras_weights.read(str(tmp_path / 'renamed.h5'))
   (tmp_path / 'text.h5').write_text('not hdf5')
   with pytest.raises(ValueError, match='not an HDF5 file'):
-    keras_to_orbax.convert(str(tmp_path / 'text.h5'))
+    keras_weights.read(str(tmp_path / 'text.h5'))

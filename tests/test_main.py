@@ -8,7 +8,9 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
+from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--config', 'configs/sweeps/tiny.py', '--nosweep']
@@ -100,3 +102,35 @@ def test_a_second_signal_aborts_at_once():
   assert proc.returncode == 128 + signal.SIGTERM
   assert proc.stdout == 'still running\n'
   assert 'aborted without saving' in proc.stderr
+
+
+def test_several_inputs_follow_one_flag_as_a_shell_glob_expands_them(tmp_path):
+  """`--inputs *.png` arrives as `--inputs a.png b.png`: both are inputs (here both missing, so
+  the error lists both, before any checkpoint is looked for). Run as `python -m pneumo_jax`."""
+  proc = subprocess.run(
+      [sys.executable, '-m', 'pneumo_jax', *TINY, '--workdir', str(tmp_path / 'w'),
+       '--mode', 'predict', '--inputs', 'typo1.png', 'typo2.png'],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "'typo1.png' (no such file or folder); 'typo2.png'" in proc.stderr
+
+
+@pytest.mark.parametrize('args, expected', [
+    (['--mode', 'eval', '--tta'], '--tta is for --mode predict, not --mode eval'),
+    (['--mode', 'train', '--layer', 'Mixed_5d'], '--layer is for --mode explain, not --mode train'),
+    (['--mode', 'eval', 'extra.png'], "unexpected arguments ['extra.png']"),
+])
+def test_flags_a_mode_does_not_read_are_refused(tmp_path, args, expected):
+  proc = _main(*TINY, '--workdir', str(tmp_path / 'w'), *args)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 2 and expected in err and 'Traceback' not in err
+
+
+def test_workdir_is_required_only_where_a_mode_keeps_a_run(tmp_path):
+  proc = _main(*TINY, '--mode', 'eval')
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 2 and '--mode eval needs --workdir' in err
+  Image.fromarray(np.zeros((80, 80, 3), np.uint8)).save(tmp_path / 'cat.png')
+  proc = _main(*TINY, '--mode', 'imagenet', '--inputs', str(tmp_path / 'cat.png'))
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 2 and 'config.init_checkpoint is empty' in err

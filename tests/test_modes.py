@@ -17,8 +17,9 @@ from PIL import Image
 
 from pneumo_jax import checkpoints
 from pneumo_jax.data import dataset_for, folder_builder
-from pneumo_jax.evaluation import metrics, modes
+from pneumo_jax.evaluation import metrics
 from pneumo_jax.models import build_model
+from pneumo_jax.modes import evaluate, explain, predict
 from tests import reference
 
 STEP = 7
@@ -61,7 +62,7 @@ def _rows(path):
 
 def test_eval_writes_reports(run):
   config, workdir, names = run
-  result = modes.run_eval(config, workdir)
+  result = evaluate.run(config, workdir)
   stem = os.path.join(workdir, 'eval', f'validation_{STEP}')
   for suffix in ('.json', '_confusion_matrix.png', '_roc.png', '_predictions.csv'):
     assert os.path.exists(stem + suffix), suffix
@@ -85,12 +86,12 @@ def test_eval_refuses_a_checkpoint_with_other_classes(run, tiny_config, tmp_path
   other = tiny_config(**{'dataset.source_dir': str(tmp_path / 'src'),
                          'dataset.data_dir': str(tmp_path / 'data')})
   with pytest.raises(ValueError, match=r'predicts 4 classes, but the dataset .* has 2'):
-    modes.run_eval(other, workdir)
+    evaluate.run(other, workdir)
 
 
 def test_predict_lists_unreadable_files_and_predicts_the_rest(run, inputs):
   config, workdir, names = run
-  path = modes.run_predict(config, workdir, inputs)
+  path = predict.run(config, workdir, inputs)
   assert path == os.path.join(workdir, 'predictions', f'step{STEP}.csv')
   rows = _rows(path)
   assert list(rows[0]) == ['path', 'prediction', *names, 'error']
@@ -108,7 +109,7 @@ def test_flip_tta_averages_an_image_with_its_mirror(run, inputs):
   pair = inputs[1]
 
   def probs(tta):
-    rows = _rows(modes.run_predict(config, workdir, [pair], tta=tta))
+    rows = _rows(predict.run(config, workdir, [pair], tta=tta))
     return np.array([[float(r[n]) for n in names] for r in rows])
 
   plain, tta = probs(False), probs(True)
@@ -119,33 +120,33 @@ def test_flip_tta_averages_an_image_with_its_mirror(run, inputs):
 
 def test_explain_writes_one_panel_per_image(run, inputs, capsys):
   config, workdir, _ = run
-  out = modes.run_explain(config, workdir, inputs[1:], layer='Mixed_5d', target_class=2)
+  out = explain.run(config, workdir, inputs[1:], layer='Mixed_5d', target_class=2)
   assert out == os.path.join(workdir, 'explain', f'step{STEP}_Mixed_5d_class2')
   assert sorted(os.listdir(out)) == ['pair_a.png', 'pair_b.png']
   with pytest.raises(ValueError, match='--target_class=4 is not a class id'):
-    modes.run_explain(config, workdir, inputs[1:], target_class=4)
+    explain.run(config, workdir, inputs[1:], target_class=4)
   capsys.readouterr()
-  modes.run_explain(config, workdir, inputs[1:2], layer='Mixed_7c')  # 1×1 cell at 75 px.
+  explain.run(config, workdir, inputs[1:2], layer='Mixed_7c')  # 1×1 cell at 75 px.
   assert 'Warning' in capsys.readouterr().out
 
 
 def test_true_label_comes_from_a_class_folder():
   names = ['stage_0', 'stage_1']
-  assert modes._true_label('/data/xrays/stage_1/sub/a.png', names) == 1
-  assert modes._true_label('/data/new_films/a.png', names) is None
+  assert explain._true_label('/data/xrays/stage_1/sub/a.png', names) == 1
+  assert explain._true_label('/data/new_films/a.png', names) is None
 
 
 def test_predict_refuses_missing_inputs_and_keeps_earlier_predictions(run, inputs, tmp_path):
   config, workdir, _ = run
-  path = modes.run_predict(config, workdir, inputs)
+  path = predict.run(config, workdir, inputs)
   before = pathlib.Path(path).read_text()
   with pytest.raises(FileNotFoundError, match=r'typo\.png'):
-    modes.run_predict(config, workdir, [str(tmp_path / 'typo.png')])
+    predict.run(config, workdir, [str(tmp_path / 'typo.png')])
   (tmp_path / 'bad.png').write_bytes(b'not a png')
   with pytest.raises(ValueError, match='none of the 1 input'):
-    modes.run_predict(config, workdir, [str(tmp_path / 'bad.png')])
+    predict.run(config, workdir, [str(tmp_path / 'bad.png')])
   assert pathlib.Path(path).read_text() == before
-  other = modes.run_predict(config, workdir, inputs[1:2])  # Other inputs: a new file.
+  other = predict.run(config, workdir, inputs[1:2])  # Other inputs: a new file.
   assert other != path and pathlib.Path(path).read_text() == before
   with open(os.path.splitext(other)[0] + '.json') as f:
     assert json.load(f)['provenance']['num_inputs'] == 2
@@ -156,7 +157,7 @@ def test_eval_and_predict_see_a_file_the_same_way(run, tiny_config):
   config, workdir, names = run
   whole = ml_collections.ConfigDict(config.to_dict())
   whole.input.random_crop = False  # → eval and predict both use the whole image.
-  modes.run_eval(whole, workdir)
+  evaluate.run(whole, workdir)
   # test_eval_writes_reports evaluated with slim's crop (random_crop on): that report is kept.
   stems = {}
   for path in glob.glob(os.path.join(workdir, 'eval', f'validation_{STEP}*.json')):
@@ -165,7 +166,7 @@ def test_eval_and_predict_see_a_file_the_same_way(run, tiny_config):
   assert set(stems) == {0.875, 1.0}
   evaluated = _rows(stems[1.0] + '_predictions.csv')
   files = [os.path.join(config.dataset.source_dir, r['path']) for r in evaluated]
-  predicted = _rows(modes.run_predict(whole, workdir, files))
+  predicted = _rows(predict.run(whole, workdir, files))
   for e, p in zip(evaluated, predicted, strict=True):
     for n in names:
       assert float(p[n]) == pytest.approx(float(e[n]), abs=1e-5)
@@ -176,22 +177,22 @@ def test_eval_without_a_run_or_a_test_split_says_what_to_do(run, tiny_config, tm
   empty = tmp_path / 'no_run'
   empty.mkdir()
   with pytest.raises(FileNotFoundError, match='train first'):
-    modes.run_eval(config, str(empty))
+    evaluate.run(config, str(empty))
   assert os.listdir(empty) == []  # Nothing built, nothing created.
   with pytest.raises(ValueError, match=r'dataset\.test_fraction'):
-    modes.run_eval(config, workdir, split='test')
+    evaluate.run(config, workdir, split='test')
 
 
 _FOUR_DEVICES = """
 import json, sys
 import ml_collections
-from pneumo_jax.evaluation import modes
+from pneumo_jax.modes import evaluate, explain, predict
 import jax
 assert jax.device_count() == 4, jax.devices()
 config = ml_collections.ConfigDict(json.loads(sys.argv[1]))
-result = modes.run_eval(config, sys.argv[2])
-modes.run_predict(config, sys.argv[2], json.loads(sys.argv[3]))
-modes.run_explain(config, sys.argv[2], json.loads(sys.argv[3])[1:2], layer='Mixed_5d')
+result = evaluate.run(config, sys.argv[2])
+predict.run(config, sys.argv[2], json.loads(sys.argv[3]))
+explain.run(config, sys.argv[2], json.loads(sys.argv[3])[1:2], layer='Mixed_5d')
 print('ACCURACY', result['accuracy'])
 """
 
@@ -200,9 +201,9 @@ def test_four_devices_give_the_same_results(run, inputs):
   """eval_batch_size 6 is not a multiple of 4: the modes round batches up and pad them."""
   shutil.rmtree(os.path.join(run[1], 'explain'), ignore_errors=True)
   config, workdir, names = run
-  path = modes.run_predict(config, workdir, inputs)
+  path = predict.run(config, workdir, inputs)
   one = {r['path']: r for r in _rows(path)}
-  accuracy = modes.run_eval(config, workdir)['accuracy']
+  accuracy = evaluate.run(config, workdir)['accuracy']
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
              JAX_PLATFORMS='cpu')
   proc = subprocess.run(
@@ -227,5 +228,5 @@ def test_predict_needs_only_the_workdir(run, inputs, tmp_path):
   checkpoints.save_label_names(workdir, names)
   moved = ml_collections.ConfigDict(config.to_dict())
   moved.dataset.source_dir = str(tmp_path / 'gone')
-  rows = _rows(modes.run_predict(moved, workdir, inputs[1:2]))
+  rows = _rows(predict.run(moved, workdir, inputs[1:2]))
   assert list(rows[0]) == ['path', 'prediction', *names, 'error'] and len(rows) == 2

@@ -62,7 +62,7 @@ def test_matches_tensorflow_optimizer(name, kw):
       tf_ws.append(sess.run(var))
 
   params = {'w': jnp.asarray(w0)}
-  tx = optim.make_optimizer(c, optax.constant_schedule(lr), {'w': True})
+  tx = optim.make_optimizer(c, optax.constant_schedule(lr), {'w': True}, '')
   state = tx.init(params)
   for expected in tf_ws:
     updates, state = tx.update({'w': jnp.asarray(_grad(np.asarray(params['w'])))}, state, params)
@@ -74,7 +74,7 @@ def test_rmsprop_differs_from_plain_optax_defaults():
   """The TF semantics matter: optax.rmsprop with slim's numbers but optax's init goes elsewhere."""
   c = _cfg('rmsprop')
   params = {'w': jnp.ones(3)}
-  ours = optim.make_optimizer(c, optax.constant_schedule(0.01), {'w': True})
+  ours = optim.make_optimizer(c, optax.constant_schedule(0.01), {'w': True}, '')
   plain = optax.rmsprop(0.01, decay=0.9, eps=1.0, momentum=0.9)
   g = {'w': jnp.full(3, 0.3)}
   u1, _ = ours.update(g, ours.init(params), params)
@@ -118,7 +118,7 @@ def test_warmup_cosine_by_formula():
 
 def test_unknown_names_are_clear_errors():
   with pytest.raises(ValueError, match=r'config\.optimizer\.name'):
-    optim.make_optimizer(_cfg('lamb'), optax.constant_schedule(0.1), {'w': True})
+    optim.make_optimizer(_cfg('lamb'), optax.constant_schedule(0.1), {'w': True}, '')
   s = default.get_config().schedule
   s.name = 'cyclic'
   with pytest.raises(ValueError, match=r'config\.schedule\.name'):
@@ -131,7 +131,7 @@ def test_mask_and_weight_decay_scope():
   params = {'Logits': {'w': {'weights': jnp.ones((1, 1, 2, 2)), 'biases': jnp.ones(2)}},
             'Conv': {'weights': jnp.ones((3, 3, 1, 2))}}
   trainable = {'Logits': {'w': {'weights': True, 'biases': True}}, 'Conv': {'weights': False}}
-  tx = optim.make_optimizer(c, optax.constant_schedule(1.0), trainable)
+  tx = optim.make_optimizer(c, optax.constant_schedule(1.0), trainable, '.*weights$')
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zeros, tx.init(params), params)
   np.testing.assert_allclose(updates['Logits']['w']['weights'], -0.5)  # -lr · wd · w
@@ -142,6 +142,6 @@ def test_mask_and_weight_decay_scope():
 def test_gradient_clipping():
   c = _cfg('sgd', grad_clip_norm=1.0)
   params = {'w': jnp.zeros(4)}
-  tx = optim.make_optimizer(c, optax.constant_schedule(1.0), {'w': True})
+  tx = optim.make_optimizer(c, optax.constant_schedule(1.0), {'w': True}, '')
   updates, _ = tx.update({'w': jnp.full(4, 10.0)}, tx.init(params), params)
   np.testing.assert_allclose(float(optax.tree.norm(updates)), 1.0, rtol=1e-6)

@@ -126,8 +126,6 @@ def test_color_distortion_keeps_grey_grey_and_bounded():
 
 
 def test_rejects_bad_input(natural):
-  with pytest.raises(ValueError, match='image_size=74'):
-    preprocess.eval(natural, 74)
   with pytest.raises(ValueError, match='central_crop_fraction=0'):
     preprocess.eval(natural, 80, central_fraction=0.0)
   with pytest.raises(ValueError, match='uint8'):

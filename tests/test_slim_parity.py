@@ -12,9 +12,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from converters import common, slim_to_orbax
+from converters import slim_to_orbax
 from pneumo_jax import scopes
-from pneumo_jax.models.inception_v3 import InceptionV3
+from pneumo_jax.models import weights
+from pneumo_jax.models.inception_v3 import InceptionV3, slim_weights
 from tests import reference
 
 pytest.importorskip('tf_slim')
@@ -52,7 +53,7 @@ def cases(tmp_path_factory):
       images = reference.random_images(2, size, seed=1)
       path = str(tmp_path_factory.mktemp(f'slim{size}') / 'model.ckpt')
       checkpoint = slim.save(path, 'V1' if size == 299 else 'V2')  # V1: like the released file.
-      variables = slim_to_orbax.convert(checkpoint)
+      variables = slim_weights.read(checkpoint)
       built[size] = Case(
         size=size,
         slim=slim,
@@ -100,7 +101,7 @@ def test_names_follow_the_input_size(case):
 
 
 def test_v1_and_v2_files_convert_identically(small, tmp_path):
-  v1 = slim_to_orbax.convert(small.slim.save(str(tmp_path / 'v1.ckpt'), 'V1'))
+  v1 = slim_weights.read(small.slim.save(str(tmp_path / 'v1.ckpt'), 'V1'))
   flat_v1, flat_v2 = scopes.flatten(v1), scopes.flatten(small.variables)
   assert flat_v1.keys() == flat_v2.keys()
   for k, v in flat_v2.items():
@@ -108,7 +109,7 @@ def test_v1_and_v2_files_convert_identically(small, tmp_path):
 
 
 def test_drop_background_keeps_the_imagenet_classes(small):
-  variables = slim_to_orbax.convert(small.checkpoint, drop_background=True)
+  variables = slim_weights.read(small.checkpoint, drop_background=True)
   out = _endpoints(InceptionV3(num_classes=1000), variables, small.images)
   for name in ('Logits', 'AuxLogits'):
     assert out[name].shape == (2, 1000)
@@ -159,7 +160,7 @@ def test_every_mismatch_is_listed_and_training_state_is_skipped(tmp_path):
     },
   )
   with pytest.raises(ValueError) as error:
-    slim_to_orbax.convert(ckpt)
+    slim_weights.read(ckpt)
   message = str(error.value)
   assert 'params/Mixed_5b/Branch_9/Conv2d_0a_1x1/weights' in message  # unknown
   assert 'params/Conv2d_1a_3x3/weights: (3, 3, 3, 16) in the file' in message  # mis-shaped
@@ -169,30 +170,30 @@ def test_every_mismatch_is_listed_and_training_state_is_skipped(tmp_path):
   for skipped in ('RMSProp', 'ExponentialMovingAverage', 'global_step', 'AuxLogits'):
     assert skipped not in message
   with pytest.raises(ValueError, match='1001-class'):
-    slim_to_orbax.convert(ckpt, drop_background=True)
+    slim_weights.read(ckpt, drop_background=True)
 
 
 def test_aux_head_is_optional(small, monkeypatch):
   tensors = {
     k: v
-    for k, v in slim_to_orbax._read(small.checkpoint).items()
+    for k, v in slim_weights._read(small.checkpoint).items()
     if not k.startswith('InceptionV3/AuxLogits/')
   }
-  monkeypatch.setattr(slim_to_orbax, '_read', lambda path: tensors)
-  variables = slim_to_orbax.convert(small.checkpoint)
+  monkeypatch.setattr(slim_weights, '_read', lambda path: tensors)
+  variables = slim_weights.read(small.checkpoint)
   assert 'AuxLogits' not in variables['params']
-  expected = common.model_shapes(InceptionV3(create_aux_logits=False), 299)
-  common.check_names_and_shapes(scopes.flatten(variables), expected, 'converted')
+  expected = weights.model_shapes(InceptionV3(create_aux_logits=False), 299)
+  weights.check_names_and_shapes(scopes.flatten(variables), expected, 'converted')
 
 
 def test_other_files_are_refused_clearly(tmp_path):
   not_inception = _forged(tmp_path, {'resnet/conv1/weights': np.zeros((7, 7, 3, 64), np.float32)})
   with pytest.raises(ValueError, match='not a TF-Slim InceptionV3 checkpoint'):
-    slim_to_orbax.convert(not_inception)
+    slim_weights.read(not_inception)
   junk = tmp_path / 'junk.ckpt'
   junk.write_bytes(b'not a checkpoint')
   with pytest.raises(ValueError, match='cannot read a TF checkpoint'):
-    slim_to_orbax.convert(str(junk))
+    slim_weights.read(str(junk))
 
 
 def test_cli_writes_a_restorable_checkpoint_and_keeps_existing_ones(small, tmp_path):
@@ -200,7 +201,7 @@ def test_cli_writes_a_restorable_checkpoint_and_keeps_existing_ones(small, tmp_p
   slim_to_orbax.main([small.checkpoint, out, '--drop_background'])
   restored = ocp.StandardCheckpointer().restore(out)
   assert set(restored) == {'params', 'batch_stats'}
-  expected = scopes.flatten(slim_to_orbax.convert(small.checkpoint, drop_background=True))
+  expected = scopes.flatten(slim_weights.read(small.checkpoint, drop_background=True))
   got = scopes.flatten(restored)
   assert got.keys() == expected.keys()
   for k, v in expected.items():

@@ -13,7 +13,7 @@ import pytest
 
 from configs import default
 from pneumo_jax import scopes, sharding
-from pneumo_jax.models.inception_v3 import InceptionV3
+from pneumo_jax.models.inception_v3 import BACKBONE, InceptionV3
 from pneumo_jax.training import loop, optim
 from pneumo_jax.training.step import TrainState, cross_entropy, make_train_step
 from tests import reference
@@ -27,9 +27,9 @@ def _setup(trainable: str, bn_train, seed=0, dtype=jnp.float32, ema_decay=0.0, e
   variables = reference.random_variables(model, SIZE, seed)
   mask = scopes.mask(variables['params'], trainable)
   c = default.get_config().optimizer
-  tx = optim.make_optimizer(c, optax.constant_schedule(0.01), mask)
+  tx = optim.make_optimizer(c, optax.constant_schedule(0.01), mask, BACKBONE.weight_decay)
   step = make_train_step(model, tx, mask, aux_loss_weight=0.4, label_smoothing=0.1,
-                         class_weights=None, ema_decay=ema_decay,
+                         class_weights=None, ema_decay=ema_decay, aux_logits=BACKBONE.aux_logits,
                          ema_mask=ema_scopes and scopes.mask(variables['params'], ema_scopes))
   state = TrainState(step=jnp.zeros([], jnp.int32), params=variables['params'],
                      batch_stats=variables['batch_stats'],

@@ -1,7 +1,7 @@
 """Sweeps: grid expansion, trial names, skip/resume/retry, failures, ranking, CV aggregation.
 
-Trials run a tiny fake program (stdlib only, milliseconds) in place of main.py, so the runner's
-bookkeeping is tested without training; one end-to-end test runs the real tiny sweep.
+Trials run a tiny fake program (stdlib only, milliseconds) in place of `python -m pneumo_jax`, so
+the runner's bookkeeping is tested without training; one end-to-end test runs the real tiny sweep.
 """
 
 import csv
@@ -15,7 +15,11 @@ import sys
 
 import pytest
 
-from pneumo_jax import sweep
+from pneumo_jax import validate
+from pneumo_jax.errors import ConfigError
+from pneumo_jax.modes import sweep
+from pneumo_jax.modes.sweep import runner
+from pneumo_jax.modes.sweep.grid import FOLD_KEY, trial_names
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,7 +59,7 @@ FAKE = [sys.executable, '-c', _FAKE_TRIAL]
 
 _SWEEP_CONFIG = '''
 import ml_collections
-from pneumo_jax import sweep
+from pneumo_jax.modes import sweep
 
 def get_config():
   c = ml_collections.ConfigDict()
@@ -135,19 +139,19 @@ def test_grid_errors_say_what_to_fix(bad, match):
 
 def test_names_are_readable_short_and_stable():
   trials = sweep.product({'schedule.learning_rate': [0.01, 1e-05]}, sweep.folds(2))
-  names = sweep.trial_names(trials)
+  names = trial_names(trials)
   assert names[:2] == ['learning_rate=0.01,num_folds=2,fold=0',
                        'learning_rate=0.01,num_folds=2,fold=1']
   assert names[2] == 'learning_rate=1e-05,num_folds=2,fold=0'
-  assert sweep.trial_names(trials) == names
+  assert trial_names(trials) == names
   # Paths that share a last component keep enough of their path to stay apart.
-  assert sweep.trial_names([{'a.lr': 1, 'b.lr': 2, 'c.d': 3}]) == ['a.lr=1,b.lr=2,d=3']
+  assert trial_names([{'a.lr': 1, 'b.lr': 2, 'c.d': 3}]) == ['a.lr=1,b.lr=2,d=3']
 
 
 def test_names_are_safe_and_unique_for_awkward_values():
   trials = [{'trainable_scopes': 'Logits,AuxLogits'}, {'trainable_scopes': 'Logits AuxLogits'},
             {'trainable_scopes': 'Mixed_7.*/x'}, {'trainable_scopes': 'x' * 300}]
-  names = sweep.trial_names(trials)
+  names = trial_names(trials)
   assert len(set(names)) == len(names)
   for n in names:
     assert re.fullmatch(r'[A-Za-z0-9._+=,-]+', n) and len(n) <= 120, n
@@ -156,14 +160,14 @@ def test_names_are_safe_and_unique_for_awkward_values():
 
 def test_command_line_overrides_change_names():
   trials = [{'a': 1}, {'a': 2}]
-  plain = sweep.trial_names(trials)
+  plain = trial_names(trials)
   assert plain == ['a=1', 'a=2']
-  with_cli = sweep.trial_names(trials, {'num_steps': 100})
+  with_cli = trial_names(trials, {'num_steps': 100})
   assert [n.split(',')[0] for n in with_cli] == plain
   assert with_cli != plain
   assert len({n.split(',')[-1] for n in with_cli}) == 1  # One digest, shared by all trials.
-  assert sweep.trial_names(trials, {'num_steps': 200}) != with_cli
-  assert sweep.trial_names(trials, {'num_steps': 100}) == with_cli
+  assert trial_names(trials, {'num_steps': 200}) != with_cli
+  assert trial_names(trials, {'num_steps': 100}) == with_cli
 
 
 # ---------------------------------------------------------------- running
@@ -232,6 +236,7 @@ def test_builds_each_distinct_dataset_once_before_the_trials(tmp_path, calls, mo
     ran = os.path.exists(os.path.join(workdir, 'summary.json'))
     built.append((cfg.dataset.data_dir, cfg.dataset.fold, ran))
   monkeypatch.setattr(data, 'dataset_for', dataset_for)
+  monkeypatch.setattr(validate, 'check', lambda cfg: None)  # A stand-in config, not a full one.
   config = _config(tmp_path, "sweep.product({'schedule.learning_rate': [0.01, 0.02]}, "
                              'sweep.folds(2))')
   workdir = str(tmp_path / 'w')
@@ -242,6 +247,16 @@ def test_builds_each_distinct_dataset_once_before_the_trials(tmp_path, calls, mo
   built.clear()
   sweep.run(config, workdir, command=FAKE)
   assert built == []  # Nothing left to run, nothing to build.
+
+
+def test_a_bad_trial_setting_fails_before_any_build_or_trial(tmp_path, calls, monkeypatch):
+  from pneumo_jax import data
+
+  monkeypatch.setattr(data, 'dataset_for', lambda cfg, workdir: pytest.fail('built a dataset'))
+  with pytest.raises(ConfigError, match=r"sweep trial seed=0\S*: input\.image_size=60 is below"):
+    sweep.run(os.path.join(REPO, 'configs', 'sweeps', 'tiny.py'), str(tmp_path / 'w'),
+              overrides={'input.image_size': 60}, command=FAKE)
+  assert calls() == []
 
 
 @pytest.mark.parametrize('sweep_expr, overrides, match', [
@@ -269,6 +284,19 @@ def test_parallel_trials_run_side_by_side(tmp_path, calls, monkeypatch):
            for r in results]
   assert peers[:2] == [True, True]  # The first two waited for each other: both were running.
 
+
+def test_trials_run_this_python_on_the_package(tmp_path, monkeypatch):
+  """No path to a checkout's main.py: an installed package runs its sweeps too."""
+  ran = []
+  def fake_run(argv, **kwargs):
+    ran.append(argv)
+    return subprocess.CompletedProcess(argv, 1)
+  monkeypatch.setattr(runner.subprocess, 'run', fake_run)
+  config = _config(tmp_path, "[{'schedule.learning_rate': 0.01}]")
+  results = sweep.run(config, str(tmp_path / 'w'), prepare_data=False)
+  assert ran[0][:3] == [sys.executable, '-m', 'pneumo_jax']
+  assert ran[0][3:7] == ['--config', config, '--workdir', results[0]['workdir']]
+  assert results[0]['status'] == 'failed'  # The stand-in wrote no summary.json.
 
 # ---------------------------------------------------------------- ranking and aggregation
 
@@ -337,7 +365,7 @@ def test_folds_aggregate_to_mean_and_std_and_rank_by_mean(tmp_path, calls):
 
 def test_a_group_missing_folds_ranks_after_complete_ones():
   def result(lr, fold, kappa):
-    return {'name': f'lr={lr},fold={fold}', 'overrides': {'lr': lr, sweep.FOLD_KEY: fold},
+    return {'name': f'lr={lr},fold={fold}', 'overrides': {'lr': lr, FOLD_KEY: fold},
             'status': 'done' if kappa is not None else 'failed', 'wall_time_s': 1.0,
             'best': {'kappa': kappa}, 'final': {}}
   results = [result(1, 0, 0.9), result(1, 1, None), result(2, 0, 0.5), result(2, 1, 0.6)]
@@ -357,7 +385,7 @@ def test_example_sweeps_expand_against_their_configs(name, count, monkeypatch):
     assert f.readline().startswith(f'# python main.py --config configs/sweeps/{name}.py')
   _, trials = sweep.expand(path)
   assert len(trials) == count
-  assert len(set(sweep.trial_names(trials))) == count
+  assert len(set(trial_names(trials))) == count
 
 
 def test_is_sweep_tells_sweep_configs_apart():

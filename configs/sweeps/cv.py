@@ -10,7 +10,7 @@ how much of a difference between recipes is real.
 import ml_collections
 
 from configs import default
-from pneumo_jax import sweep
+from pneumo_jax.modes import sweep
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -10,7 +10,7 @@ it is from the best rate for your images. Add --sweep_parallel 2 to train two tr
 import ml_collections
 
 from configs import default
-from pneumo_jax import sweep
+from pneumo_jax.modes import sweep
 
 
 def get_config() -> ml_collections.ConfigDict:

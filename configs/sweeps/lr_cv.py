@@ -9,7 +9,7 @@ import ml_collections
 
 from configs import default
 from configs.sweeps import cv, lr
-from pneumo_jax import sweep
+from pneumo_jax.modes import sweep
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -10,7 +10,7 @@ seed, so the second one reuses the first one's compiled steps from JAX's compila
 import ml_collections
 
 from configs import demo
-from pneumo_jax import sweep
+from pneumo_jax.modes import sweep
 
 
 def get_config() -> ml_collections.ConfigDict:

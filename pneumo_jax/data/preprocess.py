@@ -16,7 +16,6 @@ import numpy as np
 
 from pneumo_jax.errors import ConfigError
 
-MIN_SIZE = 75  # InceptionV3's smallest input.
 SLIM_CENTRAL_FRACTION = 0.875  # slim's eval crop: what ImageNet weights were evaluated with.
 
 # slim's distorted_bounding_box_crop defaults; the "object" is the whole image.
@@ -35,7 +34,7 @@ def train(image: np.ndarray, rng: np.random.Generator, size: int, *, random_crop
 
   With every switch off this is a plain resize of the whole image (no central crop).
   """
-  _check(image, size)
+  _check(image)
   if random_crop:
     y, x, h, w = _distorted_box(*image.shape[:2], rng)
     image = image[y:y + h, x:x + w]
@@ -81,7 +80,7 @@ def view_mismatch(input_cfg: ml_collections.ConfigDict) -> str | None:
 def eval(image: np.ndarray, size: int, *,
          central_fraction: float = SLIM_CENTRAL_FRACTION) -> np.ndarray:
   """uint8 [H, W, 3] → float32 [size, size, 3] in [-1, 1]: central crop and resize, as slim."""
-  _check(image, size)
+  _check(image)
   if not 0.0 < central_fraction <= 1.0:
     raise ConfigError(f'input.central_crop_fraction={central_fraction} must be in (0, 1]')
   h, w = image.shape[:2]
@@ -90,12 +89,10 @@ def eval(image: np.ndarray, size: int, *,
   return _to_signed(_resize_bilinear(image[top:h - top, left:w - left], size))
 
 
-def _check(image: np.ndarray, size: int) -> None:
+def _check(image: np.ndarray) -> None:
   if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8 or 0 in image.shape:
     raise ValueError(f'expected a non-empty uint8 [H, W, 3] image, got {image.dtype} '
                      f'{image.shape}')
-  if size < MIN_SIZE:
-    raise ConfigError(f'input.image_size={size} is below InceptionV3\'s minimum {MIN_SIZE}')
 
 
 def _to_signed(image: np.ndarray) -> np.ndarray:

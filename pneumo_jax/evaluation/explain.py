@@ -33,8 +33,6 @@ from matplotlib.figure import Figure
 
 from pneumo_jax.errors import ConfigError
 
-DEFAULT_LAYER = 'Mixed_7c'
-
 
 @jax.custom_vjp
 def guided_relu(x: jax.Array) -> jax.Array:
@@ -78,9 +76,8 @@ def _forward(model: nn.Module, variables: Any, images: jax.Array, layer: str,
   with nn.intercept_methods(_on_layer_output(layer, perturb, found)):
     logits, _ = model.apply(variables, images, train=False)
   if not found:
-    raise ConfigError(
-        f'explain layer {layer!r} is not a submodule of the model; use a scope path such as '
-        "'Mixed_5d', 'Mixed_6e' or 'Mixed_7c' (slim endpoint names)")
+    raise ConfigError(f'--layer={layer!r} is not a submodule of the model; give a layer path '
+                      '(the backbone\'s Grad-CAM layers are listed by --helpfull under --layer)')
   return logits, captured[0]
 
 
@@ -91,27 +88,15 @@ def _one_hot_scores(logits: jax.Array, target: jax.Array | None) -> tuple[jax.Ar
   return target, jax.nn.one_hot(target, logits.shape[-1], dtype=logits.dtype)
 
 
-# Where the cells of InceptionV3's endpoints sit in the input: cell i's receptive field is centred
-# on input pixel offset + stride * i. Only the stem's VALID layers and the stride-2 reductions
-# (Mixed_6a, Mixed_7a) move centres (each VALID k×k op adds stride_in * (k - 1) / 2 to the
-# offset); the SAME layers in between keep them. Plain resizing would stretch the cells over the
-# whole image instead, misplacing the outer ones (by 19 px for Mixed_7c at 299 px input).
-_CELL_CENTRES: dict[str, tuple[float, float]] = {
-    'Conv2d_1a_3x3': (1, 2), 'Conv2d_2a_3x3': (3, 2), 'Conv2d_2b_3x3': (3, 2),
-    'MaxPool_3a_3x3': (5, 4), 'Conv2d_3b_1x1': (5, 4), 'Conv2d_4a_3x3': (9, 4),
-    'MaxPool_5a_3x3': (13, 8), 'Mixed_5b': (13, 8), 'Mixed_5c': (13, 8), 'Mixed_5d': (13, 8),
-    'Mixed_6a': (21, 16), 'Mixed_6b': (21, 16), 'Mixed_6c': (21, 16), 'Mixed_6d': (21, 16),
-    'Mixed_6e': (21, 16), 'Mixed_7a': (37, 32), 'Mixed_7b': (37, 32), 'Mixed_7c': (37, 32),
-}
-
-
-def _upsampling(n_out: int, n_in: int, layer: str) -> np.ndarray:
+def _upsampling(n_out: int, n_in: int, cells: tuple[float, float] | None) -> np.ndarray:
   """[n_out, n_in] linear interpolation from cell centres to pixels, constant past the ends.
 
-  Layers outside the table (sub-block paths) fall back to stretching the cells over the image,
-  as `jax.image.resize` would.
+  `cells` is the layer's (offset, stride): cell i is centred on pixel offset + stride * i (the
+  backbone's `cell_centres`; plain resizing would misplace the outer cells, by 19 px for
+  InceptionV3's Mixed_7c at 299 px). Without it (a sub-block path) the cells are stretched over
+  the image, as `jax.image.resize` would.
   """
-  offset, stride = _CELL_CENTRES.get(layer, ((n_out / n_in - 1) / 2, n_out / n_in))
+  offset, stride = cells or ((n_out / n_in - 1) / 2, n_out / n_in)
   u = np.clip((np.arange(n_out) - offset) / stride, 0, n_in - 1)
   lo = np.floor(u).astype(int)
   hi = np.minimum(lo + 1, n_in - 1)
@@ -122,7 +107,7 @@ def _upsampling(n_out: int, n_in: int, layer: str) -> np.ndarray:
 
 
 def _grad_cam(model: nn.Module, variables: Any, images: jax.Array, target: jax.Array | None,
-              layer: str) -> dict[str, jax.Array]:
+              layer: str, cells: tuple[float, float] | None) -> dict[str, jax.Array]:
   shape = jax.eval_shape(lambda x: _forward(model, variables, x, layer)[1], images)
   (logits, acts), vjp = jax.vjp(
       lambda d: _forward(model, variables, images, layer, d), jnp.zeros(shape.shape, shape.dtype))
@@ -130,8 +115,8 @@ def _grad_cam(model: nn.Module, variables: Any, images: jax.Array, target: jax.A
   (grads,) = vjp((cotangent, jnp.zeros_like(acts)))
   weights = grads.astype(jnp.float32).mean(axis=(1, 2))  # [B, K]: one weight per feature map.
   cam = jax.nn.relu(jnp.einsum('bhwk,bk->bhw', acts.astype(jnp.float32), weights))
-  rows = _upsampling(images.shape[1], cam.shape[1], layer)
-  cols = _upsampling(images.shape[2], cam.shape[2], layer)
+  rows = _upsampling(images.shape[1], cam.shape[1], cells)
+  cols = _upsampling(images.shape[2], cam.shape[2], cells)
   cam = jnp.einsum('yh,bhw,xw->byx', rows, cam, cols)
   peak = cam.max(axis=(1, 2), keepdims=True)
   cam = jnp.where(peak > 0, cam / jnp.where(peak > 0, peak, 1.0), 0.0)
@@ -146,9 +131,9 @@ def _guided_backprop(model: nn.Module, variables: Any, images: jax.Array,
   return grads.astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'layer'))
+@functools.partial(jax.jit, static_argnames=('model', 'layer', 'cells'))
 def explain(model: nn.Module, variables: Any, images: jax.Array, target: jax.Array | None = None,
-            *, layer: str = DEFAULT_LAYER) -> dict[str, jax.Array]:
+            *, layer: str, cells: tuple[float, float] | None = None) -> dict[str, jax.Array]:
   """Explains a batch of preprocessed images ([B, H, W, 3] in [-1, 1]).
 
   Args:
@@ -157,13 +142,15 @@ def explain(model: nn.Module, variables: Any, images: jax.Array, target: jax.Arr
     images: the batch; may be sharded over devices along B.
     target: [B] class ids to explain; None → each image's predicted class.
     layer: scope path of the submodule whose output Grad-CAM weighs.
+    cells: where its cells sit in the input, (offset, stride) in pixels: the backbone's
+      `cell_centres[layer]`; None stretches them over the image.
 
   Returns:
     'probs' [B, C]; 'target' [B]; 'grad_cam' [B, H, W] in [0, 1] (each map divided by its
     maximum, all zeros where no feature votes for the class); 'guided_backprop' [B, H, W, 3]
     (gradient of the class logit w.r.t. the image); 'guided_grad_cam' = their product.
   """
-  out = _grad_cam(model, variables, images, target, layer)
+  out = _grad_cam(model, variables, images, target, layer, cells)
   out['guided_backprop'] = _guided_backprop(model, variables, images, out['target'])
   out['guided_grad_cam'] = out['guided_backprop'] * out['grad_cam'][..., None]
   return out
@@ -180,7 +167,8 @@ def layer_grid(model: nn.Module, variables: Any, image_size: int, layer: str) ->
   return acts.shape[1], acts.shape[2]
 
 
-def grid_warning(layer: str, grid: tuple[int, int], image_size: int) -> str | None:
+def grid_warning(layer: str, grid: tuple[int, int], image_size: int,
+                 earlier: Sequence[str] = ()) -> str | None:
   """A one-line warning when `layer` has at most 2×2 cells at this input size, else None.
 
   Grad-CAM can only be as fine as the layer's grid, placed at its cells' centres: with one cell
@@ -188,9 +176,10 @@ def grid_warning(layer: str, grid: tuple[int, int], image_size: int) -> str | No
   """
   if max(grid) > 2:
     return None
+  such = f' such as {" or ".join(earlier)}' if earlier else ''
   return (f'Grad-CAM at {layer} is a {grid[0]}×{grid[1]} grid for {image_size}×{image_size} '
-          'inputs: the Grad-CAM map is then nearly uniform; choose an earlier layer such as '
-          'Mixed_6e or Mixed_5d, or a larger input.image_size')
+          f'inputs: the Grad-CAM map is then nearly uniform; choose an earlier layer{such}, or a '
+          'larger input.image_size')
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ from pneumo_jax import checkpoints, locks, scopes, sharding
 from pneumo_jax.data import dataset_for, folder_builder, pipeline
 from pneumo_jax.errors import ConfigError
 from pneumo_jax.evaluation import inference, metrics
-from pneumo_jax.models import build_model
+from pneumo_jax.models import backbone_of, build_model
 from pneumo_jax.training import interrupt, optim
 from pneumo_jax.training.monitor import Monitor, read_records
 from pneumo_jax.training.step import TrainState, make_train_step
@@ -84,13 +84,16 @@ def frozen_paths(variables: dict[str, Any], phases: list[Phase]) -> dict[str, se
   trained = {k for p in phases for k, t in scopes.flatten(
       scopes.mask(variables['params'], p.cfg.trainable_scopes)).items() if t}
   rules = [batch_norm_train(p.cfg) for p in phases]
+  params = scopes.flatten(variables['params'])
 
-  def learns(path: str) -> bool:  # `X/BatchNorm/moving_*`, as ConvBN decides; others may change.
-    layer, _, name = path.rpartition('/')
-    return (layer.rpartition('/')[2] != 'BatchNorm' or not name.startswith('moving_')
-            or any(r is None or scopes.matches(r, f'{layer}/beta') for r in rules))
+  def learns(path: str) -> bool:
+    """A batch norm's statistics at `P/<stat>` move when its rule matches a parameter under P/
+    (every backbone decides by its own BN parameters' paths, e.g. `P/beta` or `P/bias`)."""
+    layer = path.rpartition('/')[0] + '/'
+    own = [k for k in params if k.startswith(layer)]
+    return not own or any(r is None or any(scopes.matches(r, k) for k in own) for r in rules)
 
-  return {'params': set(scopes.flatten(variables['params'])) - trained,
+  return {'params': set(params) - trained,
           'batch_stats': {k for k in scopes.flatten(variables['batch_stats']) if not learns(k)}}
 
 
@@ -125,6 +128,7 @@ class _Run:
                    ', '.join(f'{n}={k}' for n, k in zip(self.names, c, strict=True)))
     self.class_weights = class_weights(config, counts['train'])
     self.mesh = sharding.make_mesh()
+    self.backbone = backbone_of(config)
     self.eval_model = build_model(config, len(self.names))
     self.best_value: float | None = None
     self.best_step = 0
@@ -219,7 +223,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, phases: list[Phase],
                        'matches no parameter; patterns match parameter paths such as '
                        "'Logits/Conv2d_1c_1x1/weights' from their start")
     schedule = optim.make_schedule(phase.cfg.schedule, phase.end - phase.start)
-    return trainable, schedule, optim.make_optimizer(phase.cfg.optimizer, schedule, trainable)
+    return trainable, schedule, optim.make_optimizer(phase.cfg.optimizer, schedule, trainable,
+                                                     run.backbone.weight_decay)
 
   frozen = frozen_paths(variables, phases)
   ema_mask = scopes.unflatten({k: k not in frozen['params']
@@ -240,7 +245,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, phases: list[Phase],
     logging.info('Resumed from %s at step %d (phase %r).', mngr.directory, step, phase.name)
   elif config.init_checkpoint:
     loaded = checkpoints.load_init(config.init_checkpoint, variables, config.exclude_scopes,
-                                   config.ignore_missing_vars, workdir)
+                                   config.ignore_missing_vars, workdir, run.backbone)
     loaded = jax.device_put(loaded, repl)
     state = state.replace(params=loaded['params'], batch_stats=loaded['batch_stats'],
                           ema_params=fresh_ema(loaded['params']))
@@ -264,7 +269,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, phases: list[Phase],
           make_train_step(model, tx, trainable, aux_loss_weight=config.aux_loss_weight,
                           label_smoothing=config.label_smoothing,
                           class_weights=run.class_weights, ema_decay=config.ema_decay,
-                          ema_mask=ema_mask),
+                          ema_mask=ema_mask, aux_logits=run.backbone.aux_logits),
           in_shardings=(repl, sharding.batch_sharding(run.mesh), repl),
           out_shardings=(repl, repl), donate_argnums=0)
       t_ckpt = time.time()

@@ -8,6 +8,7 @@ starts its mean square at 1 and applies the learning rate inside the momentum, a
 decay, added to the gradient as slim's L2 regularizer would.
 """
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from pneumo_jax import scopes
 from pneumo_jax.errors import ConfigError
 
 
@@ -72,7 +74,8 @@ def ftrl(learning_rate: optax.ScalarOrSchedule, *, learning_rate_power: float = 
   return optax.GradientTransformation(init, update)
 
 
-def _base(cfg: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientTransformation:
+def _base(cfg: ml_collections.ConfigDict, lr: optax.Schedule,
+          decayed: Callable[[Any], Any]) -> optax.GradientTransformation:
   name = cfg.name
   if name == 'rmsprop':  # tf.train.RMSPropOptimizer: ms starts at 1, lr inside momentum.
     return optax.chain(
@@ -87,7 +90,7 @@ def _base(cfg: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientT
     return optax.adam(lr, b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.epsilon)
   if name == 'adamw':
     return optax.adamw(lr, b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.epsilon,
-                       weight_decay=cfg.adamw_weight_decay, mask=_kernels)
+                       weight_decay=cfg.adamw_weight_decay, mask=decayed)
   if name == 'adagrad':
     return optax.adagrad(lr, initial_accumulator_value=cfg.adagrad_initial_accumulator_value,
                          eps=0.0)
@@ -101,27 +104,36 @@ def _base(cfg: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientT
                    'sgd, adam, adamw, adagrad, adadelta, ftrl')
 
 
-def _kernels(params: Any) -> Any:
-  """True for conv kernels (slim's `weights`, the only 4-D variables): what slim's weight decay
-  covers. Works on the masked trees `multi_transform` hands its inner transforms."""
-  return jax.tree.map(lambda p: p.ndim == 4, params)
+def _matching(patterns: str) -> Callable[[Any], Any]:
+  """A mask function: True for the leaves whose parameter path a pattern matches (the backbone's
+  `weight_decay`, e.g. slim's conv kernels). Works on the masked trees `multi_transform` hands
+  its inner transforms."""
+
+  def mask(params: Any) -> Any:
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: scopes.matches(patterns, '/'.join(k.key for k in path)), params)
+
+  return mask
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule,
-                   trainable: Any) -> optax.GradientTransformation:
+                   trainable: Any, weight_decay: str) -> optax.GradientTransformation:
   """The full transform: decay + clip + base optimizer on trainable leaves, zero elsewhere.
 
   Args:
     cfg: config.optimizer.
     schedule: the phase's learning-rate schedule.
     trainable: a tree of bools shaped like the params (see `scopes.mask`).
+    weight_decay: regexes over parameter paths selecting what `cfg.weight_decay` (and adamw's
+      decoupled decay) apply to: the backbone's `weight_decay`.
   """
   chain = []
+  decayed = _matching(weight_decay)
   if cfg.weight_decay:
-    chain.append(optax.add_decayed_weights(cfg.weight_decay, mask=_kernels))
+    chain.append(optax.add_decayed_weights(cfg.weight_decay, mask=decayed))
   if cfg.grad_clip_norm:
     chain.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
-  chain.append(_base(cfg, schedule))
+  chain.append(_base(cfg, schedule, decayed))
   labels = jax.tree.map(lambda t: 'train' if t else 'freeze', trainable)
   return optax.multi_transform(
       {'train': optax.chain(*chain), 'freeze': optax.set_to_zero()}, labels)

@@ -40,17 +40,19 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, trainable: Any, *,
                     aux_loss_weight: float, label_smoothing: float,
                     class_weights: np.ndarray | None, ema_decay: float,
-                    ema_mask: Any = None) -> Callable:
+                    ema_mask: Any = None, aux_logits: str | None = None) -> Callable:
   """Builds step(state, batch, rng) → (state, metrics).
 
   Args:
-    model: InceptionV3 whose `batch_norm_train` says which BN layers learn.
+    model: a backbone's module whose `batch_norm_train` says which BN layers learn.
     tx: from `optim.make_optimizer` with the same `trainable` mask.
     trainable: tree of bools shaped like the params.
     class_weights: per-class loss weights (Keras's `class_weight`), or None for 1.
     ema_mask: tree of bools, the leaves the EMA averages (default `trainable`); the rest are
       carried over as they are. The loop passes the leaves any phase trains, so a leaf trained
       earlier keeps converging to its (now fixed) value.
+    aux_logits: the end_points key of the backbone's auxiliary classifier (its loss is weighted
+      by `aux_loss_weight`); None or absent from the outputs → no aux loss.
   """
   is_trainable = scopes.flatten(trainable)
   ema_follows = is_trainable if ema_mask is None else scopes.flatten(ema_mask)
@@ -70,8 +72,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, trainabl
           rngs={'dropout': rng}, mutable=['batch_stats'])
       loss = cross_entropy(logits, labels, num_classes, label_smoothing, weights)
       aux_loss = jnp.zeros([], jnp.float32)
-      if 'AuxLogits' in end_points:
-        aux_loss = cross_entropy(end_points['AuxLogits'], labels, num_classes, label_smoothing,
+      if aux_logits in end_points:
+        aux_loss = cross_entropy(end_points[aux_logits], labels, num_classes, label_smoothing,
                                  weights)
       accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
       total = loss + aux_loss_weight * aux_loss

@@ -23,6 +23,7 @@ from pneumo_jax.errors import ConfigError
 
 BN_EPSILON = 0.001
 BN_DECAY = 0.9997
+MIN_SIZE = 75  # The smallest input side the stem's VALID convolutions and pools accept.
 
 # slim's conv2d default (variance_scaling_initializer(): He, fan-in, truncated normal).
 _he_init = nn.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal')
@@ -403,9 +404,10 @@ class InceptionV3(nn.Module):
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
     if self.depth_multiplier <= 0:
       raise ConfigError(f'depth_multiplier must be > 0, got {self.depth_multiplier}.')
-    if images.ndim != 4 or images.shape[1] < 75 or images.shape[2] < 75:
+    if images.ndim != 4 or images.shape[1] < MIN_SIZE or images.shape[2] < MIN_SIZE:
       raise ConfigError(
-        f'InceptionV3 needs images [B, H, W, C] with H, W >= 75; got {images.shape}.'
+        f'InceptionV3 needs images [B, H, W, C] with H, W >= {MIN_SIZE} (input.image_size); '
+        f'got {images.shape}.'
       )
     common = dict(
       dtype=self.dtype,

@@ -1,8 +1,9 @@
-"""What every converter into pneumo_jax's InceptionV3 shares: the name/shape check and the writer.
+"""What every backbone's weight loader shares: the name/shape check and the orbax writer.
 
-Converters build a flat dict {'params/<slim path>': array, 'batch_stats/<slim path>': array},
-check it against the model in one go (so a user sees every problem at once, not the first), and
-write it as an orbax checkpoint that `ocp.StandardCheckpointer().restore(dir)` reads back.
+A loader builds a flat dict {'params/<path>': array, 'batch_stats/<path>': array}, checks it
+against the model in one go (so a user sees every problem at once, not the first), and the result
+is written as an orbax checkpoint that `ocp.StandardCheckpointer().restore(dir)` reads back
+(`converters/`, and the cache of raw files given as `init_checkpoint`).
 """
 
 import os
@@ -50,7 +51,7 @@ def check_names_and_shapes(
   )
   if not (unknown or missing or misshaped):
     return
-  lines = [f'{source} does not match pneumo_jax InceptionV3:']
+  lines = [f'{source} does not match the model:']
   for title, names in (
     ('unknown (not in the model)', unknown),
     ('missing (in the model, not in the file)', missing),
@@ -88,3 +89,18 @@ def save_variables(variables: Mapping[str, Any], out_dir: str, *, overwrite: boo
     os.rename(written, out_dir)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def hdf5_shapes(path: str) -> set[tuple[int, ...]] | None:
+  """The shapes of every array in an HDF5 file (Keras weights), to tell architectures apart
+  without loading them; None when `path` is not an HDF5 file."""
+  try:
+    import h5py
+  except ImportError as e:
+    raise WeightsError(f'reading {path} needs h5py: pip install "pneumo_jax[convert]"') from e
+  if not (os.path.isfile(path) and h5py.is_hdf5(path)):
+    return None
+  shapes: set[tuple[int, ...]] = set()
+  with h5py.File(path, 'r') as f:
+    f.visititems(lambda _, obj: shapes.add(obj.shape) if isinstance(obj, h5py.Dataset) else None)
+  return shapes

@@ -1,0 +1,72 @@
+"""What the rest of pneumo_jax may know about a network: one `Backbone` record per architecture.
+
+The training step, the optimizer's weight decay, preprocessing, Grad-CAM, checkpoints and the
+modes ask these questions and nothing else, so a new architecture is one module under
+`pneumo_jax/models/` that builds its Flax module and fills in a `Backbone` (registered in
+`pneumo_jax.models.BACKBONES`). Layer names appear only there (and in configs, docs and tests).
+
+Every module a backbone creates is called as `module.apply(variables, images, train=...)` on
+preprocessed float images [B, H, W, 3] and returns `(logits, end_points)`; `end_points` maps layer
+names (those in `gradcam_layers`, the aux head's key if any, and `PreLogits`) to their outputs.
+"""
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import ml_collections
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+  """An architecture, as the rest of the code sees it.
+
+  Attributes:
+    name: the value of `config.model.name` that selects it.
+    create: (config.model, num_classes, **overrides) → the Flax module. `overrides` may set
+      `batch_norm_train` (regexes over parameter paths, as `pneumo_jax.scopes`; None: every batch
+      norm uses batch statistics in training; (): none does), `create_aux_logits` and
+      `activation` (explain swaps the ReLU for a guided one).
+    head_scopes: comma-separated regexes selecting the classifier layers that a new set of
+      classes replaces (the default `exclude_scopes` and head-only `trainable_scopes`).
+    aux_logits: the end_points key of an auxiliary classifier trained with
+      `config.aux_loss_weight`, or None.
+    logits_bias: the parameter path of the final classifier's bias: its length is the number of
+      classes a checkpoint predicts.
+    weight_decay: comma-separated regexes selecting the parameters that get L2 weight decay.
+    min_size: the smallest input side the network accepts.
+    default_size: the input side its ImageNet weights were trained at.
+    preprocessing: 'inception' (pixels scaled to [-1, 1]) or 'imagenet' (pixels in [0, 1],
+      less the ImageNet channel means, divided by their standard deviations).
+    gradcam_layers: layers Grad-CAM can weigh, earliest first; the last is the default.
+    cell_centres: per layer in `gradcam_layers`, (offset, stride) in input pixels: cell i's
+      receptive field is centred on pixel offset + stride * i.
+    load_weights: a raw weights file this backbone reads (its formats: see `weight_formats`) →
+      {'params', 'batch_stats'} as numpy arrays keyed like the module's variables.
+    weight_formats: a short description of the files `load_weights` reads, for messages.
+    recognise: whether a raw weights file holds this architecture (without loading it all).
+  """
+
+  name: str
+  create: Callable[..., nn.Module]
+  head_scopes: str
+  aux_logits: str | None
+  logits_bias: str
+  weight_decay: str
+  min_size: int
+  default_size: int
+  preprocessing: str
+  gradcam_layers: tuple[str, ...]
+  cell_centres: Mapping[str, tuple[float, float]]
+  load_weights: Callable[[str], dict[str, Any]]
+  weight_formats: str
+  recognise: Callable[[str], bool]
+
+  @property
+  def default_gradcam_layer(self) -> str:
+    return self.gradcam_layers[-1]
+
+  def build(self, model_cfg: ml_collections.ConfigDict, num_classes: int,
+            **overrides: Any) -> nn.Module:
+    return self.create(model_cfg, num_classes, **overrides)

@@ -1,0 +1,201 @@
+"""Running a sweep: one process per trial, skip/resume/retry, the shared datasets built first,
+and the tables rewritten as each trial ends.
+"""
+
+import concurrent.futures
+import copy
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ml_collections
+from absl import logging
+
+from pneumo_jax import locks, validate
+from pneumo_jax.errors import ConfigError
+from pneumo_jax.modes.sweep import grid, report
+
+_DATA_DIR_KEY = 'dataset.data_dir'
+_TAIL_LINES = 15
+
+
+@dataclasses.dataclass(frozen=True)
+class _Trial:
+  name: str
+  overrides: grid.Overrides  # The sweep's own; the command line's apply to every trial.
+  workdir: str
+
+
+def _flag(key: str, value: Any) -> str:
+  return f'--config.{key}={value if isinstance(value, str) else repr(value)}'
+
+
+def _read_summary(trial_dir: str) -> dict[str, Any] | None:
+  try:
+    with open(os.path.join(trial_dir, 'summary.json')) as f:
+      return json.load(f)
+  except (FileNotFoundError, json.JSONDecodeError):
+    return None
+
+
+def _is_done(summary: dict[str, Any] | None) -> bool:
+  return bool(summary) and summary.get('status') == 'done'
+
+
+def _result(trial: _Trial, status: str, error: str = '', log_tail: str = '') -> dict[str, Any]:
+  summary = _read_summary(trial.workdir) or {}
+  return {
+      'name': trial.name, 'workdir': trial.workdir, 'overrides': trial.overrides,
+      'status': status, 'error': error, 'log_tail': log_tail,
+      **{k: summary.get(k) for k in ('step', 'num_steps', 'wall_time_s', 'best_step')},
+      'final': summary.get('final') or {}, 'best': summary.get('best') or {},
+  }
+
+
+def _origin(config_file: str) -> str:
+  """The config file as an absolute path (with its ':arg'): what trial.json records."""
+  file, *arg = config_file.split(':', 1)
+  return ':'.join([os.path.abspath(file), *arg])
+
+
+def _check_origin(trial: _Trial, origin: str) -> None:
+  """Refuses a trial directory that another sweep config's same-named trial wrote."""
+  try:
+    with open(os.path.join(trial.workdir, 'trial.json')) as f:
+      previous = json.load(f)['config']
+  except FileNotFoundError:
+    return
+  if previous != origin:
+    raise ConfigError(f'{trial.workdir} holds a trial of {previous}, not of {origin}: '
+                     'give each sweep its own --workdir')
+
+
+def _run_trial(trial: _Trial, argv: list[str], env: dict[str, str],
+               record: dict[str, Any]) -> dict[str, Any]:
+  """Runs one trial to its end, appending its output to log.txt; never raises for a bad run."""
+  os.makedirs(trial.workdir, exist_ok=True)
+  with open(os.path.join(trial.workdir, 'trial.json'), 'w') as f:
+    json.dump(record, f, indent=2, default=repr)
+  log_path = os.path.join(trial.workdir, 'log.txt')
+  with open(log_path, 'ab') as log:
+    log.write(f'==== {time.strftime("%Y-%m-%d %H:%M:%S")} {" ".join(argv)}\n'.encode())
+    log.flush()
+    start = log.tell()
+    returncode = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+  if _is_done(_read_summary(trial.workdir)):
+    return _result(trial, 'done')
+  with open(log_path, 'rb') as f:
+    f.seek(start)
+    lines = f.read().decode(errors='replace').strip().splitlines()
+  last = lines[-1].strip() if lines else ''
+  why = (f'exit {returncode}: {last}' if returncode
+         else 'exit 0 without a finished summary.json')
+  return _result(trial, 'failed', why, '\n'.join(lines[-_TAIL_LINES:]))
+
+
+def _prepare_data(config: ml_collections.ConfigDict, trials: Sequence[_Trial],
+                  injected: Mapping[str, Any]) -> None:
+  """Checks every trial's config, then builds each distinct dataset of `trials`, one at a time,
+  before any trial starts.
+
+  Trials sharing a data_dir then only read their dataset: started side by side they would race
+  to build it. A bad setting or dataset.source_dir fails here, once, rather than in every trial.
+  """
+  from pneumo_jax import data  # TFDS: imported only when a sweep really runs.
+
+  configs = []
+  for trial in trials:
+    cfg = copy.deepcopy(config)
+    grid.apply_overrides(cfg, {**injected, **trial.overrides}, trial.name)
+    try:
+      validate.check(cfg)
+    except ConfigError as e:
+      raise ConfigError(f'sweep trial {trial.name}: {e}') from e
+    configs.append(cfg)
+  built = set()
+  for trial, cfg in zip(trials, configs, strict=True):
+    key = grid.canonical(cfg.dataset.to_dict())
+    if key not in built:
+      built.add(key)
+      data.dataset_for(cfg, trial.workdir)
+
+
+def run(config_file: str, workdir: str, overrides: Mapping[str, Any] | None = None,
+        parallel: int = 1, command: Sequence[str] | None = None,
+        prepare_data: bool = True) -> list[dict[str, Any]]:
+  """Runs the sweep in `config_file` under `workdir`; returns one result per trial, in order.
+
+  Args:
+    config_file: a config module defining get_config() and get_sweep() (may end in ':arg').
+    workdir: trials go to workdir/<name>; the tables to workdir/results.{csv,md}.
+    overrides: the command line's `--config.a.b=v` values (flat dotted dict), for every trial.
+    parallel: how many trial processes run at once.
+    command: the trial program, given `--config F --workdir D --nosweep --config.k=v ...`;
+      default: `python -m pneumo_jax` with this Python, which works for an installed package as
+      well as a checkout.
+    prepare_data: build the trials' datasets here first (see _prepare_data); False leaves it to
+      the trials, for trial programs that need no data.
+
+  Each result holds name, workdir, overrides, status ('done' | 'failed'), error (exit code and
+  last output line), log_tail, step, num_steps, wall_time_s, best_step, final and best.
+  Trials share dataset.data_dir = workdir/data unless it is set, so a dataset is built once.
+  """
+  if parallel < 1:
+    raise ConfigError(f'--sweep_parallel must be >= 1, got {parallel}')
+  base = list(command or [sys.executable, '-m', 'pneumo_jax'])
+  overrides = dict(overrides or {})
+  config, sweep = grid.expand(config_file, overrides)
+  injected = {}
+  if not config.dataset.data_dir and not any(_DATA_DIR_KEY in t for t in sweep):
+    injected[_DATA_DIR_KEY] = os.path.abspath(os.path.join(workdir, 'data'))
+  names = grid.trial_names(sweep, overrides)
+  trials = [_Trial(n, t, os.path.join(workdir, n)) for n, t in zip(names, sweep, strict=True)]
+  with locks.workdir_lock(workdir):  # One sweep per workdir; trials lock their own.
+    origin = _origin(config_file)
+    results: dict[str, dict[str, Any]] = {}
+    pending = []
+    for trial in trials:
+      _check_origin(trial, origin)
+      done = _is_done(_read_summary(trial.workdir))
+      results[trial.name] = _result(trial, 'done' if done else 'pending')
+      if not done:
+        pending.append(trial)
+    logging.info('sweep %s: %d trials, %d finished before, %d to run, %d at a time',
+                 config_file, len(trials), len(trials) - len(pending), len(pending), parallel)
+    if prepare_data:
+      _prepare_data(config, pending, injected)
+
+    def write_tables():
+      report.write_results(workdir, [results[t.name] for t in trials], config.best_metric,
+                           config_file, overrides)
+
+    env = dict(os.environ)
+    # Trials import what this process imports (a config's `from configs import …` included)
+    # from wherever it was started: its script's folder, or the current one under `-m`.
+    here = os.path.abspath(sys.path[0] or os.curdir)
+    env['PYTHONPATH'] = os.pathsep.join(p for p in (here, env.get('PYTHONPATH')) if p)
+    if parallel > 1:  # One GPU shared by several processes: each takes memory as it needs it.
+      env.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+    write_tables()
+    with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
+      futures = []
+      for trial in pending:
+        argv = [*base, '--config', config_file, '--workdir', trial.workdir, '--nosweep',
+                *(_flag(k, v) for k, v in {**overrides, **injected, **trial.overrides}.items())]
+        record = {'config': origin, 'overrides': {**overrides, **trial.overrides}, 'argv': argv}
+        futures.append(pool.submit(_run_trial, trial, argv, env, record))
+      try:
+        for future in concurrent.futures.as_completed(futures):
+          result = future.result()
+          results[result['name']] = result
+          logging.info('sweep trial %s: %s %s', result['name'], result['status'], result['error'])
+          write_tables()
+      except BaseException:  # Ctrl-C included: start no more trials; running ones get the signal.
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    return [results[t.name] for t in trials]

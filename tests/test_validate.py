@@ -1,0 +1,64 @@
+"""The whole config checked before any build or compile: one rule, one test, one named field."""
+
+import pytest
+
+from configs import default
+from pneumo_jax import validate
+from pneumo_jax.errors import ConfigError, DatasetError
+
+
+def _config(**overrides):
+  c = default.get_config()
+  c.dataset.source_dir = '/data/anything'  # Not read: validation touches no file.
+  c.update_from_flattened_dict(overrides)
+  return c
+
+
+def test_the_shipped_defaults_pass():
+  validate.check(_config(), devices=1)
+
+
+@pytest.mark.parametrize('overrides, devices, message', [
+    ({'model.name': 'resnet50'}, None, r"model\.name='resnet50' is not a backbone; use one of "
+                                       r"\['inception_v3'"),
+    ({'input.image_size': 74}, None, r"input\.image_size=74 is below inception_v3's minimum 75"),
+    ({'input.batch_size': 0}, None, r'input\.batch_size=0 must be at least 1'),
+    ({'input.eval_batch_size': -2}, None, r'input\.eval_batch_size=-2 must be at least 1'),
+    ({'input.batch_size': 6}, 4, r'input\.batch_size=6 must be a multiple of the 4 devices'),
+    ({'input.central_crop_fraction': 1.5}, None, r'input\.central_crop_fraction=1\.5 must be'),
+    ({'input.num_workers': -1}, None, r'input\.num_workers=-1'),
+    ({'model.dtype': 'float64'}, None, r"model\.dtype='float64': use one of"),
+    ({'best_metric': 'kapa'}, None, r"best_metric='kapa': use one of \['accuracy', 'auc_macro'"),
+    ({'exclude_scopes': 'Logits,('}, None, r"invalid scope pattern '\('"),
+    ({'class_weighting': 'inverse'}, None, r"class_weighting='inverse': use '' or 'balanced'"),
+    ({'trainable_scopes': ''}, None, r"trainable_scopes is empty: nothing would train; give "
+                                     r"regexes such as 'Logits,AuxLogits'"),
+    ({'batch_norm': 'fixed'}, None, r"batch_norm='fixed' is unknown; use 'trainable'"),
+    ({'schedule.name': 'cosine'}, None, r"schedule\.name='cosine' is unknown"),
+    ({'optimizer.name': 'lamb'}, None, r"optimizer\.name='lamb' is unknown"),
+])
+def test_each_bad_field_is_named_with_what_it_accepts(overrides, devices, message):
+  with pytest.raises(ConfigError, match=message):
+    validate.check(_config(**overrides), devices=devices)
+
+
+def test_phase_fields_are_checked_per_phase():
+  c = _config()
+  c.phases.head = dict(num_steps=10, trainable_scopes='Logits')
+  c.phases.top = dict(num_steps=0, trainable_scopes='Mixed_7c')
+  with pytest.raises(ConfigError, match=r'phases\.top\.num_steps must be a positive'):
+    validate.check(c)
+  c.phases.top = dict(num_steps=5, learning_rate=0.1)
+  with pytest.raises(ConfigError, match=r'phases\.top\.learning_rate is not a per-phase field'):
+    validate.check(c)
+  c.phases.top = dict(num_steps=5, batch_norm='sometimes')
+  with pytest.raises(ConfigError, match=r"batch_norm='sometimes' is unknown"):
+    validate.check(c)
+  c.phases.top = dict(num_steps=5, schedule=dict(name='linear'))
+  with pytest.raises(ConfigError, match=r"schedule\.name='linear' is unknown"):
+    validate.check(c)
+
+
+def test_split_settings_are_checked_before_any_build():
+  with pytest.raises(DatasetError, match=r'dataset\.validation_fraction=1\.2'):
+    validate.check(_config(**{'dataset.validation_fraction': 1.2}))

@@ -4,7 +4,12 @@ InceptionV3's train step takes tens of seconds to compile on 2 CPU cores; tests 
 computation again (and subprocess runs of main.py) then load it from the cache instead.
 """
 
+import contextlib
 import os
+
+# torchvision (through triton) crashes a process that imported TensorFlow first: it goes first.
+with contextlib.suppress(ImportError):
+  import torchvision  # noqa: F401
 
 import jax
 import ml_collections

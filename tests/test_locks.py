@@ -76,9 +76,15 @@ def test_forked_child_does_not_keep_a_dead_parents_lock(tmp_path):
   proc = start("""
       import multiprocessing, sys, time
       from pneumo_jax import locks
+      def work(started):  # Runs after the fork hooks: the child has closed its copy by now.
+        started.set()
+        time.sleep(120)
       with locks.workdir_lock(sys.argv[1]):
-        child = multiprocessing.get_context('fork').Process(target=time.sleep, args=(120,))
+        context = multiprocessing.get_context('fork')
+        started = context.Event()
+        child = context.Process(target=work, args=(started,))
         child.start()  # As a grain or multiprocessing worker would be.
+        started.wait()
         print(child.pid, flush=True)
         time.sleep(120)
   """, str(tmp_path / 'work'))

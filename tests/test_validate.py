@@ -20,7 +20,7 @@ def test_the_shipped_defaults_pass():
 
 @pytest.mark.parametrize('overrides, devices, message', [
     ({'model.name': 'resnet50'}, None, r"model\.name='resnet50' is not a backbone; use one of "
-                                       r"\['inception_v3'"),
+                                       r"\['densenet121', 'inception_v3'\]"),
     ({'input.image_size': 74}, None, r"input\.image_size=74 is below inception_v3's minimum 75"),
     ({'input.batch_size': 0}, None, r'input\.batch_size=0 must be at least 1'),
     ({'input.eval_batch_size': -2}, None, r'input\.eval_batch_size=-2 must be at least 1'),

@@ -10,13 +10,14 @@ import flax.linen as nn
 import ml_collections
 
 from pneumo_jax.errors import ConfigError, WeightsError
-from pneumo_jax.models import inception_v3
+from pneumo_jax.models import densenet121, inception_v3
 from pneumo_jax.models.backbone import Backbone
 
 __all__ = ['BACKBONES', 'Backbone', 'backbone_for_file', 'backbone_of', 'build_inference_model',
            'build_model', 'get_backbone', 'num_classes_of']
 
-BACKBONES: dict[str, Backbone] = {b.name: b for b in (inception_v3.BACKBONE,)}
+BACKBONES: dict[str, Backbone] = {
+    b.name: b for b in (inception_v3.BACKBONE, densenet121.BACKBONE)}
 
 
 def get_backbone(name: str) -> Backbone:

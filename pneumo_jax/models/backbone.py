@@ -37,8 +37,12 @@ class Backbone:
     weight_decay: comma-separated regexes selecting the parameters that get L2 weight decay.
     min_size: the smallest input side the network accepts.
     default_size: the input side its ImageNet weights were trained at.
-    preprocessing: 'inception' (pixels scaled to [-1, 1]) or 'imagenet' (pixels in [0, 1],
-      less the ImageNet channel means, divided by their standard deviations).
+    preprocessing: the input normalisation its weights expect: 'inception' (pixels scaled to
+      [-1, 1]) or 'imagenet' (pixels in [0, 1], less the ImageNet channel means, divided by
+      their standard deviations). The pipeline always delivers [-1, 1] (inception
+      preprocessing, one image view for every backbone); a module whose weights expect another
+      normalisation converts to it as its first operation, so explanations and exports see one
+      input convention.
     gradcam_layers: layers Grad-CAM can weigh, earliest first; the last is the default.
     cell_centres: per layer in `gradcam_layers`, (offset, stride) in input pixels: cell i's
       receptive field is centred on pixel offset + stride * i.

@@ -45,28 +45,49 @@ def main() -> None:
     model = InceptionV3(num_classes=4, batch_norm_train=scopes.parse(trainable))
     variables = jax.jit(model.init)(key, images[:1])
     mask = scopes.mask(variables['params'], trainable)
-    tx = optim.make_optimizer(default.get_config().optimizer, optax.constant_schedule(0.01), mask,
-                              BACKBONE.weight_decay)
-    state = TrainState(step=jnp.zeros([], jnp.int32), params=variables['params'],
-                       batch_stats=variables['batch_stats'],
-                       opt_state=tx.init(variables['params']))
-    step = jax.jit(make_train_step(model, tx, mask, aux_loss_weight=0.4, label_smoothing=0.0,
-                                   class_weights=None, ema_decay=0.0,
-                                   aux_logits=BACKBONE.aux_logits))
+    tx = optim.make_optimizer(
+      default.get_config().optimizer, optax.constant_schedule(0.01), mask, BACKBONE.weight_decay
+    )
+    state = TrainState(
+      step=jnp.zeros([], jnp.int32),
+      params=variables['params'],
+      batch_stats=variables['batch_stats'],
+      opt_state=tx.init(variables['params']),
+    )
+    step = jax.jit(
+      make_train_step(
+        model,
+        tx,
+        mask,
+        aux_loss_weight=0.4,
+        label_smoothing=0.0,
+        class_weights=None,
+        ema_decay=0.0,
+        aux_logits=BACKBONE.aux_logits,
+      )
+    )
     if not rows:
-      fwd = jax.jit(lambda v, x, m=model: m.apply(v, x, train=True, rngs={'dropout': key},
-                                                  mutable=['batch_stats']))
+      fwd = jax.jit(
+        lambda v, x, m=model: m.apply(
+          v, x, train=True, rngs={'dropout': key}, mutable=['batch_stats']
+        )
+      )
       rows['forward (train mode)'] = (
-          fwd.lower(variables, images).compile().cost_analysis()['flops'],
-          _time(fwd, variables, images, iters=args.iters))
-    rows[name] = (step.lower(state, batch, key).compile().cost_analysis()['flops'],
-                  _time(step, state, batch, key, iters=args.iters))
+        fwd.lower(variables, images).compile().cost_analysis()['flops'],
+        _time(fwd, variables, images, iters=args.iters),
+      )
+    rows[name] = (
+      step.lower(state, batch, key).compile().cost_analysis()['flops'],
+      _time(step, state, batch, key, iters=args.iters),
+    )
   base_flops, base_time = rows['forward (train mode)']
   print(f'{jax.devices()[0].device_kind}, batch {n} at {size}×{size}')
   print(f'{"program":<22}{"GFLOP":>10}{"× fwd":>8}{"ms":>10}{"× fwd":>8}')
   for name, (flops, secs) in rows.items():
-    print(f'{name:<22}{flops / 1e9:>10.1f}{flops / base_flops:>8.2f}'
-          f'{secs * 1e3:>10.1f}{secs / base_time:>8.2f}')
+    print(
+      f'{name:<22}{flops / 1e9:>10.1f}{flops / base_flops:>8.2f}'
+      f'{secs * 1e3:>10.1f}{secs / base_time:>8.2f}'
+    )
 
 
 if __name__ == '__main__':

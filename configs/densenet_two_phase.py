@@ -42,9 +42,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.schedule.name = 'fixed'
   c.schedule.learning_rate = 0.01
   c.phases.head = dict(num_steps=1000, trainable_scopes='classifier')
-  c.phases.top = dict(num_steps=3000, trainable_scopes='denseblock4,norm5,classifier',
-                      schedule=dict(name='warmup_cosine', learning_rate=0.001, warmup_steps=100,
-                                    end_learning_rate=0.0))
+  c.phases.top = dict(
+    num_steps=3000,
+    trainable_scopes='denseblock4,norm5,classifier',
+    schedule=dict(
+      name='warmup_cosine', learning_rate=0.001, warmup_steps=100, end_learning_rate=0.0
+    ),
+  )
   c.eval_every_steps = 250
   c.checkpoint_every_steps = 250
   c.best_metric = 'kappa'

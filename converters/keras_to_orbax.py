@@ -23,8 +23,10 @@ def main(argv: Sequence[str] | None = None) -> None:
   args = parser.parse_args(argv)
   backbone = models.backbone_for_file(args.h5)
   weights.save_variables(backbone.load_weights(args.h5), args.out_dir, overwrite=args.overwrite)
-  print(f'wrote {args.out_dir}: {backbone.name} with the file\'s classifier (Keras order, no '
-        f'background class); train with --config.model.name={backbone.name}')
+  print(
+    f"wrote {args.out_dir}: {backbone.name} with the file's classifier (Keras order, no "
+    f'background class); train with --config.model.name={backbone.name}'
+  )
 
 
 if __name__ == '__main__':

@@ -8,14 +8,13 @@ import logging as _logging
 
 # Substrings of library log messages that say nothing a user can act on.
 _NOISE = (
-    "Unable to initialize backend 'tpu'",  # JAX probing for a TPU on a CPU/GPU machine.
-    'Using custom data configuration',  # TFDS, for every builder config it does not ship.
-    'OpenCV is not installed',  # TFDS decodes with Pillow instead; fine for our images.
+  "Unable to initialize backend 'tpu'",  # JAX probing for a TPU on a CPU/GPU machine.
+  'Using custom data configuration',  # TFDS, for every builder config it does not ship.
+  'OpenCV is not installed',  # TFDS decodes with Pillow instead; fine for our images.
 )
 
 
 class _DropNoise(_logging.Filter):
-
   def filter(self, record: _logging.LogRecord) -> bool:
     message = record.getMessage() if record.args else str(record.msg)
     return not any(n in message for n in _NOISE)

@@ -24,31 +24,54 @@ from pneumo_jax.modes import evaluate, explain, imagenet, predict, sweep, train
 from pneumo_jax.training import interrupt
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Config file (ml_collections get_config()).',
-                                lock_config=True)
-flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and reports go (all modes but '
-                    'imagenet, where it only caches converted weights).')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'explain', 'imagenet'],
-                  'train (or sweep, for a config with get_sweep()), eval, predict, explain, or '
-                  'imagenet (top-5 ImageNet classes with config.init_checkpoint).')
+config_flags.DEFINE_config_file(
+  'config', None, 'Config file (ml_collections get_config()).', lock_config=True
+)
+flags.DEFINE_string(
+  'workdir',
+  None,
+  'Where checkpoints, logs and reports go (all modes but '
+  'imagenet, where it only caches converted weights).',
+)
+flags.DEFINE_enum(
+  'mode',
+  'train',
+  ['train', 'eval', 'predict', 'explain', 'imagenet'],
+  'train (or sweep, for a config with get_sweep()), eval, predict, explain, or '
+  'imagenet (top-5 ImageNet classes with config.init_checkpoint).',
+)
 flags.DEFINE_string('split', 'validation', 'eval: split to evaluate (train|validation|test).')
 flags.DEFINE_string('checkpoint', 'latest', 'eval/predict/explain: latest, best or a step.')
-flags.DEFINE_multi_string('inputs', [], 'predict/explain/imagenet: files, folders or globs; '
-                          'several may follow one --inputs (as a shell glob expands them).')
+flags.DEFINE_multi_string(
+  'inputs',
+  [],
+  'predict/explain/imagenet: files, folders or globs; '
+  'several may follow one --inputs (as a shell glob expands them).',
+)
 flags.DEFINE_bool('tta', False, 'predict: average with the left-right flipped image.')
-flags.DEFINE_string('layer', None, 'explain: the layer Grad-CAM looks at (default: the '
-                    'backbone\'s last Grad-CAM layer, e.g. InceptionV3\'s Mixed_7c).')
+flags.DEFINE_string(
+  'layer',
+  None,
+  'explain: the layer Grad-CAM looks at (default: the '
+  "backbone's last Grad-CAM layer, e.g. InceptionV3's Mixed_7c).",
+)
 flags.DEFINE_integer('target_class', None, 'explain: class to explain (default: predicted).')
 flags.DEFINE_bool('sweep', True, 'Run the sweep when the config file defines get_sweep().')
 flags.DEFINE_integer('sweep_parallel', 1, 'Sweep trials run at once, as separate processes.')
-flags.DEFINE_bool('verbose', False, 'Show tracebacks for user errors, and libraries\' info logs.')
+flags.DEFINE_bool('verbose', False, "Show tracebacks for user errors, and libraries' info logs.")
 flags.mark_flags_as_required(['config'])
 
 # The flags that only some modes read (the others refuse them rather than ignore them silently;
 # --nosweep is accepted everywhere, as a sweep's trial programs pass it).
-_MODE_FLAGS = {'split': ('eval',), 'checkpoint': ('eval', 'predict', 'explain'),
-               'inputs': ('predict', 'explain', 'imagenet'), 'tta': ('predict',),
-               'layer': ('explain',), 'target_class': ('explain',), 'sweep_parallel': ('train',)}
+_MODE_FLAGS = {
+  'split': ('eval',),
+  'checkpoint': ('eval', 'predict', 'explain'),
+  'inputs': ('predict', 'explain', 'imagenet'),
+  'tta': ('predict',),
+  'layer': ('explain',),
+  'target_class': ('explain',),
+  'sweep_parallel': ('train',),
+}
 
 # Compiled XLA programs are kept here across runs (JAX_COMPILATION_CACHE_DIR overrides it): a
 # second run on the same machine skips the ~20 s compiles of initialisation and the train step.
@@ -61,7 +84,8 @@ class _QuietLibraries(logging_lib.Filter):
 
   def filter(self, record: logging_lib.LogRecord) -> bool:
     return record.levelno >= logging_lib.WARNING or not any(
-        f'/{lib}/' in record.pathname for lib in ('jax', 'orbax', 'grain', 'tensorflow_datasets'))
+      f'/{lib}/' in record.pathname for lib in ('jax', 'orbax', 'grain', 'tensorflow_datasets')
+    )
 
 
 def _flag_error(argv: list[str], e: Exception) -> str:
@@ -72,15 +96,19 @@ def _flag_error(argv: list[str], e: Exception) -> str:
     text = text[1:-1] if text[:1] in '"\'' else text
     key = re.match(r"'?(\w+)", text)
     overrides = [a.split('=')[0] for a in argv if a.startswith('--config.')]
-    arg = next((a for a in overrides if key and re.search(rf'\.{key[1]}(\.|$)', a)),
-               overrides[-1] if overrides else '--config')
+    arg = next(
+      (a for a in overrides if key and re.search(rf'\.{key[1]}(\.|$)', a)),
+      overrides[-1] if overrides else '--config',
+    )
     parts = arg.removeprefix('--config.').split('.')
     if key and key[1] in parts:
-      parts = parts[:parts.index(key[1]) + 1]  # The path down to the field that is missing.
+      parts = parts[: parts.index(key[1]) + 1]  # The path down to the field that is missing.
     guess = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', text)
     hint = f'; did you mean {".".join([*parts[:-1], guess[1]])!r}?' if guess else ''
-    return (f'{arg}: the config has no field {".".join(parts)!r}{hint} (configs/default.py '
-            'documents every field; config.phases has only the phases the config defines)')
+    return (
+      f'{arg}: the config has no field {".".join(parts)!r}{hint} (configs/default.py '
+      'documents every field; config.phases has only the phases the config defines)'
+    )
   return text
 
 
@@ -112,15 +140,20 @@ def _check_flags(positional: list[str]) -> list[str]:
 def _run(workdir: str, inputs: list[str]) -> None:
   path = config_flags.get_config_filename(FLAGS['config'])
   if not os.path.isfile(path):
-    raise ConfigError(f'--config {path}: no such file; give a config file such as '
-                      'configs/demo.py or configs/two_phase.py')
+    raise ConfigError(
+      f'--config {path}: no such file; give a config file such as '
+      'configs/demo.py or configs/two_phase.py'
+    )
   config = FLAGS.config
   validate.check(config)  # Devices are checked below, once JAX may claim them.
   if FLAGS.mode == 'train' and FLAGS.sweep and sweep.is_sweep(path):
     # Trials run as separate processes; this one never touches the accelerator.
-    sweep.run(config_file=path, workdir=workdir,
-              overrides=config_flags.get_override_values(FLAGS['config']),
-              parallel=FLAGS.sweep_parallel)
+    sweep.run(
+      config_file=path,
+      workdir=workdir,
+      overrides=config_flags.get_override_values(FLAGS['config']),
+      parallel=FLAGS.sweep_parallel,
+    )
     return
   logging.info('JAX: %d process(es), local devices %s', jax.process_count(), jax.local_devices())
   validate.check(config, jax.device_count())
@@ -134,8 +167,14 @@ def _run(workdir: str, inputs: list[str]) -> None:
   elif FLAGS.mode == 'predict':
     predict.run(config, workdir, inputs, checkpoint=FLAGS.checkpoint, tta=FLAGS.tta)
   else:
-    explain.run(config, workdir, inputs, checkpoint=FLAGS.checkpoint, layer=FLAGS.layer,
-                target_class=FLAGS.target_class)
+    explain.run(
+      config,
+      workdir,
+      inputs,
+      checkpoint=FLAGS.checkpoint,
+      layer=FLAGS.layer,
+      target_class=FLAGS.target_class,
+    )
 
 
 def main(argv: list[str]) -> None:

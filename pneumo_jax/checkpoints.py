@@ -50,14 +50,14 @@ class BaseMismatchError(errors.WeightsError):
 class Base(NamedTuple):
   """What a run's checkpoints leave out: the paths, per collection, of leaves kept in
   WORKDIR/base, and the content hash of that base."""
+
   sha256: str
   paths: dict[str, frozenset[str]]  # 'params' / 'batch_stats' → paths.
 
   def within(self, frozen: Mapping[str, Collection[str]]) -> 'Base':
     """Only the paths also in `frozen`: a run resumed with a config that trains more of the model
     saves those leaves in full again (base/ itself stays as written)."""
-    return self._replace(paths={c: p & frozenset(frozen.get(c, ())) for c, p in
-                                self.paths.items()})
+    return self._replace(paths={c: p & frozenset(frozen.get(c, ())) for c, p in self.paths.items()})
 
 
 def save_label_names(workdir: str, names: list[str]) -> None:
@@ -74,8 +74,9 @@ def load_label_names(workdir: str) -> list[str] | None:
     return f.read().splitlines()
 
 
-def manager(workdir: str, subdir: str = LATEST_DIR, keep: int = 3, *,
-            cleanup: bool = False) -> ocp.CheckpointManager:
+def manager(
+  workdir: str, subdir: str = LATEST_DIR, keep: int = 3, *, cleanup: bool = False
+) -> ocp.CheckpointManager:
   """A manager that writes WORKDIR/subdir (creating it).
 
   Args:
@@ -85,9 +86,11 @@ def manager(workdir: str, subdir: str = LATEST_DIR, keep: int = 3, *,
       directory may be a live run's save in progress.
   """
   return ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, subdir)),
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           cleanup_tmp_directories=cleanup))
+    os.path.abspath(os.path.join(workdir, subdir)),
+    options=ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, cleanup_tmp_directories=cleanup
+    ),
+  )
 
 
 def content_hash(tree: Mapping[str, Any]) -> str:
@@ -100,8 +103,9 @@ def content_hash(tree: Mapping[str, Any]) -> str:
   return h.hexdigest()
 
 
-def write_base(workdir: str, state: Mapping[str, Any],
-               frozen: Mapping[str, Collection[str]]) -> Base | None:
+def write_base(
+  workdir: str, state: Mapping[str, Any], frozen: Mapping[str, Collection[str]]
+) -> Base | None:
   """Writes the `frozen` leaves of `state` ({collection: paths}) to WORKDIR/base; returns the Base
   the run's checkpoints then refer to, or None when nothing is frozen (they store everything).
 
@@ -112,12 +116,20 @@ def write_base(workdir: str, state: Mapping[str, Any],
     shutil.rmtree(tmp)  # What a run killed while writing its base left.
   if not any(frozen.values()):
     return None
-  tree = {c: scopes.unflatten({k: np.asarray(v) for k, v in scopes.flatten(state[c]).items()
-                               if k in frozen[c]}) for c in frozen}
+  tree = {
+    c: scopes.unflatten(
+      {k: np.asarray(v) for k, v in scopes.flatten(state[c]).items() if k in frozen[c]}
+    )
+    for c in frozen
+  }
   digest = content_hash(tree)
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.abspath(os.path.join(workdir, BASE_DIR)), tree, force=True,
-               custom_metadata={'sha256': digest})
+    ckptr.save(
+      os.path.abspath(os.path.join(workdir, BASE_DIR)),
+      tree,
+      force=True,
+      custom_metadata={'sha256': digest},
+    )
   return Base(digest, {c: frozenset(p) for c, p in frozen.items()})
 
 
@@ -130,32 +142,47 @@ def _drop(state: Mapping[str, Any], paths: Mapping[str, Collection[str]]) -> dic
   out = dict(state)
   for entry, collection in _FROM_BASE.items():
     if entry in out and paths.get(collection):
-      out[entry] = scopes.unflatten({k: v for k, v in scopes.flatten(out[entry]).items()
-                                     if k not in paths[collection]})
+      out[entry] = scopes.unflatten(
+        {k: v for k, v in scopes.flatten(out[entry]).items() if k not in paths[collection]}
+      )
   return out
 
 
-def _merge(stored: Mapping[str, Any], base: Mapping[str, Mapping[str, Any]],
-           paths: Mapping[str, Collection[str]],
-           place: Callable[[str, str, Any], Any]) -> dict[str, Any]:
+def _merge(
+  stored: Mapping[str, Any],
+  base: Mapping[str, Mapping[str, Any]],
+  paths: Mapping[str, Collection[str]],
+  place: Callable[[str, str, Any], Any],
+) -> dict[str, Any]:
   """`stored` with the base leaves put back, each through place(entry, path, array)."""
   out = dict(stored)
   for entry, collection in _FROM_BASE.items():
     if entry in out and paths.get(collection):
-      out[entry] = scopes.unflatten({
+      out[entry] = scopes.unflatten(
+        {
           **scopes.flatten(out[entry]),
-          **{k: place(entry, k, base[collection][k]) for k in paths[collection]}})
+          **{k: place(entry, k, base[collection][k]) for k in paths[collection]},
+        }
+      )
   return out
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: dict[str, Any],
-         data_iterator: Any = None, base: Base | None = None) -> None:
+def save(
+  mngr: ocp.CheckpointManager,
+  step: int,
+  state: dict[str, Any],
+  data_iterator: Any = None,
+  base: Base | None = None,
+) -> None:
   """Saves `state` as checkpoint `step`, less the leaves kept in `base` (the checkpoint records
   which, and the base's hash), with the grain iterator's position when given."""
   paths = base.paths if base else {}
-  items = {'state': ocp.args.StandardSave(_drop(state, paths)),
-           BASE_REF: ocp.args.JsonSave({'sha256': base and base.sha256,
-                                        'paths': {c: sorted(p) for c, p in paths.items()}})}
+  items = {
+    'state': ocp.args.StandardSave(_drop(state, paths)),
+    BASE_REF: ocp.args.JsonSave(
+      {'sha256': base and base.sha256, 'paths': {c: sorted(p) for c, p in paths.items()}}
+    ),
+  }
   if data_iterator is not None:
     items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
   mngr.save(step, args=ocp.args.Composite(**items))
@@ -165,8 +192,7 @@ def _read_ref(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any] | None:
   """The checkpoint's base_ref, None for one written before base/ existed (full state)."""
   if not (epath.Path(mngr.directory) / str(step) / BASE_REF).exists():
     return None
-  return mngr.restore(step, args=ocp.args.Composite(**{BASE_REF: ocp.args.JsonRestore()}))[
-      BASE_REF]
+  return mngr.restore(step, args=ocp.args.Composite(**{BASE_REF: ocp.args.JsonRestore()}))[BASE_REF]
 
 
 def _short(digest: str | None) -> str:
@@ -184,35 +210,43 @@ def _load_base(workdir: str, ref: Mapping[str, Any], what: str) -> dict[str, dic
   count = sum(len(p) for p in ref['paths'].values())
   if not os.path.isdir(path):
     raise errors.NotFoundError(
-        f'{what} keeps its {count} frozen arrays in {path}, which is missing; copy the whole '
-        f'workdir {workdir} (base/ included), or train again')
+      f'{what} keeps its {count} frozen arrays in {path}, which is missing; copy the whole '
+      f'workdir {workdir} (base/ included), or train again'
+    )
   with ocp.StandardCheckpointer() as ckptr:
     meta = ckptr.metadata(path)
     recorded = (meta.custom_metadata or {}).get('sha256')
     if meta.item_metadata is None or recorded != want:
       raise BaseMismatchError(
-          f'{path} holds other frozen weights (sha256 {_short(recorded)}) than {what} was saved '
-          f'against ({_short(want)}): base/ was replaced, perhaps copied from another run; put '
-          f'back the base/ that came with {workdir}, or train again')
-    tree = ckptr.restore(path, jax.tree.map(lambda m: np.empty(m.shape, m.dtype),
-                                            meta.item_metadata.tree))
+        f'{path} holds other frozen weights (sha256 {_short(recorded)}) than {what} was saved '
+        f'against ({_short(want)}): base/ was replaced, perhaps copied from another run; put '
+        f'back the base/ that came with {workdir}, or train again'
+      )
+    tree = ckptr.restore(
+      path, jax.tree.map(lambda m: np.empty(m.shape, m.dtype), meta.item_metadata.tree)
+    )
   got = content_hash(tree)
   if got != want:
     raise BaseMismatchError(
-        f'{path} was modified after its run wrote it: its arrays hash to {_short(got)}, not '
-        f'{_short(want)} as recorded; restore {workdir} from a copy, or train again')
+      f'{path} was modified after its run wrote it: its arrays hash to {_short(got)}, not '
+      f'{_short(want)} as recorded; restore {workdir} from a copy, or train again'
+    )
   return {c: scopes.flatten(tree.get(c, {})) for c in ref['paths']}
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, target: dict[str, Any],
-            data_iterator: Any = None) -> tuple[dict[str, Any], Base | None]:
+def restore(
+  mngr: ocp.CheckpointManager, step: int, target: dict[str, Any], data_iterator: Any = None
+) -> tuple[dict[str, Any], Base | None]:
   """Restores checkpoint `step`, base leaves merged back, into the shapes and shardings of
   `target`, and rewinds the iterator. Also returns the base it was saved against (None: it holds
   everything), which the resumed run's saves share. WORKDIR is the manager's parent."""
   ref = _read_ref(mngr, step)
   paths = _paths(ref)
-  items = {'state': ocp.args.StandardRestore(
-      jax.tree.map(ocp.utils.to_shape_dtype_struct, _drop(target, paths)))}
+  items = {
+    'state': ocp.args.StandardRestore(
+      jax.tree.map(ocp.utils.to_shape_dtype_struct, _drop(target, paths))
+    )
+  }
   if data_iterator is not None:
     items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
   stored = mngr.restore(step, args=ocp.args.Composite(**items))['state']
@@ -272,13 +306,13 @@ def read(workdir: str, checkpoint: str = 'latest') -> tuple[dict[str, Any], int]
   found = _find(workdir, checkpoint)
   if found is None:
     raise errors.NotFoundError(
-        f'no checkpoint {checkpoint!r} in {workdir} ({_listing(workdir)}); train first '
-        f'(--mode=train --workdir={workdir}), or pass --checkpoint with a step listed')
+      f'no checkpoint {checkpoint!r} in {workdir} ({_listing(workdir)}); train first '
+      f'(--mode=train --workdir={workdir}), or pass --checkpoint with a step listed'
+    )
   subdir, step = found
   with _reader(workdir, subdir) as mngr:
     ref = _read_ref(mngr, step)
-    stored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))[
-        'state']
+    stored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
   paths = _paths(ref)
   if not any(paths.values()):
     return stored, step
@@ -286,8 +320,9 @@ def read(workdir: str, checkpoint: str = 'latest') -> tuple[dict[str, Any], int]
   return _merge(stored, base, paths, lambda entry, path, a: a), step
 
 
-def load_for_inference(workdir: str, checkpoint: str = 'latest',
-                       use_ema: bool = True) -> tuple[dict[str, Any], int]:
+def load_for_inference(
+  workdir: str, checkpoint: str = 'latest', use_ema: bool = True
+) -> tuple[dict[str, Any], int]:
   """({'params', 'batch_stats'}, step) from WORKDIR; EMA weights when present and `use_ema`.
 
   Args:
@@ -304,12 +339,16 @@ def _convert(path: str, workdir: str, backbone: Backbone) -> str:
   if not os.path.isdir(out):
     if not backbone.recognise(path):
       raise errors.WeightsError(
-          f'config.init_checkpoint={path!r} is not {backbone.weight_formats} '
-          f'(config.model.name={backbone.name!r}); give that, or set config.model.name to the '
-          'backbone the file holds')
+        f'config.init_checkpoint={path!r} is not {backbone.weight_formats} '
+        f'(config.model.name={backbone.name!r}); give that, or set config.model.name to the '
+        'backbone the file holds'
+      )
     weights.save_variables(backbone.load_weights(path), out)
-  logging.warning('Converted %s; the orbax copy is cached at %s (pass it as init_checkpoint '
-                  'next time).', path, out)
+  logging.warning(
+    'Converted %s; the orbax copy is cached at %s (pass it as init_checkpoint next time).',
+    path,
+    out,
+  )
   return out
 
 
@@ -319,21 +358,29 @@ def read_weights(init_checkpoint: str, backbone: Backbone, workdir: str) -> dict
   path = os.path.expanduser(init_checkpoint)
   if not os.path.exists(path) and not os.path.exists(path + '.index'):
     raise errors.NotFoundError(
-        f'config.init_checkpoint={init_checkpoint!r} does not exist; give an orbax directory '
-        f'(converters/) or {backbone.weight_formats}')
+      f'config.init_checkpoint={init_checkpoint!r} does not exist; give an orbax directory '
+      f'(converters/) or {backbone.weight_formats}'
+    )
   if not os.path.isdir(path):
     path = _convert(path, workdir, backbone)
   try:
     return ocp.StandardCheckpointer().restore(os.path.abspath(path))
   except Exception as e:  # orbax's errors name its internal files (_METADATA), not the setting.
     raise errors.WeightsError(
-        f'config.init_checkpoint={init_checkpoint!r} is a folder but not an orbax checkpoint '
-        f'({type(e).__name__}); give a directory written by converters/ (see the README) or '
-        f'{backbone.weight_formats}') from e
+      f'config.init_checkpoint={init_checkpoint!r} is a folder but not an orbax checkpoint '
+      f'({type(e).__name__}); give a directory written by converters/ (see the README) or '
+      f'{backbone.weight_formats}'
+    ) from e
 
 
-def load_init(init_checkpoint: str, variables: dict[str, Any], exclude_scopes: str,
-              ignore_missing_vars: bool, workdir: str, backbone: Backbone) -> dict[str, Any]:
+def load_init(
+  init_checkpoint: str,
+  variables: dict[str, Any],
+  exclude_scopes: str,
+  ignore_missing_vars: bool,
+  workdir: str,
+  backbone: Backbone,
+) -> dict[str, Any]:
   """Overwrites `variables` with a pretrained checkpoint, except under `exclude_scopes`.
 
   Every variable outside the excluded scopes must be in the checkpoint with the same shape, and
@@ -356,17 +403,23 @@ def load_init(init_checkpoint: str, variables: dict[str, Any], exclude_scopes: s
           problems.append(f'missing in checkpoint: {name} {tuple(v.shape)}')
         merged[k] = v
       elif tuple(have[k].shape) != tuple(v.shape):
-        problems.append(f'shape mismatch: {name} model {tuple(v.shape)} vs checkpoint '
-                        f'{tuple(have[k].shape)}')
+        problems.append(
+          f'shape mismatch: {name} model {tuple(v.shape)} vs checkpoint {tuple(have[k].shape)}'
+        )
       else:
         merged[k] = np.asarray(have[k], dtype=v.dtype)
-    problems += [f'not in model: {collection}/{k} {tuple(have[k].shape)}'
-                 for k in have if k not in want and not scopes.matches(exclude_scopes, k)]
+    problems += [
+      f'not in model: {collection}/{k} {tuple(have[k].shape)}'
+      for k in have
+      if k not in want and not scopes.matches(exclude_scopes, k)
+    ]
     out[collection] = scopes.unflatten(merged)
   if problems:
     raise errors.WeightsError(
-        f'config.init_checkpoint={init_checkpoint!r} does not fit the model outside '
-        f'config.exclude_scopes={exclude_scopes!r}:\n  ' + '\n  '.join(problems) +
-        '\nAdd the offending scopes to config.exclude_scopes (e.g. Logits,AuxLogits for a new '
-        'number of classes) or fix config.model.')
+      f'config.init_checkpoint={init_checkpoint!r} does not fit the model outside '
+      f'config.exclude_scopes={exclude_scopes!r}:\n  '
+      + '\n  '.join(problems)
+      + '\nAdd the offending scopes to config.exclude_scopes (e.g. Logits,AuxLogits for a new '
+      'number of classes) or fix config.model.'
+    )
   return out

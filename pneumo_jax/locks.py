@@ -65,8 +65,10 @@ def workdir_lock(workdir: str) -> Iterator[None]:
   """
 
   def busy(holder: str) -> str:
-    return (f'{workdir} is in use by {holder}; wait for it to finish or stop it (Ctrl-C), '
-            'or use another --workdir')
+    return (
+      f'{workdir} is in use by {holder}; wait for it to finish or stop it (Ctrl-C), '
+      'or use another --workdir'
+    )
 
   with _locked(workdir, WORKDIR_LOCK, '--workdir', busy=busy):
     yield
@@ -87,8 +89,14 @@ def build_lock(data_dir: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _locked(folder: str, name: str, flag: str, *, busy: Callable[[str], str] | None = None,
-            wait: Callable[[str], None] | None = None) -> Iterator[None]:
+def _locked(
+  folder: str,
+  name: str,
+  flag: str,
+  *,
+  busy: Callable[[str], str] | None = None,
+  wait: Callable[[str], None] | None = None,
+) -> Iterator[None]:
   """Holds FOLDER/NAME: raises BusyError(busy(holder)) or calls wait(holder) and blocks if taken."""
   path = os.path.realpath(os.path.join(folder, name))
   held = _held.get(path)
@@ -99,14 +107,19 @@ def _locked(folder: str, name: str, flag: str, *, busy: Callable[[str], str] | N
     os.makedirs(folder, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
   except OSError as e:
-    raise UserError(f'cannot create the lock file {path} ({e.strerror}): {flag} {folder!r} must '
-                    'be a folder this user can write to') from e
+    raise UserError(
+      f'cannot create the lock file {path} ({e.strerror}): {flag} {folder!r} must '
+      'be a folder this user can write to'
+    ) from e
   try:
     if _lock(fd, path, folder, busy, wait):
       last = _read_holder(fd, retries=0)
       if last:
-        logging.warning('%s was last held by %s, which ended without releasing it (killed?); '
-                        'taking it over', path, _describe(last))
+        logging.warning(
+          '%s was last held by %s, which ended without releasing it (killed?); taking it over',
+          path,
+          _describe(last),
+        )
       _write_holder(fd)
       _held[path] = (fd, threading.get_ident())
       try:
@@ -120,8 +133,13 @@ def _locked(folder: str, name: str, flag: str, *, busy: Callable[[str], str] | N
     os.close(fd)
 
 
-def _lock(fd: int, path: str, folder: str, busy: Callable[[str], str] | None,
-          wait: Callable[[str], None] | None) -> bool:
+def _lock(
+  fd: int,
+  path: str,
+  folder: str,
+  busy: Callable[[str], str] | None,
+  wait: Callable[[str], None] | None,
+) -> bool:
   """Takes the flock; False where the file system has no locks (then the run goes on unlocked)."""
   try:
     try:
@@ -135,18 +153,23 @@ def _lock(fd: int, path: str, folder: str, busy: Callable[[str], str] | None,
   except OSError as e:
     if e.errno not in _UNSUPPORTED:
       raise
-    logging.warning('Cannot lock %s on this file system (%s): nothing stops another run from '
-                    'using %s at the same time', path, e.strerror, folder)
+    logging.warning(
+      'Cannot lock %s on this file system (%s): nothing stops another run from '
+      'using %s at the same time',
+      path,
+      e.strerror,
+      folder,
+    )
     return False
   return True
 
 
 def _write_holder(fd: int) -> None:
   data = {
-      'pid': os.getpid(),
-      'host': socket.gethostname(),
-      'command': shlex.join([os.path.basename(sys.executable), *sys.argv]),
-      'started': time.time(),
+    'pid': os.getpid(),
+    'host': socket.gethostname(),
+    'command': shlex.join([os.path.basename(sys.executable), *sys.argv]),
+    'started': time.time(),
   }
   os.ftruncate(fd, 0)
   os.pwrite(fd, json.dumps(data).encode(), 0)
@@ -171,9 +194,11 @@ def _describe(holder: dict | None) -> str:
     return 'another process (its lock file does not say which)'
   command = str(holder.get('command', '?'))
   if len(command) > _MAX_COMMAND:
-    command = command[:_MAX_COMMAND - 1] + '…'
+    command = command[: _MAX_COMMAND - 1] + '…'
   started = float(holder.get('started', 0))
   today = time.strftime('%Y-%m-%d') == time.strftime('%Y-%m-%d', time.localtime(started))
   when = time.strftime('%H:%M' if today else '%Y-%m-%d %H:%M', time.localtime(started))
-  return (f'process {holder.get("pid", "?")} on host {holder.get("host", "?")} '
-          f'({command}, started {when})')
+  return (
+    f'process {holder.get("pid", "?")} on host {holder.get("host", "?")} '
+    f'({command}, started {when})'
+  )

@@ -35,8 +35,9 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
   for k, v in batch.items():
     if v.shape[0] % n:
       raise ConfigError(
-          f'batch field {k!r} has {v.shape[0]} rows, not divisible by the {n} local devices; '
-          'choose input.batch_size / input.eval_batch_size as a multiple of the device count')
+        f'batch field {k!r} has {v.shape[0]} rows, not divisible by the {n} local devices; '
+        'choose input.batch_size / input.eval_batch_size as a multiple of the device count'
+      )
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 

@@ -24,35 +24,45 @@ def check(config: ml_collections.ConfigDict, devices: int | None = None) -> None
   backbone = models.backbone_of(config)
   size = config.input.image_size
   if size < backbone.min_size:
-    raise ConfigError(f'input.image_size={size} is below {backbone.name}\'s minimum '
-                      f'{backbone.min_size} (it was trained at {backbone.default_size})')
+    raise ConfigError(
+      f"input.image_size={size} is below {backbone.name}'s minimum "
+      f'{backbone.min_size} (it was trained at {backbone.default_size})'
+    )
   for field in ('batch_size', 'eval_batch_size'):
     value = config.input[field]
     if value < 1:
       raise ConfigError(f'input.{field}={value} must be at least 1')
   if devices and config.input.batch_size % devices:
-    raise ConfigError(f'input.batch_size={config.input.batch_size} must be a multiple of the '
-                      f'{devices} devices the batch is split over')
+    raise ConfigError(
+      f'input.batch_size={config.input.batch_size} must be a multiple of the '
+      f'{devices} devices the batch is split over'
+    )
   fraction = config.input.central_crop_fraction
   if fraction is not None and not 0.0 < fraction <= 1.0:
-    raise ConfigError(f'input.central_crop_fraction={fraction} must be in (0, 1], or None to '
-                      'follow the training view')
+    raise ConfigError(
+      f'input.central_crop_fraction={fraction} must be in (0, 1], or None to '
+      'follow the training view'
+    )
   if config.input.num_workers < 0:
-    raise ConfigError(f'input.num_workers={config.input.num_workers} must be 0 (read in the '
-                      'main process) or more')
+    raise ConfigError(
+      f'input.num_workers={config.input.num_workers} must be 0 (read in the main process) or more'
+    )
   if config.model.dtype not in _DTYPES:
     raise ConfigError(f'model.dtype={config.model.dtype!r}: use one of {list(_DTYPES)}')
   if config.best_metric not in metrics.HIGHER_IS_BETTER:
-    raise ConfigError(f'best_metric={config.best_metric!r}: use one of '
-                      f'{sorted(metrics.HIGHER_IS_BETTER)}')
+    raise ConfigError(
+      f'best_metric={config.best_metric!r}: use one of {sorted(metrics.HIGHER_IS_BETTER)}'
+    )
   scopes.parse(config.exclude_scopes)
   folder_builder.check_settings(config.dataset)
   loop.class_weights(config, np.ones(2))
   for phase in loop.resolve_phases(config):
     where = f' (phase {phase.name!r})' if config.phases else ''
     if not scopes.parse(phase.cfg.trainable_scopes):
-      raise ConfigError(f'trainable_scopes{where} is empty: nothing would train; give regexes '
-                        f'such as {backbone.head_scopes!r} (the head) or \'.*\' (everything)')
+      raise ConfigError(
+        f'trainable_scopes{where} is empty: nothing would train; give regexes '
+        f"such as {backbone.head_scopes!r} (the head) or '.*' (everything)"
+      )
     loop.batch_norm_train(phase.cfg)
     schedule = optim.make_schedule(phase.cfg.schedule, phase.end - phase.start)
     optim.make_optimizer(phase.cfg.optimizer, schedule, {}, backbone.weight_decay)

@@ -22,8 +22,10 @@ _CACHE = os.path.join(os.path.dirname(__file__), os.pardir, '.pytest_cache', 'ja
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.abspath(_CACHE))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
-jax.config.update('jax_persistent_cache_min_compile_time_secs',
-                  float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']))
+jax.config.update(
+  'jax_persistent_cache_min_compile_time_secs',
+  float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']),
+)
 
 
 @pytest.fixture(scope='session')

@@ -58,10 +58,15 @@ def random_variables(model: Any, size: int, seed: int = 0) -> dict[str, Any]:
 
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
   rng = np.random.default_rng(seed)
-  return {c: traverse_util.unflatten_dict({
-      k: nontrivial_value(k[-1], v.shape, rng)
-      for k, v in traverse_util.flatten_dict(shapes[c]).items()}) for c in ('params',
-                                                                            'batch_stats')}
+  return {
+    c: traverse_util.unflatten_dict(
+      {
+        k: nontrivial_value(k[-1], v.shape, rng)
+        for k, v in traverse_util.flatten_dict(shapes[c]).items()
+      }
+    )
+    for c in ('params', 'batch_stats')
+  }
 
 
 # ---------------------------------------------------------------------------- TensorFlow 1.x

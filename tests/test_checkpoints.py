@@ -26,8 +26,11 @@ def test_init_checkpoint_with_exclude_scopes(tiny_config, tmp_path):
   with pytest.raises(ValueError) as e:
     checkpoints.load_init(path, variables, '', False, str(tmp_path), BACKBONE)
   msg = str(e.value)
-  for offender in ('params/Logits/Conv2d_1c_1x1/weights', 'params/Logits/Conv2d_1c_1x1/biases',
-                   'params/AuxLogits/Conv2d_2b_1x1/weights'):
+  for offender in (
+    'params/Logits/Conv2d_1c_1x1/weights',
+    'params/Logits/Conv2d_1c_1x1/biases',
+    'params/AuxLogits/Conv2d_2b_1x1/weights',
+  ):
     assert offender in msg
   loaded = checkpoints.load_init(path, variables, HEAD, False, str(tmp_path), BACKBONE)
   lp, pp, mp = (scopes.flatten(x['params']) for x in (loaded, pretrained, variables))
@@ -38,17 +41,23 @@ def test_init_checkpoint_with_exclude_scopes(tiny_config, tmp_path):
 def test_raw_slim_checkpoint_is_converted_once_and_cached(tmp_path):
   """init_checkpoint may name a TF-Slim checkpoint prefix; the orbax copy lands in WORKDIR."""
   slim = reference.random_variables(InceptionV3(num_classes=1001), 75, seed=3)
-  arrays = {f'InceptionV3/{k}': v for c in ('params', 'batch_stats')
-            for k, v in scopes.flatten(slim[c]).items()}
+  arrays = {
+    f'InceptionV3/{k}': v
+    for c in ('params', 'batch_stats')
+    for k, v in scopes.flatten(slim[c]).items()
+  }
   prefix = reference.write_tf_checkpoint(arrays, str(tmp_path / 'model.ckpt'), 'V2')
   workdir = str(tmp_path / 'run')
   variables = reference.random_variables(InceptionV3(num_classes=4), 75, seed=0)
   loaded = checkpoints.load_init(prefix, variables, HEAD, False, workdir, BACKBONE)
   got, want = scopes.flatten(loaded['batch_stats']), scopes.flatten(slim['batch_stats'])
-  np.testing.assert_array_equal(got['Mixed_7c/Branch_3/Conv2d_0b_1x1/BatchNorm/moving_mean'],
-                                want['Mixed_7c/Branch_3/Conv2d_0b_1x1/BatchNorm/moving_mean'])
-  np.testing.assert_array_equal(loaded['params']['Conv2d_1a_3x3']['weights'],
-                                slim['params']['Conv2d_1a_3x3']['weights'])
+  np.testing.assert_array_equal(
+    got['Mixed_7c/Branch_3/Conv2d_0b_1x1/BatchNorm/moving_mean'],
+    want['Mixed_7c/Branch_3/Conv2d_0b_1x1/BatchNorm/moving_mean'],
+  )
+  np.testing.assert_array_equal(
+    loaded['params']['Conv2d_1a_3x3']['weights'], slim['params']['Conv2d_1a_3x3']['weights']
+  )
   assert os.path.isdir(os.path.join(workdir, 'converted', 'model.ckpt_orbax'))
 
 
@@ -70,14 +79,19 @@ def _state(seed=0):
   """A run's state in miniature: a frozen body, a head that trains, EMA and optimizer state."""
   rng = np.random.default_rng(seed)
   params = _tree(rng, 'body/w', 'body/BatchNorm/beta', 'head/w')
-  return {'step': np.int32(5), 'params': params,
-          'batch_stats': _tree(rng, 'body/BatchNorm/moving_mean', 'head/BatchNorm/moving_mean'),
-          'ema_params': {'body': params['body'], 'head': _tree(rng, 'w')},
-          'opt_state': {'trace': {'head': _tree(rng, 'w')}}}
+  return {
+    'step': np.int32(5),
+    'params': params,
+    'batch_stats': _tree(rng, 'body/BatchNorm/moving_mean', 'head/BatchNorm/moving_mean'),
+    'ema_params': {'body': params['body'], 'head': _tree(rng, 'w')},
+    'opt_state': {'trace': {'head': _tree(rng, 'w')}},
+  }
 
 
-FROZEN = {'params': {'body/w', 'body/BatchNorm/beta'},
-          'batch_stats': {'body/BatchNorm/moving_mean'}}
+FROZEN = {
+  'params': {'body/w', 'body/BatchNorm/beta'},
+  'batch_stats': {'body/BatchNorm/moving_mean'},
+}
 
 
 def _saved_with_base(workdir, state, step=5, subdir=checkpoints.LATEST_DIR):
@@ -196,7 +210,11 @@ def test_an_init_checkpoint_folder_that_is_no_checkpoint_names_the_setting(tmp_p
   (tmp_path / 'weights').mkdir()
   (tmp_path / 'weights' / 'README').write_text('not a checkpoint')
   variables = reference.random_variables(InceptionV3(num_classes=4), 75, seed=0)
-  with pytest.raises(ValueError, match=r"config\.init_checkpoint='.*weights' is a folder but not "
-                                       'an orbax checkpoint'):
-    checkpoints.load_init(str(tmp_path / 'weights'), variables, HEAD, False, str(tmp_path),
-                          BACKBONE)
+  with pytest.raises(
+    ValueError,
+    match=r"config\.init_checkpoint='.*weights' is a folder but not "
+    'an orbax checkpoint',
+  ):
+    checkpoints.load_init(
+      str(tmp_path / 'weights'), variables, HEAD, False, str(tmp_path), BACKBONE
+    )

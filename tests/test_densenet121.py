@@ -47,15 +47,23 @@ SIZES = (224, 61)
 CLASSES = 5
 TOLERANCE = 1e-4
 MODEL = dn.DenseNet121(num_classes=CLASSES)
-TORCH_REASON = ('torchvision is not installed: pip install torch==2.14.1 torchvision==0.29.1 '
-                '(x86_64; torchvision from PyPI does not import beside torch 2.13.0)')
+TORCH_REASON = (
+  'torchvision is not installed: pip install torch==2.14.1 torchvision==0.29.1 '
+  '(x86_64; torchvision from PyPI does not import beside torch 2.13.0)'
+)
 
 # Keras layer (and torchvision module) outputs that are our end_points.
 KERAS_ENDPOINTS = {
-  'pool1': 'conv0', 'conv2_block6_concat': 'denseblock1', 'pool2_pool': 'transition1',
-  'conv3_block12_concat': 'denseblock2', 'pool3_pool': 'transition2',
-  'conv4_block24_concat': 'denseblock3', 'pool4_pool': 'transition3',
-  'conv5_block16_concat': 'denseblock4', 'relu': 'norm5', 'avg_pool': 'PreLogits',
+  'pool1': 'conv0',
+  'conv2_block6_concat': 'denseblock1',
+  'pool2_pool': 'transition1',
+  'conv3_block12_concat': 'denseblock2',
+  'pool3_pool': 'transition2',
+  'conv4_block24_concat': 'denseblock3',
+  'pool4_pool': 'transition3',
+  'conv5_block16_concat': 'denseblock4',
+  'relu': 'norm5',
+  'avg_pool': 'PreLogits',
 }
 COMPARED = ('Logits', *KERAS_ENDPOINTS.values())
 
@@ -119,8 +127,11 @@ def keras_model():
   import keras
 
   model = keras.applications.DenseNet121(
-    weights=None, classes=CLASSES, classifier_activation=None,
-    input_tensor=keras.Input((None, None, 3)))
+    weights=None,
+    classes=CLASSES,
+    classifier_activation=None,
+    input_tensor=keras.Input((None, None, 3)),
+  )
   rng = np.random.default_rng(0)
   for variable in model.weights:
     variable.assign(reference.nontrivial_value(variable.name, variable.shape, rng))
@@ -146,9 +157,11 @@ def _save_legacy(model, path: str, rename=lambda name: name) -> None:
 @pytest.fixture(scope='module')
 def keras_files(keras_model, tmp_path_factory):
   folder = tmp_path_factory.mktemp('keras')
-  files = {'keras3': str(folder / 'reference.weights.h5'),
-           'legacy': str(folder / 'densenet121_weights_tf_dim_ordering_tf_kernels.h5'),
-           'keras2_names': str(folder / 'keras2_names.h5')}
+  files = {
+    'keras3': str(folder / 'reference.weights.h5'),
+    'legacy': str(folder / 'densenet121_weights_tf_dim_ordering_tf_kernels.h5'),
+    'keras2_names': str(folder / 'keras2_names.h5'),
+  }
   keras_model.save_weights(files['keras3'])
   reference.save_keras_legacy_h5(keras_model, files['legacy'])
   old = {'conv1_conv': 'conv1/conv', 'conv1_bn': 'conv1/bn', 'predictions': 'fc1000'}
@@ -183,7 +196,8 @@ def test_keras_layouts_load_the_same_variables(keras_files, keras_model):
   # Keras 3's file numbers layers per class; the pairing must follow the model's names.
   expected = keras_model.get_layer('conv4_block7_1_bn').moving_variance.numpy()
   np.testing.assert_array_equal(
-    loaded['keras3']['batch_stats/denseblock3/denselayer7/norm2/var'], expected)
+    loaded['keras3']['batch_stats/denseblock3/denselayer7/norm2/var'], expected
+  )
   with h5py.File(keras_files['keras2_names']) as f:
     assert f['conv1/conv/conv1/conv/kernel:0'].shape == (7, 7, 3, 64)  # The download's nesting.
 
@@ -203,15 +217,15 @@ def test_matches_keras(keras_outputs, size):
   assert max(errors.values()) <= TOLERANCE, errors
 
 
-def test_pipeline_pixels_are_normalised_as_the_imagenet_weights_expect(keras_files,
-                                                                      keras_outputs):
+def test_pipeline_pixels_are_normalised_as_the_imagenet_weights_expect(keras_files, keras_outputs):
   """The pipeline feeds [-1, 1]; the model a config builds converts them to ImageNet's mean/std
   first, so it computes what Keras computes on its own preprocessing of the same pixels."""
   cfg = default.get_config().model
   assert dn.create(cfg, CLASSES).input_normalisation == 'imagenet'
   model = MODEL.clone(input_normalisation='imagenet')
-  q = _colour(61) * np.asarray(dn.IMAGENET_STD, np.float32) + np.asarray(dn.IMAGENET_MEAN,
-                                                                          np.float32)
+  q = _colour(61) * np.asarray(dn.IMAGENET_STD, np.float32) + np.asarray(
+    dn.IMAGENET_MEAN, np.float32
+  )
   logits, _ = model.apply(dn.load_keras(keras_files['keras3']), 2.0 * q - 1.0)
   assert reference.relative_error(np.asarray(logits), keras_outputs[61][0]['Logits']) < TOLERANCE
 
@@ -250,9 +264,15 @@ def test_keras_recognise(keras_files, tmp_path):
 
   for path in keras_files.values():
     assert dn.recognise_keras(path) and dn.recognise(path), path
-  tiny = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3),
-                           keras.layers.BatchNormalization(), keras.layers.Flatten(),
-                           keras.layers.Dense(2)])
+  tiny = keras.Sequential(
+    [
+      keras.Input((8, 8, 3)),
+      keras.layers.Conv2D(4, 3),
+      keras.layers.BatchNormalization(),
+      keras.layers.Flatten(),
+      keras.layers.Dense(2),
+    ]
+  )
   tiny.save_weights(tmp_path / 'tiny.weights.h5')
   reference.save_keras_legacy_h5(tiny, str(tmp_path / 'tiny.h5'))
   (tmp_path / 'text.h5').write_text('not hdf5')
@@ -270,10 +290,14 @@ def test_keras_recognise(keras_files, tmp_path):
 def _torchvision():
   """(torch, torchvision), or a skip saying why they cannot be used here."""
   if 'tensorflow' in sys.modules and 'torchvision' not in sys.modules:
-    pytest.skip('TensorFlow was imported before torchvision, which would then crash the process; '
-                'run this file alone or before the TensorFlow tests')
-  return (pytest.importorskip('torch', reason=TORCH_REASON),
-          pytest.importorskip('torchvision', reason=TORCH_REASON))
+    pytest.skip(
+      'TensorFlow was imported before torchvision, which would then crash the process; '
+      'run this file alone or before the TensorFlow tests'
+    )
+  return (
+    pytest.importorskip('torch', reason=TORCH_REASON),
+    pytest.importorskip('torchvision', reason=TORCH_REASON),
+  )
 
 
 def _torch_reference(in_channels: int = 3, seed: int = 1):
@@ -319,8 +343,7 @@ def _torch_endpoints(model, images_nchw: np.ndarray) -> dict[str, np.ndarray]:
     out['norm5'] = x = torch.relu(x)
     out['PreLogits'] = x = x.mean(dim=(2, 3))
     out['Logits'] = model.classifier(x)
-  return {k: v.numpy().transpose(0, 2, 3, 1) if v.ndim == 4 else v.numpy()
-          for k, v in out.items()}
+  return {k: v.numpy().transpose(0, 2, 3, 1) if v.ndim == 4 else v.numpy() for k, v in out.items()}
 
 
 def _nchw(images: np.ndarray) -> np.ndarray:
@@ -344,8 +367,10 @@ def torch_file(torch_model, tmp_path_factory):
 @pytest.fixture(scope='module')
 def torch_outputs(torch_model, torch_file):
   variables = dn.load_torch(torch_file)
-  return {size: (_torch_endpoints(torch_model, _nchw(_colour(size))),
-                 _ours(variables, _colour(size))) for size in SIZES}
+  return {
+    size: (_torch_endpoints(torch_model, _nchw(_colour(size))), _ours(variables, _colour(size)))
+    for size in SIZES
+  }
 
 
 @pytest.mark.parametrize('size', SIZES)
@@ -368,8 +393,10 @@ def test_torch_key_styles_and_formats(torch_model, torch_file, tmp_path):
   legacy (non-zip) format load the same; recognise tells DenseNet-121 from its siblings."""
   import torch
 
-  old_style = {'module.' + k.replace('norm1', 'norm.1').replace('conv2', 'conv.2'): v
-               for k, v in torch_model.state_dict().items()}
+  old_style = {
+    'module.' + k.replace('norm1', 'norm.1').replace('conv2', 'conv.2'): v
+    for k, v in torch_model.state_dict().items()
+  }
   legacy = str(tmp_path / 'old.pth')
   torch.save(old_style, legacy, _use_new_zipfile_serialization=False)
   expected = scopes.flatten(dn.load_torch(torch_file))
@@ -377,8 +404,11 @@ def test_torch_key_styles_and_formats(torch_model, torch_file, tmp_path):
     np.testing.assert_array_equal(value, expected[key], err_msg=key)
   assert dn.recognise_torch(torch_file) and dn.recognise_torch(legacy)
   assert dn.recognise(torch_file)
-  densenet169_keys = {f'features.denseblock{b}.denselayer{i}.norm1.weight': torch.zeros(1)
-                      for b in (3, 4) for i in range(1, 33)}
+  densenet169_keys = {
+    f'features.denseblock{b}.denselayer{i}.norm1.weight': torch.zeros(1)
+    for b in (3, 4)
+    for i in range(1, 33)
+  }
   torch.save(densenet169_keys, tmp_path / 'densenet169.pth')
   assert not dn.recognise(str(tmp_path / 'densenet169.pth'))
 
@@ -484,11 +514,19 @@ def test_variables_and_end_points():
   assert logits.dtype == jnp.float32
   shapes = {k: v.shape for k, v in end_points.items()}
   assert shapes == {
-    'conv0': (2, 56, 56, 64), 'denseblock1': (2, 56, 56, 256), 'transition1': (2, 28, 28, 128),
-    'denseblock2': (2, 28, 28, 512), 'transition2': (2, 14, 14, 256),
-    'denseblock3': (2, 14, 14, 1024), 'transition3': (2, 7, 7, 512),
-    'denseblock4': (2, 7, 7, 1024), 'norm5': (2, 7, 7, 1024), 'PreLogits': (2, 1024),
-    'Logits': (2, CLASSES), 'Predictions': (2, CLASSES)}
+    'conv0': (2, 56, 56, 64),
+    'denseblock1': (2, 56, 56, 256),
+    'transition1': (2, 28, 28, 128),
+    'denseblock2': (2, 28, 28, 512),
+    'transition2': (2, 14, 14, 256),
+    'denseblock3': (2, 14, 14, 1024),
+    'transition3': (2, 7, 7, 512),
+    'denseblock4': (2, 7, 7, 1024),
+    'norm5': (2, 7, 7, 1024),
+    'PreLogits': (2, 1024),
+    'Logits': (2, CLASSES),
+    'Predictions': (2, CLASSES),
+  }
 
 
 def test_scopes():
@@ -499,7 +537,9 @@ def test_scopes():
   assert len(convs) == 120
   assert decayed == convs | {'classifier/kernel'}
   assert {p for p in params if scopes.matches(dn.BACKBONE.head_scopes, p)} == {
-    'classifier/kernel', 'classifier/bias'}
+    'classifier/kernel',
+    'classifier/bias',
+  }
   assert shapes[f'params/{dn.BACKBONE.logits_bias}'] == (CLASSES,)
   top = 'denseblock4,norm5,classifier'
   assert sum(scopes.matches(top, p) for p in params) == 16 * 6 + 2 + 2
@@ -510,8 +550,9 @@ def test_create_reads_the_model_config():
   cfg.dropout_keep_prob = 1.0
   cfg.batch_norm_decay = 0.9
   cfg.dtype = 'bfloat16'
-  model = dn.BACKBONE.build(cfg, 3, create_aux_logits=True, batch_norm_train=(),
-                            activation=explain.guided_relu)
+  model = dn.BACKBONE.build(
+    cfg, 3, create_aux_logits=True, batch_norm_train=(), activation=explain.guided_relu
+  )
   assert (model.num_classes, model.dropout_rate, model.batch_norm_momentum) == (3, 0.0, 0.9)
   assert model.dtype == jnp.bfloat16 and model.batch_norm_train == ()
   assert model.activation is explain.guided_relu
@@ -542,9 +583,13 @@ def random_variables():
   images = jax.ShapeDtypeStruct((1, dn.MIN_SIZE, dn.MIN_SIZE, 3), jnp.float32)
   shapes = scopes.flatten(jax.eval_shape(MODEL.init, jax.random.key(0), images))
   rng = np.random.default_rng(0)
-  return scopes.unflatten({
-    k: reference.nontrivial_value(kinds.get(leaf, leaf), v.shape, rng)
-    for k, v in shapes.items() for leaf in [k.rpartition('/')[2]]})
+  return scopes.unflatten(
+    {
+      k: reference.nontrivial_value(kinds.get(leaf, leaf), v.shape, rng)
+      for k, v in shapes.items()
+      for leaf in [k.rpartition('/')[2]]
+    }
+  )
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -595,15 +640,17 @@ def test_cell_centres_are_receptive_field_centres(random_variables):
   reaches must be the tabled offset + stride * i. Identity activations keep every path open."""
   size = 96
   flat = scopes.flatten(random_variables)
-  zeroed = scopes.unflatten({k: np.zeros_like(v) if k.endswith('conv2/kernel') else v
-                             for k, v in flat.items()})
+  zeroed = scopes.unflatten(
+    {k: np.zeros_like(v) if k.endswith('conv2/kernel') else v for k, v in flat.items()}
+  )
   model = MODEL.clone(activation=lambda x: x)
   layers = dn.BACKBONE.gradcam_layers
 
   def cells(image):
     _, end_points = model.apply(zeroed, image[None])
-    return jnp.stack([end_points[la][0, n // 2, n // 2].sum()
-                      for la in layers for n in [end_points[la].shape[1]]])
+    return jnp.stack(
+      [end_points[la][0, n // 2, n // 2].sum() for la in layers for n in [end_points[la].shape[1]]]
+    )
 
   grads = jax.jit(jax.jacrev(cells))(jnp.asarray(_colour(size)[0]))
   widths = {'denseblock2': 15, 'denseblock3': 23, 'denseblock4': 39, 'norm5': 39}

@@ -15,12 +15,20 @@ SIZE = 64  # Small (DenseNet accepts 29 px and up) but with a 2×2 norm5 grid.
 
 @pytest.fixture(scope='module')
 def run(tiny_config, tmp_path_factory):
-  config = tiny_config(**{'model.name': 'densenet121', 'input.image_size': SIZE,
-                          'exclude_scopes': 'classifier', 'trainable_scopes': 'classifier',
-                          'model.batch_norm_decay': 0.9, 'eval_every_steps': 2})
+  config = tiny_config(
+    **{
+      'model.name': 'densenet121',
+      'input.image_size': SIZE,
+      'exclude_scopes': 'classifier',
+      'trainable_scopes': 'classifier',
+      'model.batch_norm_decay': 0.9,
+      'eval_every_steps': 2,
+    }
+  )
   config.phases.head = dict(num_steps=2, trainable_scopes='classifier')
-  config.phases.top = dict(num_steps=2,
-                           trainable_scopes='denseblock4/denselayer16,norm5,classifier')
+  config.phases.top = dict(
+    num_steps=2, trainable_scopes='denseblock4/denselayer16,norm5,classifier'
+  )
   workdir = str(tmp_path_factory.mktemp('densenet'))
   summary = loop.train_and_evaluate(config, workdir)
   return config, workdir, summary
@@ -35,9 +43,11 @@ def test_two_phase_training_with_frozen_batch_norm(run):
   with checkpoints.manager(workdir) as mngr:
     stored = mngr.restore(4, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
   moving = set(scopes.flatten(stored['batch_stats']))
-  assert moving == {f'{layer}/{stat}' for layer in ('norm5', 'denseblock4/denselayer16/norm1',
-                                                    'denseblock4/denselayer16/norm2')
-                    for stat in ('mean', 'var')}
+  assert moving == {
+    f'{layer}/{stat}'
+    for layer in ('norm5', 'denseblock4/denselayer16/norm1', 'denseblock4/denselayer16/norm2')
+    for stat in ('mean', 'var')
+  }
 
 
 def test_eval_predict_and_explain(run, stage_folder, capsys):

@@ -89,13 +89,16 @@ def serve(server):
 def converter(monkeypatch):
   """Replaces the real converters: records (source, path), returns a tiny variables tree."""
   calls = []
-  tree = {'params': {'Logits': {'biases': np.arange(3, dtype=np.float32)}},
-          'batch_stats': {'Logits': {'moving_mean': np.ones(2, np.float32)}}}
+  tree = {
+    'params': {'Logits': {'biases': np.arange(3, dtype=np.float32)}},
+    'batch_stats': {'Logits': {'moving_mean': np.ones(2, np.float32)}},
+  }
 
   def fake(source):
     def convert(path):
       calls.append((source, path))
       return tree
+
     return convert
 
   monkeypatch.setattr(download, '_converter', fake)

@@ -50,8 +50,11 @@ def random_model():
 @pytest.fixture(scope='module')
 def explained(random_model):
   model, variables, images = random_model
-  return jax.device_get(explain.explain(model, variables, images, layer='Mixed_7c',
-                                        cells=BACKBONE.cell_centres['Mixed_7c']))
+  return jax.device_get(
+    explain.explain(
+      model, variables, images, layer='Mixed_7c', cells=BACKBONE.cell_centres['Mixed_7c']
+    )
+  )
 
 
 def test_outputs_shapes_and_ranges(random_model, explained):
@@ -65,8 +68,9 @@ def test_outputs_shapes_and_ranges(random_model, explained):
   np.testing.assert_allclose(out['grad_cam'].max(axis=(1, 2)), 1.0, rtol=1e-6)
   assert out['guided_backprop'].shape == images.shape
   assert np.abs(out['guided_backprop']).max() > 0
-  np.testing.assert_allclose(out['guided_grad_cam'],
-                             out['guided_backprop'] * out['grad_cam'][..., None], rtol=1e-6)
+  np.testing.assert_allclose(
+    out['guided_grad_cam'], out['guided_backprop'] * out['grad_cam'][..., None], rtol=1e-6
+  )
 
 
 def test_grad_cam_at_last_block_is_the_class_activation_map(random_model, explained):
@@ -83,15 +87,24 @@ def test_grad_cam_at_last_block_is_the_class_activation_map(random_model, explai
     # Cell (i, j) is centred on input pixel 37 + 32 * (i, j).
     for i in range(2):
       for j in range(2):
-        assert explained['grad_cam'][b, 37 + 32 * i, 37 + 32 * j] == pytest.approx(cam[i, j],
-                                                                                  abs=1e-5)
+        assert explained['grad_cam'][b, 37 + 32 * i, 37 + 32 * j] == pytest.approx(
+          cam[i, j], abs=1e-5
+        )
 
 
 def test_chosen_class_and_other_layers(random_model, explained):
   model, variables, images = random_model
   other = (explained['target'] + 1) % 3
-  out = jax.device_get(explain.explain(model, variables, images, jnp.asarray(other),
-                                       layer='Mixed_5d', cells=BACKBONE.cell_centres['Mixed_5d']))
+  out = jax.device_get(
+    explain.explain(
+      model,
+      variables,
+      images,
+      jnp.asarray(other),
+      layer='Mixed_5d',
+      cells=BACKBONE.cell_centres['Mixed_5d'],
+    )
+  )
   np.testing.assert_array_equal(out['target'], other)
   np.testing.assert_allclose(out['probs'], explained['probs'], rtol=1e-5)
   assert out['grad_cam'].shape == (2, SIZE, SIZE)
@@ -145,9 +158,15 @@ def grey_explained(random_model, stage_folder):
       views.append(preprocess.eval(np.asarray(image.convert('RGB')), SIZE))
   views = np.stack(views)
   assert np.array_equal(views[..., 0], views[..., 2])
-  return views, jax.device_get(explain.explain(model, variables, jnp.asarray(views),
-                                               layer='Mixed_7c',
-                                               cells=BACKBONE.cell_centres['Mixed_7c']))
+  return views, jax.device_get(
+    explain.explain(
+      model,
+      variables,
+      jnp.asarray(views),
+      layer='Mixed_7c',
+      cells=BACKBONE.cell_centres['Mixed_7c'],
+    )
+  )
 
 
 def _one(result, row=0):
@@ -164,8 +183,7 @@ def test_panel_title_names_prediction_truth_layer_and_step(grey_explained):
   one = _one(result)
   predicted = int(one['probs'].argmax())
   wrong = (predicted + 1) % 3
-  fig = explain.panel_figure(views[0], one, NAMES, layer='Mixed_7c', step=1234,
-                             true_label=wrong)
+  fig = explain.panel_figure(views[0], one, NAMES, layer='Mixed_7c', step=1234, true_label=wrong)
   title = fig.get_suptitle()
   assert f'predicted {NAMES[predicted]} ({one["probs"][predicted]:.1%})' in title
   assert f'true {NAMES[wrong]} (wrong)' in title
@@ -173,11 +191,14 @@ def test_panel_title_names_prediction_truth_layer_and_step(grey_explained):
   assert 'explaining' not in title  # The explained class is the prediction.
   assert len(title.splitlines()) <= 2
 
-  right = explain.panel_figure(views[0], one, NAMES, layer='Mixed_7c', step=1,
-                               true_label=predicted).get_suptitle()
+  right = explain.panel_figure(
+    views[0], one, NAMES, layer='Mixed_7c', step=1, true_label=predicted
+  ).get_suptitle()
   assert f'true {NAMES[predicted]} (correct)' in right
-  assert 'true' not in explain.panel_figure(views[0], one, NAMES, layer='Mixed_7c',
-                                            step=1).get_suptitle()
+  assert (
+    'true'
+    not in explain.panel_figure(views[0], one, NAMES, layer='Mixed_7c', step=1).get_suptitle()
+  )
 
 
 def test_panel_title_names_an_explained_class_other_than_the_prediction(grey_explained):
@@ -216,8 +237,9 @@ def test_panels_of_a_grey_film_are_grey_on_the_model_framing(grey_explained):
 def test_panel_input_of_a_colour_image_is_rgb(random_model, explained):
   _, _, images = random_model
   view = np.asarray(images[1])
-  a, b, c = _image_axes(explain.panel_figure(view, _one(explained, 1), NAMES, layer='Mixed_7c',
-                                             step=0))
+  a, b, c = _image_axes(
+    explain.panel_figure(view, _one(explained, 1), NAMES, layer='Mixed_7c', step=0)
+  )
   np.testing.assert_array_equal(a.images[0].get_array(), explain.to_uint8(view))
   assert b.images[0].get_array().shape == (SIZE, SIZE, 3)
   assert c.images[0].get_array().shape == (SIZE, SIZE)  # Guided Grad-CAM is grey for any input.
@@ -235,11 +257,15 @@ def test_panel_has_a_grad_cam_colour_bar(grey_explained):
 def test_panels_show_whole_screen_pixels_per_input_pixel(size, shown):
   """Small inputs are enlarged by a whole factor (nearest pixel), a 299 px input is shown 1:1."""
   rng = np.random.default_rng(0)
-  result = {'probs': np.array([0.2, 0.5, 0.3]), 'target': np.array(1),
-            'grad_cam': rng.uniform(0, 1, (size, size)),
-            'guided_grad_cam': rng.normal(size=(size, size, 3))}
-  fig = explain.panel_figure(rng.uniform(-1, 1, (size, size, 3)), result, NAMES,
-                             layer='Mixed_5d', step=0)
+  result = {
+    'probs': np.array([0.2, 0.5, 0.3]),
+    'target': np.array(1),
+    'grad_cam': rng.uniform(0, 1, (size, size)),
+    'guided_grad_cam': rng.normal(size=(size, size, 3)),
+  }
+  fig = explain.panel_figure(
+    rng.uniform(-1, 1, (size, size, 3)), result, NAMES, layer='Mixed_5d', step=0
+  )
   for ax in _image_axes(fig):
     box = ax.get_window_extent()
     assert (box.width, box.height) == pytest.approx((shown, shown))
@@ -270,8 +296,10 @@ def test_guided_grey_is_the_channel_sum_with_outliers_capped():
 def test_write_panel_writes_one_png_atomically(tmp_path, grey_explained, monkeypatch):
   views, result = grey_explained
   path = str(tmp_path / 'out' / 'scan.png')  # The folder does not exist yet.
-  assert explain.write_panel(path, views[0], _one(result), NAMES, layer='Mixed_7c', step=7,
-                             true_label=2) == path
+  assert (
+    explain.write_panel(path, views[0], _one(result), NAMES, layer='Mixed_7c', step=7, true_label=2)
+    == path
+  )
   assert os.listdir(tmp_path / 'out') == ['scan.png']  # No temporary file left behind.
   with Image.open(path) as image:
     assert image.format == 'PNG' and image.mode == 'RGBA'
@@ -318,10 +346,15 @@ def _planted(rng, n):
     if PLANTED_CLASSES[label] != 'none':
       stripes = np.where(np.arange(p) // 2 % 2, 230.0, 26.0)
       vertical = PLANTED_CLASSES[label] == 'vertical'
-      image[top:top + p, left:left + p] = stripes[None, :] if vertical else stripes[:, None]
-      mask[top:top + p, left:left + p] = 255
-    out.append((np.repeat(image.astype(np.uint8)[..., None], 3, -1), label,
-                np.repeat(mask[..., None], 3, -1)))
+      image[top : top + p, left : left + p] = stripes[None, :] if vertical else stripes[:, None]
+      mask[top : top + p, left : left + p] = 255
+    out.append(
+      (
+        np.repeat(image.astype(np.uint8)[..., None], 3, -1),
+        label,
+        np.repeat(mask[..., None], 3, -1),
+      )
+    )
   return out
 
 
@@ -329,7 +362,7 @@ def _grown(mask, by):
   """The bounding box of a (rectangular) mask, grown by `by` pixels on each side."""
   rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
   out = np.zeros_like(mask)
-  out[max(rows[0] - by, 0):rows[-1] + by + 1, max(cols[0] - by, 0):cols[-1] + by + 1] = True
+  out[max(rows[0] - by, 0) : rows[-1] + by + 1, max(cols[0] - by, 0) : cols[-1] + by + 1] = True
   return out
 
 
@@ -344,22 +377,38 @@ def test_grad_cam_finds_the_planted_patch(tmp_path, tiny_config):
     folder = tmp_path / 'images' / PLANTED_CLASSES[label]
     folder.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(folder / f'{i:03d}.png')
-  c = tiny_config(**{
-      'dataset.source_dir': str(tmp_path / 'images'), 'dataset.validation_fraction': 0.1,
-      'input.image_size': PATCH_SIZE, 'input.batch_size': 16, 'input.eval_batch_size': 24,
+  c = tiny_config(
+    **{
+      'dataset.source_dir': str(tmp_path / 'images'),
+      'dataset.validation_fraction': 0.1,
+      'input.image_size': PATCH_SIZE,
+      'input.batch_size': 16,
+      'input.eval_batch_size': 24,
       # Whole images, unaugmented, at train and eval time: the stripes keep their frequency.
-      'input.random_crop': False, 'input.color_distortion': False,
+      'input.random_crop': False,
+      'input.color_distortion': False,
       'input.central_crop_fraction': 1.0,
-      'model.depth_multiplier': 0.25, 'model.create_aux_logits': False,
-      'init_checkpoint': '', 'trainable_scopes': '.*',
+      'model.depth_multiplier': 0.25,
+      'model.create_aux_logits': False,
+      'init_checkpoint': '',
+      'trainable_scopes': '.*',
       # From scratch in 100 steps, BN moving averages (decay 0.9997) would still be at their
       # initial values: keep every BN in inference mode so that training and inference agree.
       'batch_norm': 'frozen',
-      'optimizer.name': 'adam', 'optimizer.epsilon': 1e-8, 'optimizer.weight_decay': 0.0,
-      'schedule.name': 'warmup_cosine', 'schedule.learning_rate': 1e-3,
-      'schedule.warmup_steps': 10, 'schedule.end_learning_rate': 0.0,
-      'num_steps': 100, 'log_every_steps': 50, 'eval_every_steps': 0,
-      'checkpoint_every_steps': 100, 'best_metric': 'accuracy'})
+      'optimizer.name': 'adam',
+      'optimizer.epsilon': 1e-8,
+      'optimizer.weight_decay': 0.0,
+      'schedule.name': 'warmup_cosine',
+      'schedule.learning_rate': 1e-3,
+      'schedule.warmup_steps': 10,
+      'schedule.end_learning_rate': 0.0,
+      'num_steps': 100,
+      'log_every_steps': 50,
+      'eval_every_steps': 0,
+      'checkpoint_every_steps': 100,
+      'best_metric': 'accuracy',
+    }
+  )
   workdir = str(tmp_path / 'run')
   assert loop.train_and_evaluate(c, workdir)['final']['accuracy'] >= 0.9
 
@@ -369,8 +418,15 @@ def test_grad_cam_finds_the_planted_patch(tmp_path, tiny_config):
   labels = np.array([y for _, y, _ in held_out])
   variables, _ = checkpoints.load_for_inference(workdir)
   model = build_model(c, len(PLANTED_CLASSES), create_aux_logits=False)
-  out = jax.device_get(explain.explain(model, variables, jnp.asarray(images), layer=PATCH_LAYER,
-                                       cells=BACKBONE.cell_centres[PATCH_LAYER]))
+  out = jax.device_get(
+    explain.explain(
+      model,
+      variables,
+      jnp.asarray(images),
+      layer=PATCH_LAYER,
+      cells=BACKBONE.cell_centres[PATCH_LAYER],
+    )
+  )
   accuracy = (out['target'] == labels).mean()
   inside, near = [], []
   for cam, (_, label, mask) in zip(out['grad_cam'], held_out, strict=True):
@@ -380,8 +436,10 @@ def test_grad_cam_finds_the_planted_patch(tmp_path, tiny_config):
     peak = cam >= cam.max() - 1e-6  # A plateau where the peak is an edge cell.
     inside.append((peak & mask).any())
     near.append((peak & _grown(mask, 4)).any())
-  print(f'planted patch: accuracy {accuracy:.3f}; Grad-CAM maximum in the patch '
-        f'{np.mean(inside):.3f}, within 4 px {np.mean(near):.3f} ({len(inside)} images)')
+  print(
+    f'planted patch: accuracy {accuracy:.3f}; Grad-CAM maximum in the patch '
+    f'{np.mean(inside):.3f}, within 4 px {np.mean(near):.3f} ({len(inside)} images)'
+  )
   assert accuracy >= 0.9
   assert np.mean(near) >= 0.85
   assert np.mean(inside) >= 0.6

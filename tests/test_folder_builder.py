@@ -45,8 +45,9 @@ def source(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def built(source, tmp_path_factory):
-  return folder_builder.build(cfg(source, test_fraction=0.2, num_shards=2),
-                              str(tmp_path_factory.mktemp('data')))
+  return folder_builder.build(
+    cfg(source, test_fraction=0.2, num_shards=2), str(tmp_path_factory.mktemp('data'))
+  )
 
 
 def test_labels_are_sorted_folder_names(built):
@@ -91,9 +92,12 @@ def test_split_depends_only_on_seed(source, tmp_path):
 
 
 def test_k_fold_partitions_the_non_test_images(source, tmp_path):
-  folds = [splits_of(folder_builder.build(cfg(source, num_folds=3, fold=k, test_fraction=0.2),
-                                          str(tmp_path)))
-           for k in range(3)]
+  folds = [
+    splits_of(
+      folder_builder.build(cfg(source, num_folds=3, fold=k, test_fraction=0.2), str(tmp_path))
+    )
+    for k in range(3)
+  ]
   test = folds[0]['test']
   assert all(f['test'] == test for f in folds)  # Held out before folding.
   validations = [f['validation'] for f in folds]
@@ -103,8 +107,10 @@ def test_k_fold_partitions_the_non_test_images(source, tmp_path):
     assert f['train'] == everything - test - f['validation']
   # Stratified: each fold has about a third of each class's non-test images (16, 8, 5).
   for f in folds:
-    counts = np.bincount([sorted(['apple', 'mango', 'zebra']).index(p.split('/')[0])
-                          for p in f['validation']], minlength=3)
+    counts = np.bincount(
+      [sorted(['apple', 'mango', 'zebra']).index(p.split('/')[0]) for p in f['validation']],
+      minlength=3,
+    )
     assert np.all(np.abs(counts - np.array([8, 5, 16]) / 3) <= 1)
 
 
@@ -214,8 +220,14 @@ def test_odd_formats(tmp_path, caplog):
     records.update({ds[i]['filename'].decode(): ds[i]['image'] for i in range(len(ds))})
   assert len(records) == 14
   assert all(r.dtype == np.uint8 and r.ndim == 3 and r.shape[-1] == 3 for r in records.values())
-  for name in ('a/grey16.png', 'a/grey8.png', 'a/palette.png', 'b/rgba.png', 'b/bitmap.BMP',
-               'b/nested/deep.png'):
+  for name in (
+    'a/grey16.png',
+    'a/grey8.png',
+    'a/palette.png',
+    'b/rgba.png',
+    'b/bitmap.BMP',
+    'b/nested/deep.png',
+  ):
     np.testing.assert_array_equal(records[name], np.dstack([grey] * 3), err_msg=name)
   for name in ('b/upper.JPG', 'b/mixed.JpEg'):
     assert np.abs(records[name].astype(int) - grey[..., None]).mean() < 3
@@ -237,7 +249,9 @@ def test_corrupt_images_listed_or_skipped(tmp_path):
   assert len(kept) == 10 and 'a/002.png' not in kept
 
 
-@pytest.mark.parametrize('layout, overrides, needle', [
+@pytest.mark.parametrize(
+  'layout, overrides, needle',
+  [
     ('missing', {}, 'does not exist'),
     ('file', {}, 'is not a folder'),
     ('one_class', {}, 'at least two'),
@@ -250,7 +264,8 @@ def test_corrupt_images_listed_or_skipped(tmp_path):
     ('ok', {'num_shards': 0}, 'num_shards=0'),
     ('ok', {'validation_fraction': 0.05}, "class 'small' (3 images): train 3, validation 0"),
     ('ok', {'num_folds': 4}, "class 'small' (3 images): train 2, validation 0 (smallest fold)"),
-])
+  ],
+)
 def test_bad_input(tmp_path, layout, overrides, needle):
   src = tmp_path / 'src'
   if layout == 'file':
@@ -295,6 +310,12 @@ def test_builds_and_reads_without_tensorflow(source, tmp_path):
       print('OK')
   """)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run([sys.executable, '-c', script], cwd=root, capture_output=True, text=True,
-                       timeout=120, check=False)
+  out = subprocess.run(
+    [sys.executable, '-c', script],
+    cwd=root,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert out.stdout.strip().endswith('OK'), out.stderr[-3000:]

@@ -103,6 +103,7 @@ def test_print_top_k_errors(tmp_path):
   (tmp_path / 'x.png').write_bytes(b'')
   for init in (tmp_path / 'model.h5', tmp_path):  # Not a directory; not an orbax checkpoint.
     config.init_checkpoint = str(init)
-    with pytest.raises((ValueError, FileNotFoundError),
-                       match=r'init_checkpoint=.*(does not exist|not an orbax)'):
+    with pytest.raises(
+      (ValueError, FileNotFoundError), match=r'init_checkpoint=.*(does not exist|not an orbax)'
+    ):
       imagenet.print_top_k(config, [str(tmp_path / 'x.png')], str(tmp_path))

@@ -16,7 +16,9 @@ def _grey3(grey: np.ndarray) -> np.ndarray:
   return np.repeat(grey[..., None], 3, axis=-1)
 
 
-@pytest.mark.parametrize('name, save, expected', [
+@pytest.mark.parametrize(
+  'name, save, expected',
+  [
     ('grey.png', lambda p: Image.fromarray(GREY).save(p), _grey3(GREY)),
     ('rgb.PNG', lambda p: Image.fromarray(RGB).save(p), RGB),
     ('rgb.bmp', lambda p: Image.fromarray(RGB).save(p), RGB),
@@ -24,7 +26,8 @@ def _grey3(grey: np.ndarray) -> np.ndarray:
     ('palette.png', lambda p: Image.fromarray(RGB).quantize(256).save(p), RGB),
     ('grey16.png', lambda p: Image.fromarray(GREY.astype(np.uint16) * 257).save(p), _grey3(GREY)),
     ('binary.png', lambda p: Image.fromarray(GREY > 100).save(p), _grey3((GREY > 100) * 255)),
-])
+  ],
+)
 def test_formats_become_rgb8(tmp_path, name, save, expected):
   path = tmp_path / name
   save(path)
@@ -46,11 +49,14 @@ def test_jpeg_any_case(tmp_path):
   assert np.abs(out.astype(int) - RGB).mean() < 4  # Lossy, but the same picture.
 
 
-@pytest.mark.parametrize('name, content', [
+@pytest.mark.parametrize(
+  'name, content',
+  [
     ('not_an_image.png', b'hello, world'),
     ('truncated.png', None),
     ('truncated.jpg', None),
-])
+  ],
+)
 def test_unreadable_names_the_path(tmp_path, name, content):
   path = tmp_path / name
   if content is None:
@@ -70,10 +76,19 @@ def test_missing_file_names_the_path(tmp_path):
     images.load_image(tmp_path / 'nope.png')
 
 
-@pytest.mark.parametrize('name, expected', [
-    ('a.png', True), ('b.JPEG', True), ('c.Jpg', True), ('d.bmp', True),
-    ('.hidden.png', False), ('README.txt', False), ('e.tif', False), ('.DS_Store', False),
-])
+@pytest.mark.parametrize(
+  'name, expected',
+  [
+    ('a.png', True),
+    ('b.JPEG', True),
+    ('c.Jpg', True),
+    ('d.bmp', True),
+    ('.hidden.png', False),
+    ('README.txt', False),
+    ('e.tif', False),
+    ('.DS_Store', False),
+  ],
+)
 def test_is_candidate(name, expected):
   assert images.is_candidate(name) is expected
 
@@ -81,8 +96,12 @@ def test_is_candidate(name, expected):
 def test_expand_inputs_refuses_missing_paths_listing_all(tmp_path):
   Image.fromarray(RGB).save(tmp_path / 'a.png')
   (tmp_path / 'empty').mkdir()
-  named = [str(tmp_path / 'a.png'), str(tmp_path / 'typo.png'), str(tmp_path / '*.jpg'),
-           str(tmp_path / 'empty')]
+  named = [
+    str(tmp_path / 'a.png'),
+    str(tmp_path / 'typo.png'),
+    str(tmp_path / '*.jpg'),
+    str(tmp_path / 'empty'),
+  ]
   with pytest.raises(images.NotFoundError) as e:
     images.expand_inputs(named)
   for bad in named[1:]:

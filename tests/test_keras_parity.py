@@ -120,8 +120,12 @@ def test_matches_keras(outputs, size):
 
 def test_rejects_other_files(tmp_path):
   tiny = keras.Sequential(
-    [keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3), keras.layers.Flatten(),
-     keras.layers.Dense(2)]
+    [
+      keras.Input((8, 8, 3)),
+      keras.layers.Conv2D(4, 3),
+      keras.layers.Flatten(),
+      keras.layers.Dense(2),
+    ]
   )
   tiny.save_weights(tmp_path / 'tiny.weights.h5')
   reference.save_keras_legacy_h5(tiny, str(tmp_path / 'tiny.h5'))

@@ -20,8 +20,13 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def start(script: str, *args: str) -> subprocess.Popen:
   """A fresh interpreter running `script` (imports only what it needs) from the repository root."""
-  return subprocess.Popen([sys.executable, '-c', textwrap.dedent(script), *args], cwd=_ROOT,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+    [sys.executable, '-c', textwrap.dedent(script), *args],
+    cwd=_ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
 
 
 def wait_for(proc: subprocess.Popen, line: str) -> None:
@@ -73,7 +78,8 @@ def test_lock_of_a_killed_process_does_not_block(tmp_path, holder, caplog):
 
 
 def test_forked_child_does_not_keep_a_dead_parents_lock(tmp_path):
-  proc = start("""
+  proc = start(
+    """
       import multiprocessing, sys, time
       from pneumo_jax import locks
       def work(started):  # Runs after the fork hooks: the child has closed its copy by now.
@@ -87,7 +93,9 @@ def test_forked_child_does_not_keep_a_dead_parents_lock(tmp_path):
         started.wait()
         print(child.pid, flush=True)
         time.sleep(120)
-  """, str(tmp_path / 'work'))
+  """,
+    str(tmp_path / 'work'),
+  )
   child = int(proc.stdout.readline())
   try:
     with pytest.raises(BusyError), locks.workdir_lock(str(tmp_path / 'work')):
@@ -127,13 +135,16 @@ def test_reentrant_in_one_thread_exclusive_across_threads(tmp_path):
 
 def test_build_lock_waits_for_the_holder(tmp_path, caplog):
   data = str(tmp_path / 'data')
-  proc = start("""
+  proc = start(
+    """
       import sys, time
       from pneumo_jax import locks
       with locks.build_lock(sys.argv[1]):
         print('HELD', flush=True)
         time.sleep(1.5)
-  """, data)
+  """,
+    data,
+  )
   try:
     wait_for(proc, 'HELD')
     began = time.monotonic()

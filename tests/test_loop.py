@@ -24,8 +24,9 @@ TMP = ocp.utils.TMP_DIR_SUFFIX  # A save in progress: `<step>.orbax-checkpoint-t
 def _two_phase(make):
   c = make(ema_decay=0.5)
   c.phases.head = dict(num_steps=2, trainable_scopes=HEAD)
-  c.phases.top = dict(num_steps=2, trainable_scopes='Mixed_7c,' + HEAD,
-                      schedule=dict(learning_rate=0.001))
+  c.phases.top = dict(
+    num_steps=2, trainable_scopes='Mixed_7c,' + HEAD, schedule=dict(learning_rate=0.001)
+  )
   return c
 
 
@@ -36,8 +37,9 @@ def _state(workdir, step):
 
 def _assert_same(a, b):
   """Every leaf bitwise equal, by path (optax's named tuples read back as dicts)."""
-  flat = lambda t: {jax.tree_util.keystr(p, simple=True, separator='/'): x
-                    for p, x in jax.tree.leaves_with_path(t)}
+  flat = lambda t: {
+    jax.tree_util.keystr(p, simple=True, separator='/'): x for p, x in jax.tree.leaves_with_path(t)
+  }
   fa, fb = flat(a), flat(b)
   assert fa.keys() == fb.keys()
   for path in fa:
@@ -108,7 +110,11 @@ def test_resume_equals_uninterrupted_run(runs):
       summaries[-1]['records'] = [(r['step'], r['split']) for r in map(json.loads, f)]
   s, r = summaries
   assert (s['best_step'], s['best'], s['final'], s['records']) == (
-      r['best_step'], r['best'], r['final'], r['records'])
+    r['best_step'],
+    r['best'],
+    r['final'],
+    r['records'],
+  )
   a = _state(straight, 4)
   assert any('opt_state' in jax.tree_util.keystr(p) for p, _ in jax.tree.leaves_with_path(a))
   _assert_same(a, _state(resumed, 4))
@@ -121,8 +127,9 @@ def test_checkpoints_hold_only_what_the_run_changes(runs):
   changing = ('Mixed_7c/', 'Logits/', 'AuxLogits/')
   for subdir, step in ((checkpoints.LATEST_DIR, 4), (checkpoints.BEST_DIR, None)):
     with checkpoints.manager(straight, subdir) as mngr:
-      stored = mngr.restore(step or mngr.latest_step(), args=ocp.args.Composite(
-          state=ocp.args.StandardRestore()))['state']
+      stored = mngr.restore(
+        step or mngr.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore())
+      )['state']
     for entry in ('params', 'ema_params', 'batch_stats'):
       paths = set(scopes.flatten(stored[entry]))
       assert paths and all(p.startswith(changing) for p in paths), (subdir, entry)
@@ -130,7 +137,8 @@ def test_checkpoints_hold_only_what_the_run_changes(runs):
   frozen = {k for k in scopes.flatten(trained['params']) if not k.startswith(changing)}
   assert set(scopes.flatten(base['params'])) == frozen
   assert 'Mixed_6e/Branch_0/Conv2d_0a_1x1/BatchNorm/moving_mean' in scopes.flatten(
-      base['batch_stats'])
+    base['batch_stats']
+  )
   _assert_same(_state(straight, 4), trained)
 
 
@@ -164,8 +172,9 @@ def test_head_only_checkpoint_is_small_and_infers_as_trained(tiny_config, tmp_pa
   """Head only: a checkpoint is a few percent of the state; inference gets the trained EMA."""
   workdir = str(tmp_path)
   _, trained = _trained(tiny_config(ema_decay=0.5, num_steps=2), workdir, 2)
-  on_disk = sum(f.stat().st_size for f in (tmp_path / checkpoints.LATEST_DIR / '2').rglob('*')
-                if f.is_file())
+  on_disk = sum(
+    f.stat().st_size for f in (tmp_path / checkpoints.LATEST_DIR / '2').rglob('*') if f.is_file()
+  )
   state_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(trained))
   print(f'checkpoint {on_disk / 1e6:.1f} MB, state {state_bytes / 1e6:.1f} MB')
   assert on_disk < state_bytes / 20
@@ -196,8 +205,10 @@ def test_ema_is_saved_and_used_for_inference(runs):
   assert any(not np.array_equal(p[k], e[k]) for k in p)
   variables, step = checkpoints.load_for_inference(straight)
   assert step == 4
-  np.testing.assert_array_equal(scopes.flatten(variables['params'])['Logits/Conv2d_1c_1x1/weights'],
-                                e['Logits/Conv2d_1c_1x1/weights'])
+  np.testing.assert_array_equal(
+    scopes.flatten(variables['params'])['Logits/Conv2d_1c_1x1/weights'],
+    e['Logits/Conv2d_1c_1x1/weights'],
+  )
 
 
 def test_outputs_and_best_checkpoint(runs):
@@ -210,7 +221,8 @@ def test_outputs_and_best_checkpoint(runs):
   train = [r for r in records if r['split'] == 'train']
   assert [r['step'] for r in train] == [1, 2, 3, 4]
   assert {'loss', 'aux_loss', 'accuracy', 'learning_rate', 'grad_norm', 'images_per_s'} <= set(
-      train[0])
+    train[0]
+  )
   np.testing.assert_allclose(train[-1]['learning_rate'], 0.001)
   evals = [r for r in records if r['split'] == 'validation']
   assert [r['step'] for r in evals] == [2, 4]
@@ -293,8 +305,7 @@ def test_early_stopping_on_the_best_metric(tiny_config, tmp_path, monkeypatch):
   assert checkpoints.manager(str(tmp_path)).latest_step() == 4
 
 
-def test_a_signal_saves_after_the_current_step_and_the_resume_matches(runs, tiny_config,
-                                                                         tmp_path):
+def test_a_signal_saves_after_the_current_step_and_the_resume_matches(runs, tiny_config, tmp_path):
   """SIGINT (Ctrl-C) or SIGTERM mid-run: the step finishes, a checkpoint with the data iterator
   is saved (no periodic one is due), and resuming gives the uninterrupted run's state exactly."""
   straight = runs[0]

@@ -17,15 +17,24 @@ TINY = ['--config', 'configs/sweeps/tiny.py', '--nosweep']
 
 
 def _main(*args: str, **kwargs) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, 'main.py', *args], cwd=REPO, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+  return subprocess.Popen(
+    [sys.executable, 'main.py', *args],
+    cwd=REPO,
+    text=True,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    **kwargs,
+  )
 
 
-@pytest.mark.parametrize('args, expected', [
+@pytest.mark.parametrize(
+  'args, expected',
+  [
     (['--config.input.imge_size=3'], "no field 'input.imge_size'; did you mean 'input.image_size'"),
     (['--config.phases.head.num_steps=3'], "no field 'phases.head'"),
-    (['--config.input.image_size=abc'], "--config.input.image_size=abc: invalid literal"),
-])
+    (['--config.input.image_size=abc'], '--config.input.image_size=abc: invalid literal'),
+  ],
+)
 def test_a_bad_field_is_one_line_not_a_traceback(tmp_path, args, expected):
   proc = _main('--config', 'configs/demo.py', '--workdir', str(tmp_path / 'w'), *args)
   _, err = proc.communicate(timeout=120)
@@ -97,8 +106,9 @@ def test_a_second_signal_aborts_at_once():
         time.sleep(5)
       print('not reached')
   """)
-  proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
-                        timeout=60)
+  proc = subprocess.run(
+    [sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=60
+  )
   assert proc.returncode == 128 + signal.SIGTERM
   assert proc.stdout == 'still running\n'
   assert 'aborted without saving' in proc.stderr
@@ -108,18 +118,36 @@ def test_several_inputs_follow_one_flag_as_a_shell_glob_expands_them(tmp_path):
   """`--inputs *.png` arrives as `--inputs a.png b.png`: both are inputs (here both missing, so
   the error lists both, before any checkpoint is looked for). Run as `python -m pneumo_jax`."""
   proc = subprocess.run(
-      [sys.executable, '-m', 'pneumo_jax', *TINY, '--workdir', str(tmp_path / 'w'),
-       '--mode', 'predict', '--inputs', 'typo1.png', 'typo2.png'],
-      cwd=REPO, capture_output=True, text=True, timeout=120)
+    [
+      sys.executable,
+      '-m',
+      'pneumo_jax',
+      *TINY,
+      '--workdir',
+      str(tmp_path / 'w'),
+      '--mode',
+      'predict',
+      '--inputs',
+      'typo1.png',
+      'typo2.png',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "'typo1.png' (no such file or folder); 'typo2.png'" in proc.stderr
 
 
-@pytest.mark.parametrize('args, expected', [
+@pytest.mark.parametrize(
+  'args, expected',
+  [
     (['--mode', 'eval', '--tta'], '--tta is for --mode predict, not --mode eval'),
     (['--mode', 'train', '--layer', 'Mixed_5d'], '--layer is for --mode explain, not --mode train'),
     (['--mode', 'eval', 'extra.png'], "unexpected arguments ['extra.png']"),
-])
+  ],
+)
 def test_flags_a_mode_does_not_read_are_refused(tmp_path, args, expected):
   proc = _main(*TINY, '--workdir', str(tmp_path / 'w'), *args)
   _, err = proc.communicate(timeout=120)

@@ -26,13 +26,18 @@ def test_matches_sklearn_computed_independently():
   assert m['balanced_accuracy'] == pytest.approx(skm.balanced_accuracy_score(labels, preds))
   assert m['kappa'] == pytest.approx(skm.cohen_kappa_score(labels, preds, weights='quadratic'))
   assert m['auc_macro'] == pytest.approx(
-      skm.roc_auc_score(labels, probs, multi_class='ovr', average='macro'))
+    skm.roc_auc_score(labels, probs, multi_class='ovr', average='macro')
+  )
   assert m['loss'] == pytest.approx(skm.log_loss(labels, probs))
   assert m['confusion_matrix'] == skm.confusion_matrix(labels, preds).tolist()
   report = skm.classification_report(labels, preds, target_names=NAMES, output_dict=True)
   for name in NAMES:
-    for key, theirs in [('precision', 'precision'), ('recall', 'recall'), ('f1', 'f1-score'),
-                        ('support', 'support')]:
+    for key, theirs in [
+      ('precision', 'precision'),
+      ('recall', 'recall'),
+      ('f1', 'f1-score'),
+      ('support', 'support'),
+    ]:
       assert m['per_class'][name][key] == pytest.approx(report[name][theirs]), (name, key)
   assert 0.5 < m['accuracy'] < 1.0  # The fixture is neither chance nor perfect.
 

@@ -51,8 +51,12 @@ def inputs(stage_folder, tmp_path_factory):
   Image.fromarray(image[:, ::-1]).save(extra / 'pair_b.png')
   (extra / 'corrupt.png').write_bytes(b'\x89PNG\r\n\x1a\n' + b'\x00' * 40)
   (extra / 'notes.txt').write_text('not an image')
-  return [os.path.join(stage_folder, 'stage_1'), str(extra / 'pair_*.png'),
-          str(extra / 'corrupt.png'), str(extra / 'notes.txt')]
+  return [
+    os.path.join(stage_folder, 'stage_1'),
+    str(extra / 'pair_*.png'),
+    str(extra / 'corrupt.png'),
+    str(extra / 'notes.txt'),
+  ]
 
 
 def _rows(path):
@@ -81,10 +85,12 @@ def test_eval_refuses_a_checkpoint_with_other_classes(run, tiny_config, tmp_path
   for name in ('cat', 'dog'):
     (tmp_path / 'src' / name).mkdir(parents=True)
     for i in range(3):
-      Image.fromarray(np.full((80, 80, 3), 40 * i, np.uint8)).save(tmp_path / 'src' / name /
-                                                                     f'{i}.png')
-  other = tiny_config(**{'dataset.source_dir': str(tmp_path / 'src'),
-                         'dataset.data_dir': str(tmp_path / 'data')})
+      Image.fromarray(np.full((80, 80, 3), 40 * i, np.uint8)).save(
+        tmp_path / 'src' / name / f'{i}.png'
+      )
+  other = tiny_config(
+    **{'dataset.source_dir': str(tmp_path / 'src'), 'dataset.data_dir': str(tmp_path / 'data')}
+  )
   with pytest.raises(ValueError, match=r'predicts 4 classes, but the dataset .* has 2'):
     evaluate.run(other, workdir)
 
@@ -162,7 +168,7 @@ def test_eval_and_predict_see_a_file_the_same_way(run, tiny_config):
   stems = {}
   for path in glob.glob(os.path.join(workdir, 'eval', f'validation_{STEP}*.json')):
     with open(path) as f:
-      stems[json.load(f)['provenance']['central_crop_fraction']] = path[:-len('.json')]
+      stems[json.load(f)['provenance']['central_crop_fraction']] = path[: -len('.json')]
   assert set(stems) == {0.875, 1.0}
   evaluated = _rows(stems[1.0] + '_predictions.csv')
   files = [os.path.join(config.dataset.source_dir, r['path']) for r in evaluated]
@@ -204,12 +210,15 @@ def test_four_devices_give_the_same_results(run, inputs):
   path = predict.run(config, workdir, inputs)
   one = {r['path']: r for r in _rows(path)}
   accuracy = evaluate.run(config, workdir)['accuracy']
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
-             JAX_PLATFORMS='cpu')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu')
   proc = subprocess.run(
-      [sys.executable, '-c', _FOUR_DEVICES, config.to_json(), workdir, json.dumps(inputs)],
-      env=env, capture_output=True, text=True, timeout=300,
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    [sys.executable, '-c', _FOUR_DEVICES, config.to_json(), workdir, json.dumps(inputs)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f'ACCURACY {accuracy}' in proc.stdout
   four = {r['path']: r for r in _rows(path)}  # Same inputs and settings: refreshed in place.

@@ -24,16 +24,17 @@ def _cfg(name, **kw):
 
 def _tf_optimizer(name, lr, c):
   return {
-      'rmsprop': lambda: TF1.RMSPropOptimizer(
-          lr, decay=c.rmsprop_decay, momentum=c.rmsprop_momentum, epsilon=c.epsilon),
-      'momentum': lambda: TF1.MomentumOptimizer(lr, c.momentum),
-      'sgd': lambda: TF1.GradientDescentOptimizer(lr),
-      'adam': lambda: TF1.AdamOptimizer(lr, c.adam_beta1, c.adam_beta2, c.epsilon),
-      'adagrad': lambda: TF1.AdagradOptimizer(lr, c.adagrad_initial_accumulator_value),
-      'adadelta': lambda: TF1.AdadeltaOptimizer(lr, c.adadelta_rho, c.epsilon),
-      'ftrl': lambda: TF1.FtrlOptimizer(
-          lr, c.ftrl_learning_rate_power, c.ftrl_initial_accumulator_value, c.ftrl_l1,
-          c.ftrl_l2),
+    'rmsprop': lambda: TF1.RMSPropOptimizer(
+      lr, decay=c.rmsprop_decay, momentum=c.rmsprop_momentum, epsilon=c.epsilon
+    ),
+    'momentum': lambda: TF1.MomentumOptimizer(lr, c.momentum),
+    'sgd': lambda: TF1.GradientDescentOptimizer(lr),
+    'adam': lambda: TF1.AdamOptimizer(lr, c.adam_beta1, c.adam_beta2, c.epsilon),
+    'adagrad': lambda: TF1.AdagradOptimizer(lr, c.adagrad_initial_accumulator_value),
+    'adadelta': lambda: TF1.AdadeltaOptimizer(lr, c.adadelta_rho, c.epsilon),
+    'ftrl': lambda: TF1.FtrlOptimizer(
+      lr, c.ftrl_learning_rate_power, c.ftrl_initial_accumulator_value, c.ftrl_l1, c.ftrl_l2
+    ),
   }[name]()
 
 
@@ -44,9 +45,19 @@ def _grad(w):
 
 # Slim's defaults (opt_epsilon 1.0) everywhere, except adam: TF scales its epsilon by
 # sqrt(1 - beta2^t), optax does not, so the two agree only where epsilon is negligible.
-@pytest.mark.parametrize('name,kw', [
-    ('rmsprop', {}), ('momentum', {}), ('sgd', {}), ('adagrad', {}), ('adadelta', {}),
-    ('ftrl', {}), ('ftrl', {'ftrl_l1': 0.01, 'ftrl_l2': 0.1}), ('adam', {'epsilon': 1e-8})])
+@pytest.mark.parametrize(
+  'name,kw',
+  [
+    ('rmsprop', {}),
+    ('momentum', {}),
+    ('sgd', {}),
+    ('adagrad', {}),
+    ('adadelta', {}),
+    ('ftrl', {}),
+    ('ftrl', {'ftrl_l1': 0.01, 'ftrl_l2': 0.1}),
+    ('adam', {'epsilon': 1e-8}),
+  ],
+)
 def test_matches_tensorflow_optimizer(name, kw):
   c = _cfg(name, **kw)
   lr = 0.1
@@ -94,8 +105,9 @@ def test_schedules_match_tensorflow():
   for staircase in (True, False):
     s.name, s.staircase = 'exponential', staircase
     ours = optim.make_schedule(s, 1000)
-    ref = _tf_lr(lambda t, st=staircase: tf.compat.v1.train.exponential_decay(
-        0.01, t, 100, 0.94, staircase=st))
+    ref = _tf_lr(
+      lambda t, st=staircase: tf.compat.v1.train.exponential_decay(0.01, t, 100, 0.94, staircase=st)
+    )
     np.testing.assert_allclose([ours(i) for i in steps], ref, rtol=1e-5)
   s.name, s.power, s.end_learning_rate = 'polynomial', 2.0, 1e-4
   ours = optim.make_schedule(s, 800)
@@ -128,8 +140,10 @@ def test_unknown_names_are_clear_errors():
 def test_mask_and_weight_decay_scope():
   """Frozen leaves get zero updates; decay (slim's L2) reaches trainable conv kernels only."""
   c = _cfg('sgd', weight_decay=0.5)
-  params = {'Logits': {'w': {'weights': jnp.ones((1, 1, 2, 2)), 'biases': jnp.ones(2)}},
-            'Conv': {'weights': jnp.ones((3, 3, 1, 2))}}
+  params = {
+    'Logits': {'w': {'weights': jnp.ones((1, 1, 2, 2)), 'biases': jnp.ones(2)}},
+    'Conv': {'weights': jnp.ones((3, 3, 1, 2))},
+  }
   trainable = {'Logits': {'w': {'weights': True, 'biases': True}}, 'Conv': {'weights': False}}
   tx = optim.make_optimizer(c, optax.constant_schedule(1.0), trainable, '.*weights$')
   zeros = jax.tree.map(jnp.zeros_like, params)

@@ -23,8 +23,11 @@ def build(root, data_dir, solid: bool):
   for cls, n in COUNTS.items():
     os.makedirs(root / cls)
     for i in range(n):
-      pixels = (np.full((8, 8, 3), 10 * next(ids), np.uint8) if solid else
-                rng.integers(0, 255, (12, 16, 3), dtype=np.uint8))
+      pixels = (
+        np.full((8, 8, 3), 10 * next(ids), np.uint8)
+        if solid
+        else rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)
+      )
       Image.fromarray(pixels).save(root / cls / f'{i}.png')
   c = default.get_config().dataset
   c.source_dir, c.validation_fraction = str(root), 0.3
@@ -55,8 +58,10 @@ def ids(batch) -> list[int]:
 
 
 def train_ids(builder) -> set[int]:
-  names = {f'{cls}/{i}.png': k + 1 for k, (cls, i) in
-           enumerate((c, i) for c, n in COUNTS.items() for i in range(n))}
+  names = {
+    f'{cls}/{i}.png': k + 1
+    for k, (cls, i) in enumerate((c, i) for c, n in COUNTS.items() for i in range(n))
+  }
   return {names[f] for f in folder_builder.split_filenames(builder, 'train')}
 
 
@@ -155,15 +160,22 @@ def test_eval_batches_pad_and_mask(solid):
   np.testing.assert_array_equal(labels[:7], folder_builder.split_labels(solid, 'validation'))
   assert not batches[-1]['image'][1:].any()
   names = folder_builder.split_filenames(solid, 'validation')
-  by_name = {f'{c}/{i}.png': k + 1 for k, (c, i) in
-             enumerate((c, i) for c, n in COUNTS.items() for i in range(n))}
+  by_name = {
+    f'{c}/{i}.png': k + 1
+    for k, (c, i) in enumerate((c, i) for c, n in COUNTS.items() for i in range(n))
+  }
   assert [i for b in batches for i in ids(b)][:7] == [by_name[n] for n in names]
 
 
 def test_eval_batches_split_over_processes(solid):
-  per_process = [list(pipeline.eval_batches(solid, 'validation', input_cfg(eval_batch_size=4),
-                                            process_index=p, process_count=2))
-                 for p in range(2)]
+  per_process = [
+    list(
+      pipeline.eval_batches(
+        solid, 'validation', input_cfg(eval_batch_size=4), process_index=p, process_count=2
+      )
+    )
+    for p in range(2)
+  ]
   assert [len(b) for b in per_process] == [2, 2]  # Same count everywhere, for collectives.
   indices = [np.concatenate([b['index'][b['mask']] for b in batches]) for batches in per_process]
   assert sorted(np.concatenate(indices).tolist()) == list(range(7))
@@ -185,9 +197,18 @@ def test_eval_view_follows_the_training_view(textured, random_crop):
   source = textured.as_data_source('validation')
   for row, index in enumerate(batch['index']):
     image = source[int(index)]['image']
-    want = (preprocess.eval(image, 75, central_fraction=0.875) if random_crop else
-            preprocess.train(image, np.random.default_rng(0), 75, random_crop=False,
-                             random_flip=False, color_distortion=False))
+    want = (
+      preprocess.eval(image, 75, central_fraction=0.875)
+      if random_crop
+      else preprocess.train(
+        image,
+        np.random.default_rng(0),
+        75,
+        random_crop=False,
+        random_flip=False,
+        color_distortion=False,
+      )
+    )
     np.testing.assert_array_equal(batch['image'][row], want)
 
 

@@ -60,13 +60,20 @@ def test_crop_distribution_matches_tf(tf):
   theirs = []
   for i in range(n):
     _, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        [h, w, 3], tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=[i, 7],
-        min_object_covered=0.1, aspect_ratio_range=(0.75, 1.33), area_range=(0.05, 1.0),
-        max_attempts=100)
+      [h, w, 3],
+      tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+      seed=[i, 7],
+      min_object_covered=0.1,
+      aspect_ratio_range=(0.75, 1.33),
+      area_range=(0.05, 1.0),
+      max_attempts=100,
+    )
     theirs.append(size.numpy()[:2])
   theirs = np.array(theirs)
-  for name, f in [('area', lambda b: b[:, 0] * b[:, 1] / (h * w)),
-                  ('aspect', lambda b: b[:, 1] / b[:, 0])]:
+  for name, f in [
+    ('area', lambda b: b[:, 0] * b[:, 1] / (h * w)),
+    ('aspect', lambda b: b[:, 1] / b[:, 0]),
+  ]:
     p = stats.ks_2samp(f(ours), f(theirs)).pvalue
     assert p > 1e-3, f'{name} distributions differ (KS p={p:.1e})'
 
@@ -94,12 +101,19 @@ def test_crop_areas_are_sane():
 
 
 def test_flip_happens_about_half_the_time(natural):
-  plain = preprocess.train(natural, np.random.default_rng(0), 80, random_crop=False,
-                           random_flip=False, color_distortion=False)
+  plain = preprocess.train(
+    natural,
+    np.random.default_rng(0),
+    80,
+    random_crop=False,
+    random_flip=False,
+    color_distortion=False,
+  )
   flips = []
   for seed in range(60):
-    out = preprocess.train(natural, np.random.default_rng(seed), 80, random_crop=False,
-                           color_distortion=False)
+    out = preprocess.train(
+      natural, np.random.default_rng(seed), 80, random_crop=False, color_distortion=False
+    )
     if np.array_equal(out, plain):
       flips.append(False)
     else:
@@ -109,8 +123,17 @@ def test_flip_happens_about_half_the_time(natural):
 
 
 def test_switches_off_is_deterministic_whole_image_resize(natural):
-  outs = [preprocess.train(natural, np.random.default_rng(s), 90, random_crop=False,
-                           random_flip=False, color_distortion=False) for s in range(3)]
+  outs = [
+    preprocess.train(
+      natural,
+      np.random.default_rng(s),
+      90,
+      random_crop=False,
+      random_flip=False,
+      color_distortion=False,
+    )
+    for s in range(3)
+  ]
   assert all(np.array_equal(outs[0], o) for o in outs)
   np.testing.assert_array_equal(outs[0], preprocess.eval(natural, 90, central_fraction=1.0))
 

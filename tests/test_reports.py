@@ -65,31 +65,59 @@ def test_predictions_csv_round_trip(tmp_path):
 
 def test_predictions_with_true_labels(tmp_path):
   probs = np.array([[0.2, 0.7, 0.1], [0.5, 0.25, 0.25]])
-  path = reports.write_predictions(str(tmp_path / 'p.csv'), ['x', 'y'], probs, NAMES, {},
-                                   true_labels=['stage1', 'stage2'])
+  path = reports.write_predictions(
+    str(tmp_path / 'p.csv'), ['x', 'y'], probs, NAMES, {}, true_labels=['stage1', 'stage2']
+  )
   rows = _read(path)
   assert list(rows[0])[:3] == ['path', 'label', 'prediction']
-  assert [(r['label'], r['prediction']) for r in rows] == [('stage1', 'stage1'),
-                                                           ('stage2', 'stage0')]
+  assert [(r['label'], r['prediction']) for r in rows] == [
+    ('stage1', 'stage1'),
+    ('stage2', 'stage0'),
+  ]
 
 
 def test_predictions_refuse_ambiguous_columns(tmp_path):
   with pytest.raises(ValueError, match='rename the class folders'):
-    reports.write_predictions(str(tmp_path / 'p.csv'), ['x'], np.ones((1, 2)) / 2,
-                              ['error', 'ok'], {})
+    reports.write_predictions(
+      str(tmp_path / 'p.csv'), ['x'], np.ones((1, 2)) / 2, ['error', 'ok'], {}
+    )
   with pytest.raises(ValueError, match='rows of probabilities'):
     reports.write_predictions(str(tmp_path / 'p.csv'), ['x', 'y'], np.ones((1, 3)) / 3, NAMES, {})
 
 
 def test_a_report_made_with_other_settings_is_kept_not_replaced(tmp_path):
   labels, probs, m = _eval()
-  first = reports.write_eval(str(tmp_path), 'validation', 5, m, NAMES, labels, probs,
-                             {'image_size': 299, 'central_crop_fraction': 1.0})
-  again = reports.write_eval(str(tmp_path), 'validation', 5, m, NAMES, labels, probs,
-                             {'image_size': 299, 'central_crop_fraction': 1.0})
+  first = reports.write_eval(
+    str(tmp_path),
+    'validation',
+    5,
+    m,
+    NAMES,
+    labels,
+    probs,
+    {'image_size': 299, 'central_crop_fraction': 1.0},
+  )
+  again = reports.write_eval(
+    str(tmp_path),
+    'validation',
+    5,
+    m,
+    NAMES,
+    labels,
+    probs,
+    {'image_size': 299, 'central_crop_fraction': 1.0},
+  )
   assert again == first  # The same evaluation, re-run: refreshed in place.
-  other = reports.write_eval(str(tmp_path), 'validation', 5, m, NAMES, labels, probs,
-                             {'image_size': 299, 'central_crop_fraction': 0.875})
+  other = reports.write_eval(
+    str(tmp_path),
+    'validation',
+    5,
+    m,
+    NAMES,
+    labels,
+    probs,
+    {'image_size': 299, 'central_crop_fraction': 0.875},
+  )
   assert other == str(tmp_path / 'eval' / 'validation_5_2.json')
   with open(first) as f:
     assert json.load(f)['provenance']['central_crop_fraction'] == 1.0

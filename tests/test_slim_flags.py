@@ -46,7 +46,19 @@ def test_every_named_field_exists_with_slims_default():
 
 def test_optimizer_defaults_are_slims():
   o = default.get_config().optimizer
-  assert (o.name, o.weight_decay, o.epsilon, o.momentum, o.rmsprop_momentum, o.rmsprop_decay,
-          o.adadelta_rho, o.adagrad_initial_accumulator_value, o.adam_beta1, o.adam_beta2,
-          o.ftrl_learning_rate_power, o.ftrl_initial_accumulator_value, o.ftrl_l1, o.ftrl_l2) == (
-      'rmsprop', 4e-5, 1.0, 0.9, 0.9, 0.9, 0.95, 0.1, 0.9, 0.999, -0.5, 0.1, 0.0, 0.0)
+  assert (
+    o.name,
+    o.weight_decay,
+    o.epsilon,
+    o.momentum,
+    o.rmsprop_momentum,
+    o.rmsprop_decay,
+    o.adadelta_rho,
+    o.adagrad_initial_accumulator_value,
+    o.adam_beta1,
+    o.adam_beta2,
+    o.ftrl_learning_rate_power,
+    o.ftrl_initial_accumulator_value,
+    o.ftrl_l1,
+    o.ftrl_l2,
+  ) == ('rmsprop', 4e-5, 1.0, 0.9, 0.9, 0.9, 0.95, 0.1, 0.9, 0.999, -0.5, 0.1, 0.0, 0.0)

@@ -28,20 +28,33 @@ def _setup(trainable: str, bn_train, seed=0, dtype=jnp.float32, ema_decay=0.0, e
   mask = scopes.mask(variables['params'], trainable)
   c = default.get_config().optimizer
   tx = optim.make_optimizer(c, optax.constant_schedule(0.01), mask, BACKBONE.weight_decay)
-  step = make_train_step(model, tx, mask, aux_loss_weight=0.4, label_smoothing=0.1,
-                         class_weights=None, ema_decay=ema_decay, aux_logits=BACKBONE.aux_logits,
-                         ema_mask=ema_scopes and scopes.mask(variables['params'], ema_scopes))
-  state = TrainState(step=jnp.zeros([], jnp.int32), params=variables['params'],
-                     batch_stats=variables['batch_stats'],
-                     opt_state=tx.init(variables['params']),
-                     ema_params=jax.tree.map(np.copy, variables['params']) if ema_decay else None)
+  step = make_train_step(
+    model,
+    tx,
+    mask,
+    aux_loss_weight=0.4,
+    label_smoothing=0.1,
+    class_weights=None,
+    ema_decay=ema_decay,
+    aux_logits=BACKBONE.aux_logits,
+    ema_mask=ema_scopes and scopes.mask(variables['params'], ema_scopes),
+  )
+  state = TrainState(
+    step=jnp.zeros([], jnp.int32),
+    params=variables['params'],
+    batch_stats=variables['batch_stats'],
+    opt_state=tx.init(variables['params']),
+    ema_params=jax.tree.map(np.copy, variables['params']) if ema_decay else None,
+  )
   return model, step, state
 
 
 def _batch(seed=1):
   r = np.random.default_rng(seed)
-  return {'image': r.uniform(-1, 1, (BATCH, SIZE, SIZE, 3)).astype(np.float32),
-          'label': r.integers(0, CLASSES, BATCH).astype(np.int32)}
+  return {
+    'image': r.uniform(-1, 1, (BATCH, SIZE, SIZE, 3)).astype(np.float32),
+    'label': r.integers(0, CLASSES, BATCH).astype(np.int32),
+  }
 
 
 def _moved(before, after):
@@ -75,11 +88,13 @@ def test_ema_leaves_frozen_weights_bitwise_and_averages_the_rest():
   average. `ema_mask` leaves (trained in another phase) are averaged even while frozen: their EMA
   starts 1 off here and moves a tenth of the way to the weight."""
   decay = 0.9
-  _, step, state = _setup(HEAD, scopes.parse(HEAD), ema_decay=decay,
-                          ema_scopes='Mixed_7c,' + HEAD)
+  _, step, state = _setup(HEAD, scopes.parse(HEAD), ema_decay=decay, ema_scopes='Mixed_7c,' + HEAD)
   flat = scopes.flatten(state.ema_params)
-  state = state.replace(ema_params=scopes.unflatten(
-      {k: v + 1 if k.startswith('Mixed_7c/') else v for k, v in flat.items()}))
+  state = state.replace(
+    ema_params=scopes.unflatten(
+      {k: v + 1 if k.startswith('Mixed_7c/') else v for k, v in flat.items()}
+    )
+  )
   new, _ = jax.jit(step)(state, _batch(), jax.random.key(0))
   p0, p1 = scopes.flatten(state.params), scopes.flatten(new.params)
   e0, e1 = scopes.flatten(state.ema_params), scopes.flatten(new.ema_params)
@@ -96,8 +111,9 @@ def test_all_bn_in_train_mode_corrupts_frozen_statistics():
   """The seed's pitfall, reproduced: frozen weights, yet backbone statistics drift."""
   _, step, state = _setup(HEAD, None)
   new, _ = jax.jit(step)(state, _batch(), jax.random.key(0))
-  assert not _moved(state.params, new.params) - {k for k in scopes.flatten(state.params)
-                                                 if k.startswith(('Logits/', 'AuxLogits/'))}
+  assert not _moved(state.params, new.params) - {
+    k for k in scopes.flatten(state.params) if k.startswith(('Logits/', 'AuxLogits/'))
+  }
   assert 'Conv2d_1a_3x3/BatchNorm/moving_mean' in _moved(state.batch_stats, new.batch_stats)
 
 
@@ -105,16 +121,18 @@ def test_head_only_step_skips_the_backbone_backward_pass():
   """XLA's own FLOP count: head-only ≈ forward, full fine-tuning ≈ 3× forward."""
   batch, key = _batch(), jax.random.key(0)
   model, head_step, state = _setup(HEAD, scopes.parse(HEAD))
-  fwd = jax.jit(lambda v, x: model.apply(v, x, train=True, rngs={'dropout': key},
-                                         mutable=['batch_stats']))
+  fwd = jax.jit(
+    lambda v, x: model.apply(v, x, train=True, rngs={'dropout': key}, mutable=['batch_stats'])
+  )
   flops = lambda f, *a: f.lower(*a).compile().cost_analysis()['flops']
-  forward = flops(fwd, {'params': state.params, 'batch_stats': state.batch_stats},
-                  batch['image'])
+  forward = flops(fwd, {'params': state.params, 'batch_stats': state.batch_stats}, batch['image'])
   head = flops(jax.jit(head_step), state, batch, key)
   _, full_step, full_state = _setup('.*', None)
   full = flops(jax.jit(full_step), full_state, batch, key)
-  print(f'forward {forward:.3g} head {head:.3g} ({head / forward:.2f}x) '
-        f'full {full:.3g} ({full / forward:.2f}x)')
+  print(
+    f'forward {forward:.3g} head {head:.3g} ({head / forward:.2f}x) '
+    f'full {full:.3g} ({full / forward:.2f}x)'
+  )
   assert head <= 1.25 * forward
   assert 2.5 * forward <= full <= 3.5 * forward
 
@@ -154,23 +172,26 @@ def data_parallel_run() -> dict[str, np.ndarray]:
   _, step, state = _setup(top, scopes.parse(top))
   mesh = sharding.make_mesh()
   repl = sharding.replicated(mesh)
-  step = jax.jit(step, in_shardings=(repl, sharding.batch_sharding(mesh), repl),
-                 out_shardings=(repl, repl))
+  step = jax.jit(
+    step, in_shardings=(repl, sharding.batch_sharding(mesh), repl), out_shardings=(repl, repl)
+  )
   state = jax.device_put(state, repl)
   for i in range(2):
     state, _ = step(state, sharding.shard_batch(_batch(i), mesh), jax.random.key(i))
-  return {'n': np.asarray(jax.device_count()),
-          **{k: np.asarray(v) for k, v in scopes.flatten(state.params).items()},
-          **{'bs/' + k: np.asarray(v) for k, v in scopes.flatten(state.batch_stats).items()}}
+  return {
+    'n': np.asarray(jax.device_count()),
+    **{k: np.asarray(v) for k, v in scopes.flatten(state.params).items()},
+    **{'bs/' + k: np.asarray(v) for k, v in scopes.flatten(state.batch_stats).items()},
+  }
 
 
-_FOUR_DEVICE_WORKER = textwrap.dedent('''
+_FOUR_DEVICE_WORKER = textwrap.dedent("""
     import sys
     import numpy as np
     sys.path.insert(0, 'tests')
     import test_step
     np.savez(sys.argv[1], **test_step.data_parallel_run())
-''')
+""")
 
 
 def test_four_devices_match_one(tmp_path):
@@ -179,8 +200,12 @@ def test_four_devices_match_one(tmp_path):
   4-device run is a subprocess; this process has one CPU device.)"""
   one = data_parallel_run()
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
-  subprocess.run([sys.executable, '-c', _FOUR_DEVICE_WORKER, str(tmp_path / 'four.npz')],
-                 check=True, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+  subprocess.run(
+    [sys.executable, '-c', _FOUR_DEVICE_WORKER, str(tmp_path / 'four.npz')],
+    check=True,
+    env=env,
+    cwd=os.path.dirname(os.path.dirname(__file__)),
+  )
   four = np.load(tmp_path / 'four.npz')
   assert int(one['n']) == 1 and int(four['n']) == 4
   assert set(four.files) == set(one)

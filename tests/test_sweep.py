@@ -25,7 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Fake trial: logs its call, fails for learning rate 0.5 (unless FAKE_OK is set), optionally waits
 # for a concurrent peer, and writes summary.json with metrics derived from its overrides.
-_FAKE_TRIAL = r'''
+_FAKE_TRIAL = r"""
 import json, os, sys, time
 args = sys.argv[1:]
 workdir = args[args.index('--workdir') + 1]
@@ -54,10 +54,10 @@ summary = {'status': 'done', 'step': 4, 'num_steps': 4, 'wall_time_s': 10.0 + fo
            'best': metrics, 'best_step': 2, 'peer': peer}
 with open(os.path.join(workdir, 'summary.json'), 'w') as f:
   json.dump(summary, f)
-'''
+"""
 FAKE = [sys.executable, '-c', _FAKE_TRIAL]
 
-_SWEEP_CONFIG = '''
+_SWEEP_CONFIG = """
 import ml_collections
 from pneumo_jax.modes import sweep
 
@@ -70,7 +70,7 @@ def get_config():
 
 def get_sweep():
   return {sweep}
-'''
+"""
 
 
 def _config(tmp_path, sweep_expr: str, metric: str = 'kappa') -> str:
@@ -102,8 +102,12 @@ def _csv(workdir) -> list[dict[str, str]]:
 
 def test_product_varies_first_axis_slowest():
   grid = sweep.product({'a.x': [1, 2]}, [{'b': 'p'}, {'b': 'q'}])
-  assert grid == [{'a.x': 1, 'b': 'p'}, {'a.x': 1, 'b': 'q'},
-                  {'a.x': 2, 'b': 'p'}, {'a.x': 2, 'b': 'q'}]
+  assert grid == [
+    {'a.x': 1, 'b': 'p'},
+    {'a.x': 1, 'b': 'q'},
+    {'a.x': 2, 'b': 'p'},
+    {'a.x': 2, 'b': 'q'},
+  ]
   assert sweep.product({'a.x': [1, 2], 'b': ['p', 'q']}) == grid
 
 
@@ -116,19 +120,25 @@ def test_zip_pairs_entries_and_checks_lengths():
 
 def test_folds_and_composition():
   assert sweep.folds(3) == [{'dataset.num_folds': 3, 'dataset.fold': i} for i in range(3)]
-  grid = sweep.product(sweep.zip({'s.name': ['fixed', 'cos'], 's.warmup': [0, 5]}),
-                       sweep.folds(2))
+  grid = sweep.product(sweep.zip({'s.name': ['fixed', 'cos'], 's.warmup': [0, 5]}), sweep.folds(2))
   assert [(g['s.name'], g['s.warmup'], g['dataset.fold']) for g in grid] == [
-      ('fixed', 0, 0), ('fixed', 0, 1), ('cos', 5, 0), ('cos', 5, 1)]
+    ('fixed', 0, 0),
+    ('fixed', 0, 1),
+    ('cos', 5, 0),
+    ('cos', 5, 1),
+  ]
 
 
-@pytest.mark.parametrize('bad, match', [
+@pytest.mark.parametrize(
+  'bad, match',
+  [
     (lambda: sweep.folds(1), 'k >= 2'),
     (lambda: sweep.product({'a': [1]}, {'a': [2]}), "both set 'a'"),
     (lambda: sweep.product({'a': 0.1}), 'list of values'),
     (lambda: sweep.product({'a': 'xy'}), 'list of values'),
     (lambda: sweep.product([0.1, 0.01]), 'list of override dicts'),
-])
+  ],
+)
 def test_grid_errors_say_what_to_fix(bad, match):
   with pytest.raises(ValueError, match=match):
     bad()
@@ -140,8 +150,10 @@ def test_grid_errors_say_what_to_fix(bad, match):
 def test_names_are_readable_short_and_stable():
   trials = sweep.product({'schedule.learning_rate': [0.01, 1e-05]}, sweep.folds(2))
   names = trial_names(trials)
-  assert names[:2] == ['learning_rate=0.01,num_folds=2,fold=0',
-                       'learning_rate=0.01,num_folds=2,fold=1']
+  assert names[:2] == [
+    'learning_rate=0.01,num_folds=2,fold=0',
+    'learning_rate=0.01,num_folds=2,fold=1',
+  ]
   assert names[2] == 'learning_rate=1e-05,num_folds=2,fold=0'
   assert trial_names(trials) == names
   # Paths that share a last component keep enough of their path to stay apart.
@@ -149,8 +161,12 @@ def test_names_are_readable_short_and_stable():
 
 
 def test_names_are_safe_and_unique_for_awkward_values():
-  trials = [{'trainable_scopes': 'Logits,AuxLogits'}, {'trainable_scopes': 'Logits AuxLogits'},
-            {'trainable_scopes': 'Mixed_7.*/x'}, {'trainable_scopes': 'x' * 300}]
+  trials = [
+    {'trainable_scopes': 'Logits,AuxLogits'},
+    {'trainable_scopes': 'Logits AuxLogits'},
+    {'trainable_scopes': 'Mixed_7.*/x'},
+    {'trainable_scopes': 'x' * 300},
+  ]
   names = trial_names(trials)
   assert len(set(names)) == len(names)
   for n in names:
@@ -232,13 +248,16 @@ def test_builds_each_distinct_dataset_once_before_the_trials(tmp_path, calls, mo
   from pneumo_jax import data
 
   built = []
+
   def dataset_for(cfg, workdir):
     ran = os.path.exists(os.path.join(workdir, 'summary.json'))
     built.append((cfg.dataset.data_dir, cfg.dataset.fold, ran))
+
   monkeypatch.setattr(data, 'dataset_for', dataset_for)
   monkeypatch.setattr(validate, 'check', lambda cfg: None)  # A stand-in config, not a full one.
-  config = _config(tmp_path, "sweep.product({'schedule.learning_rate': [0.01, 0.02]}, "
-                             'sweep.folds(2))')
+  config = _config(
+    tmp_path, "sweep.product({'schedule.learning_rate': [0.01, 0.02]}, sweep.folds(2))"
+  )
   workdir = str(tmp_path / 'w')
   sweep.run(config, workdir, command=FAKE)
   data_dir = os.path.join(os.path.abspath(workdir), 'data')
@@ -253,19 +272,26 @@ def test_a_bad_trial_setting_fails_before_any_build_or_trial(tmp_path, calls, mo
   from pneumo_jax import data
 
   monkeypatch.setattr(data, 'dataset_for', lambda cfg, workdir: pytest.fail('built a dataset'))
-  with pytest.raises(ConfigError, match=r"sweep trial seed=0\S*: input\.image_size=60 is below"):
-    sweep.run(os.path.join(REPO, 'configs', 'sweeps', 'tiny.py'), str(tmp_path / 'w'),
-              overrides={'input.image_size': 60}, command=FAKE)
+  with pytest.raises(ConfigError, match=r'sweep trial seed=0\S*: input\.image_size=60 is below'):
+    sweep.run(
+      os.path.join(REPO, 'configs', 'sweeps', 'tiny.py'),
+      str(tmp_path / 'w'),
+      overrides={'input.image_size': 60},
+      command=FAKE,
+    )
   assert calls() == []
 
 
-@pytest.mark.parametrize('sweep_expr, overrides, match', [
+@pytest.mark.parametrize(
+  'sweep_expr, overrides, match',
+  [
     ("[{'schedule.learing_rate': 0.1}]", {}, 'learing_rate'),
     ("[{'schedule.learning_rate': 'fast'}]", {}, 'learning_rate'),
     ("[{'schedule.learning_rate': 0.1}]", {'schedule.learning_rate': 0.2}, 'command line'),
     ("[{'schedule.learning_rate': 0.1}] * 2", {}, 'twice'),
     ('[]', {}, 'non-empty'),
-])
+  ],
+)
 def test_bad_sweeps_fail_before_any_trial(tmp_path, calls, sweep_expr, overrides, match):
   config = _config(tmp_path, sweep_expr)
   with pytest.raises(ValueError, match=match):
@@ -280,23 +306,27 @@ def test_parallel_trials_run_side_by_side(tmp_path, calls, monkeypatch):
   config = _config(tmp_path, "sweep.product({'schedule.learning_rate': [0.01, 0.02, 0.03]})")
   results = _run(config, str(tmp_path / 'w'), parallel=2)
   assert [r['status'] for r in results] == ['done'] * 3
-  peers = [json.loads(pathlib.Path(r['workdir'], 'summary.json').read_text())['peer']
-           for r in results]
+  peers = [
+    json.loads(pathlib.Path(r['workdir'], 'summary.json').read_text())['peer'] for r in results
+  ]
   assert peers[:2] == [True, True]  # The first two waited for each other: both were running.
 
 
 def test_trials_run_this_python_on_the_package(tmp_path, monkeypatch):
   """No path to a checkout's main.py: an installed package runs its sweeps too."""
   ran = []
+
   def fake_run(argv, **kwargs):
     ran.append(argv)
     return subprocess.CompletedProcess(argv, 1)
+
   monkeypatch.setattr(runner.subprocess, 'run', fake_run)
   config = _config(tmp_path, "[{'schedule.learning_rate': 0.01}]")
   results = sweep.run(config, str(tmp_path / 'w'), prepare_data=False)
   assert ran[0][:3] == [sys.executable, '-m', 'pneumo_jax']
   assert ran[0][3:7] == ['--config', config, '--workdir', results[0]['workdir']]
   assert results[0]['status'] == 'failed'  # The stand-in wrote no summary.json.
+
 
 # ---------------------------------------------------------------- ranking and aggregation
 
@@ -307,7 +337,10 @@ def test_ranks_best_first_and_marks_the_best(tmp_path, calls):
   _run(config, workdir)
   rows = _csv(workdir)
   assert [r['name'] for r in rows] == [
-      'learning_rate=0.05', 'learning_rate=0.02', 'learning_rate=0.01']
+    'learning_rate=0.05',
+    'learning_rate=0.02',
+    'learning_rate=0.01',
+  ]
   assert [r['rank'] for r in rows] == ['1', '2', '3']
   assert [r['best'] for r in rows] == ['*', '', '']
   assert float(rows[0]['best/kappa']) == pytest.approx(0.5)
@@ -318,28 +351,44 @@ def test_ranks_best_first_and_marks_the_best(tmp_path, calls):
 
 
 def test_lower_is_better_for_loss(tmp_path, calls):
-  config = _config(tmp_path, "sweep.product({'schedule.learning_rate': [0.02, 0.05, 0.01]})",
-                   metric='loss')
+  config = _config(
+    tmp_path, "sweep.product({'schedule.learning_rate': [0.02, 0.05, 0.01]})", metric='loss'
+  )
   workdir = str(tmp_path / 'w')
   _run(config, workdir)
   assert [r['name'] for r in _csv(workdir)] == [
-      'learning_rate=0.05', 'learning_rate=0.02', 'learning_rate=0.01']  # Loss = 1 - kappa.
-  results = [{'name': str(i), 'overrides': {}, 'status': 'done', 'wall_time_s': 1.0,
-              'best': {'loss': loss}, 'final': {}} for i, loss in enumerate([0.3, 0.1, 0.2])]
+    'learning_rate=0.05',
+    'learning_rate=0.02',
+    'learning_rate=0.01',
+  ]  # Loss = 1 - kappa.
+  results = [
+    {
+      'name': str(i),
+      'overrides': {},
+      'status': 'done',
+      'wall_time_s': 1.0,
+      'best': {'loss': loss},
+      'final': {},
+    }
+    for i, loss in enumerate([0.3, 0.1, 0.2])
+  ]
   assert [e['name'] for e in sweep.rank(results, 'loss')] == ['1', '2', '0']
   assert [e['name'] for e in sweep.rank(results, 'kappa')] == ['0', '1', '2']  # No kappa: order.
 
 
 def test_folds_aggregate_to_mean_and_std_and_rank_by_mean(tmp_path, calls):
-  config = _config(tmp_path, "sweep.product({'schedule.learning_rate': [0.01, 0.5, 0.02]}, "
-                             'sweep.folds(3))')
+  config = _config(
+    tmp_path, "sweep.product({'schedule.learning_rate': [0.01, 0.5, 0.02]}, sweep.folds(3))"
+  )
   workdir = str(tmp_path / 'w')
   results = _run(config, workdir)
   assert len(results) == 9
   entries = sweep.rank(results, 'kappa')
   assert [e['name'] for e in entries] == [
-      'learning_rate=0.02,num_folds=3', 'learning_rate=0.01,num_folds=3',
-      'learning_rate=0.5,num_folds=3']
+    'learning_rate=0.02,num_folds=3',
+    'learning_rate=0.01,num_folds=3',
+    'learning_rate=0.5,num_folds=3',
+  ]
   top = entries[0]
   kappas = [0.2, 0.21, 0.22]  # lr * 10 + fold / 100, by hand.
   assert top['score'] == pytest.approx(0.21)
@@ -365,9 +414,15 @@ def test_folds_aggregate_to_mean_and_std_and_rank_by_mean(tmp_path, calls):
 
 def test_a_group_missing_folds_ranks_after_complete_ones():
   def result(lr, fold, kappa):
-    return {'name': f'lr={lr},fold={fold}', 'overrides': {'lr': lr, FOLD_KEY: fold},
-            'status': 'done' if kappa is not None else 'failed', 'wall_time_s': 1.0,
-            'best': {'kappa': kappa}, 'final': {}}
+    return {
+      'name': f'lr={lr},fold={fold}',
+      'overrides': {'lr': lr, FOLD_KEY: fold},
+      'status': 'done' if kappa is not None else 'failed',
+      'wall_time_s': 1.0,
+      'best': {'kappa': kappa},
+      'final': {},
+    }
+
   results = [result(1, 0, 0.9), result(1, 1, None), result(2, 0, 0.5), result(2, 1, 0.6)]
   entries = sweep.rank(results, 'kappa')
   assert [(e['name'], e['complete']) for e in entries] == [('lr=2', True), ('lr=1', False)]
@@ -407,9 +462,11 @@ def test_end_to_end_tiny_sweep_through_main(tmp_path, monkeypatch):
     assert r['step'] == r['num_steps'] and r['best/kappa'] != ''
   assert os.path.isdir(os.path.join(workdir, 'data'))
   monkeypatch.syspath_prepend(REPO)
-  mtimes = {r['name']: os.path.getmtime(os.path.join(workdir, r['name'], 'summary.json'))
-            for r in rows}
+  mtimes = {
+    r['name']: os.path.getmtime(os.path.join(workdir, r['name'], 'summary.json')) for r in rows
+  }
   results = sweep.run(os.path.join(REPO, 'configs', 'sweeps', 'tiny.py'), workdir)  # In-process.
   assert [r['status'] for r in results] == ['done', 'done']
-  assert {r['name']: os.path.getmtime(os.path.join(r['workdir'], 'summary.json'))
-          for r in results} == mtimes
+  assert {
+    r['name']: os.path.getmtime(os.path.join(r['workdir'], 'summary.json')) for r in results
+  } == mtimes

@@ -23,14 +23,26 @@ def folder(tmp_path_factory):
 
 def test_layout_and_awkward_files(folder):
   assert sorted(os.listdir(folder)) == [
-      '.synthetic_complete.json', 'README.txt', 'stage_0', 'stage_1', 'stage_2', 'stage_3']
+    '.synthetic_complete.json',
+    'README.txt',
+    'stage_0',
+    'stage_1',
+    'stage_2',
+    'stage_3',
+  ]
   for stage in range(4):
-    files = [f for f in os.listdir(os.path.join(folder, f'stage_{stage}'))
-             if not f.startswith('.')]
+    files = [f for f in os.listdir(os.path.join(folder, f'stage_{stage}')) if not f.startswith('.')]
     assert len(files) == 20
   assert os.path.exists(os.path.join(folder, 'stage_0', '.DS_Store'))
-  modes = {name: Image.open(os.path.join(folder, name)) for name in (
-      'stage_0/grey16.png', 'stage_1/palette.png', 'stage_2/rgba.png', 'stage_3/upper_case.JPG')}
+  modes = {
+    name: Image.open(os.path.join(folder, name))
+    for name in (
+      'stage_0/grey16.png',
+      'stage_1/palette.png',
+      'stage_2/rgba.png',
+      'stage_3/upper_case.JPG',
+    )
+  }
   assert modes['stage_0/grey16.png'].mode.startswith('I;16')
   assert modes['stage_1/palette.png'].mode == 'P'
   assert modes['stage_2/rgba.png'].mode == 'RGBA'

@@ -18,9 +18,15 @@ def test_the_shipped_defaults_pass():
   validate.check(_config(), devices=1)
 
 
-@pytest.mark.parametrize('overrides, devices, message', [
-    ({'model.name': 'resnet50'}, None, r"model\.name='resnet50' is not a backbone; use one of "
-                                       r"\['densenet121', 'inception_v3'\]"),
+@pytest.mark.parametrize(
+  'overrides, devices, message',
+  [
+    (
+      {'model.name': 'resnet50'},
+      None,
+      r"model\.name='resnet50' is not a backbone; use one of "
+      r"\['densenet121', 'inception_v3'\]",
+    ),
     ({'input.image_size': 74}, None, r"input\.image_size=74 is below inception_v3's minimum 75"),
     ({'input.batch_size': 0}, None, r'input\.batch_size=0 must be at least 1'),
     ({'input.eval_batch_size': -2}, None, r'input\.eval_batch_size=-2 must be at least 1'),
@@ -31,12 +37,17 @@ def test_the_shipped_defaults_pass():
     ({'best_metric': 'kapa'}, None, r"best_metric='kapa': use one of \['accuracy', 'auc_macro'"),
     ({'exclude_scopes': 'Logits,('}, None, r"invalid scope pattern '\('"),
     ({'class_weighting': 'inverse'}, None, r"class_weighting='inverse': use '' or 'balanced'"),
-    ({'trainable_scopes': ''}, None, r"trainable_scopes is empty: nothing would train; give "
-                                     r"regexes such as 'Logits,AuxLogits'"),
+    (
+      {'trainable_scopes': ''},
+      None,
+      r'trainable_scopes is empty: nothing would train; give '
+      r"regexes such as 'Logits,AuxLogits'",
+    ),
     ({'batch_norm': 'fixed'}, None, r"batch_norm='fixed' is unknown; use 'trainable'"),
     ({'schedule.name': 'cosine'}, None, r"schedule\.name='cosine' is unknown"),
     ({'optimizer.name': 'lamb'}, None, r"optimizer\.name='lamb' is unknown"),
-])
+  ],
+)
 def test_each_bad_field_is_named_with_what_it_accepts(overrides, devices, message):
   with pytest.raises(ConfigError, match=message):
     validate.check(_config(**overrides), devices=devices)

@@ -19,6 +19,6 @@ def get_config() -> ml_collections.ConfigDict:
 
 def get_sweep() -> list[dict]:
   return sweep.product(
-      {'schedule.learning_rate': [0.03, 0.01, 0.003]},
-      sweep.zip({'schedule.name': ['fixed', 'warmup_cosine'], 'schedule.warmup_steps': [0, 500]}),
+    {'schedule.learning_rate': [0.03, 0.01, 0.003]},
+    sweep.zip({'schedule.name': ['fixed', 'warmup_cosine'], 'schedule.warmup_steps': [0, 500]}),
   )

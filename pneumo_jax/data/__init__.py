@@ -24,8 +24,11 @@ def dataset_for(config: ml_collections.ConfigDict, workdir: str) -> tfds.core.Da
     return folder_builder.build(cfg, data_dir)  # Checks first, then builds under the lock.
   cfg = ml_collections.ConfigDict(cfg.to_dict())
   cfg.source_dir = cfg.source_dir or os.path.join(data_dir, 'synthetic_stages')
-  params = {'images_per_class': cfg.synthetic_images_per_class,
-            'image_size': cfg.synthetic_image_size, 'seed': cfg.split_seed}
+  params = {
+    'images_per_class': cfg.synthetic_images_per_class,
+    'image_size': cfg.synthetic_image_size,
+    'seed': cfg.split_seed,
+  }
   folder_builder.check_settings(cfg)
   synthetic.check_stage_folder(cfg.source_dir, **params)
   with locks.build_lock(data_dir):

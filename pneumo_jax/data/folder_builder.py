@@ -46,8 +46,14 @@ from PIL import Image
 from pneumo_jax import locks
 from pneumo_jax.data.images import DatasetError, is_candidate, load_image
 
-__all__ = ['DatasetError', 'build', 'check_settings', 'label_names', 'split_filenames',
-           'split_labels']
+__all__ = [
+  'DatasetError',
+  'build',
+  'check_settings',
+  'label_names',
+  'split_filenames',
+  'split_labels',
+]
 
 # Bump when the stored records change for the same input, so that old builds are not reused.
 _FORMAT_VERSION = 1
@@ -91,8 +97,12 @@ class ClassFolder(tfds.core.GeneratorBasedBuilder):
   # is downloaded, so say what happens instead.
   def _log_download_bytes(self) -> None:
     scan = self.builder_config.scan
-    logging.info('Building the dataset: %d images from %s into %s',
-                 sum(map(len, scan.files)), scan.root, self.data_dir)
+    logging.info(
+      'Building the dataset: %d images from %s into %s',
+      sum(map(len, scan.files)),
+      scan.root,
+      self.data_dir,
+    )
 
   def _log_download_done(self) -> None:
     pass  # build() logs the result with the split sizes.
@@ -100,17 +110,19 @@ class ClassFolder(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     scan = self.builder_config.scan
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=f'Images from the class subfolders of {scan.root}.',
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(None, None, 3), encoding_format='png'),
-            'label': tfds.features.ClassLabel(names=list(scan.classes)),
-            'filename': tfds.features.Text(),
-        }),
-        supervised_keys=('image', 'label'),
-        # Records keep the order written, so the metadata's labels index them.
-        disable_shuffling=True,
-        metadata=tfds.core.MetadataDict(),
+      builder=self,
+      description=f'Images from the class subfolders of {scan.root}.',
+      features=tfds.features.FeaturesDict(
+        {
+          'image': tfds.features.Image(shape=(None, None, 3), encoding_format='png'),
+          'label': tfds.features.ClassLabel(names=list(scan.classes)),
+          'filename': tfds.features.Text(),
+        }
+      ),
+      supervised_keys=('image', 'label'),
+      # Records keep the order written, so the metadata's labels index them.
+      disable_shuffling=True,
+      metadata=tfds.core.MetadataDict(),
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
@@ -119,14 +131,16 @@ class ClassFolder(tfds.core.GeneratorBasedBuilder):
     scan = config.scan
     files, skipped = _drop_corrupt(scan, config.skip_corrupt)
     splits = _assign_splits(scan, files, config)
-    self.info.metadata.update({
+    self.info.metadata.update(
+      {
         'source_dir': scan.root,
         'skipped_corrupt': skipped,
         'splits': {
-            name: {'labels': [label for _, label in recs], 'filenames': [p for p, _ in recs]}
-            for name, recs in splits.items()
+          name: {'labels': [label for _, label in recs], 'filenames': [p for p, _ in recs]}
+          for name, recs in splits.items()
         },
-    })
+      }
+    )
     lines = ''.join(f'{i}:{name}\n' for i, name in enumerate(scan.classes))
     (epath.Path(self.data_dir) / 'labels.txt').write_text(lines)
     return {name: self._generate_examples(recs) for name, recs in splits.items()}
@@ -151,17 +165,18 @@ def build(dataset_cfg: ml_collections.ConfigDict, data_dir: str) -> tfds.core.Da
   check_settings(dataset_cfg)
   scan = _scan(dataset_cfg.source_dir, data_dir)
   settings = {
-      'validation_fraction': float(dataset_cfg.validation_fraction),
-      'test_fraction': float(dataset_cfg.test_fraction),
-      'split_seed': int(dataset_cfg.split_seed),
-      'num_folds': int(dataset_cfg.num_folds),
-      'fold': int(dataset_cfg.fold),
-      'skip_corrupt': bool(dataset_cfg.skip_corrupt),
+    'validation_fraction': float(dataset_cfg.validation_fraction),
+    'test_fraction': float(dataset_cfg.test_fraction),
+    'split_seed': int(dataset_cfg.split_seed),
+    'num_folds': int(dataset_cfg.num_folds),
+    'fold': int(dataset_cfg.fold),
+    'skip_corrupt': bool(dataset_cfg.skip_corrupt),
   }
   num_shards = int(dataset_cfg.num_shards)
   fingerprint = hashlib.sha256(
-      json.dumps([_FORMAT_VERSION, scan.root, scan.classes, scan.stats, settings, num_shards])
-      .encode()
+    json.dumps(
+      [_FORMAT_VERSION, scan.root, scan.classes, scan.stats, settings, num_shards]
+    ).encode()
   ).hexdigest()[:16]
   slug = re.sub(r'[^a-z0-9]+', '_', os.path.basename(scan.root).lower()).strip('_') or 'folder'
   config = _FolderConfig(name=f'{slug[:40]}_{fingerprint}', scan=scan, **settings)
@@ -171,8 +186,8 @@ def build(dataset_cfg: ml_collections.ConfigDict, data_dir: str) -> tfds.core.Da
     try:
       builder = ClassFolder(config=config, data_dir=data_dir)
       builder.download_and_prepare(
-          file_format='array_record',
-          download_config=tfds.download.DownloadConfig(num_shards=num_shards),
+        file_format='array_record',
+        download_config=tfds.download.DownloadConfig(num_shards=num_shards),
       )
     finally:
       _remove_leftovers(data_dir)
@@ -180,8 +195,9 @@ def build(dataset_cfg: ml_collections.ConfigDict, data_dir: str) -> tfds.core.Da
   if skipped:
     logging.warning('Skipped %d unreadable image(s) in %s: %s', len(skipped), scan.root, skipped)
   logging.info(
-      'Dataset %s: %s', builder.data_dir,
-      ', '.join(f'{k} {v.num_examples}' for k, v in builder.info.splits.items()),
+    'Dataset %s: %s',
+    builder.data_dir,
+    ', '.join(f'{k} {v.num_examples}' for k, v in builder.info.splits.items()),
   )
   return builder
 
@@ -205,9 +221,9 @@ def _split_metadata(builder: tfds.core.DatasetBuilder, split: str) -> dict:
   splits = builder.info.metadata['splits']
   if split not in splits:
     raise DatasetError(
-        f'no split {split!r} in {builder.data_dir}; it has {sorted(splits)} '
-        '(a test split exists only with dataset.test_fraction > 0: rebuild with e.g. '
-        '--config.dataset.test_fraction=0.1, which also moves images out of train and validation)'
+      f'no split {split!r} in {builder.data_dir}; it has {sorted(splits)} '
+      '(a test split exists only with dataset.test_fraction > 0: rebuild with e.g. '
+      '--config.dataset.test_fraction=0.1, which also moves images out of train and validation)'
     )
   return splits[split]
 
@@ -226,8 +242,8 @@ def check_settings(cfg: ml_collections.ConfigDict) -> None:
     raise DatasetError(f'dataset.fold={cfg.fold} is out of range: use 0 … {folds - 1}')
   if folds == 0 and not (0.0 < val < 1.0 and val + test < 1.0):
     raise DatasetError(
-        f'dataset.validation_fraction={val} must be in (0, 1) and leave room for training with '
-        f'dataset.test_fraction={test} (their sum must be < 1)'
+      f'dataset.validation_fraction={val} must be in (0, 1) and leave room for training with '
+      f'dataset.test_fraction={test} (their sum must be < 1)'
     )
   if cfg.num_shards < 1:
     raise DatasetError(f'dataset.num_shards={cfg.num_shards} must be at least 1')
@@ -257,21 +273,29 @@ def _remove_leftovers(data_dir: str) -> None:
 def _scan(source_dir: str, data_dir: str) -> _Scan:
   """Lists the classes and their image files; skips hidden and non-image files, saying so."""
   if not source_dir:
-    raise DatasetError('dataset.source_dir is empty: set --config.dataset.source_dir=/path/to/'
-                       'folder, a folder with one subfolder of images per class')
+    raise DatasetError(
+      'dataset.source_dir is empty: set --config.dataset.source_dir=/path/to/'
+      'folder, a folder with one subfolder of images per class'
+    )
   root = os.path.realpath(source_dir)
   if not os.path.isdir(root):
     what = 'is not a folder' if os.path.exists(root) else 'does not exist'
-    raise DatasetError(f'dataset.source_dir {source_dir!r} {what}; point it at a folder with one '
-                       'subfolder of images per class')
+    raise DatasetError(
+      f'dataset.source_dir {source_dir!r} {what}; point it at a folder with one '
+      'subfolder of images per class'
+    )
   if os.path.realpath(data_dir).startswith(root + os.sep):
-    raise DatasetError(f'data_dir {data_dir!r} lies inside dataset.source_dir {root!r}, where it '
-                       'would be read as a class; put it elsewhere')
+    raise DatasetError(
+      f'data_dir {data_dir!r} lies inside dataset.source_dir {root!r}, where it '
+      'would be read as a class; put it elsewhere'
+    )
   entries = sorted(os.scandir(root), key=lambda e: e.name)
   classes = tuple(e.name for e in entries if e.is_dir() and not e.name.startswith('.'))
   if len(classes) < 2:
-    raise DatasetError(f'{root!r} has {len(classes)} class subfolder(s) {list(classes)}; a '
-                       'classifier needs at least two: put each class in its own subfolder')
+    raise DatasetError(
+      f'{root!r} has {len(classes)} class subfolder(s) {list(classes)}; a '
+      'classifier needs at least two: put each class in its own subfolder'
+    )
   skipped = [e.name for e in entries if not e.is_dir()]  # Loose files belong to no class.
   files, stats, empty = [], [], []
   for name in classes:
@@ -290,12 +314,19 @@ def _scan(source_dir: str, data_dir: str) -> _Scan:
       empty.append(os.path.join(root, name))
     files.append(tuple(found))
   if empty:
-    raise DatasetError(f'class folder(s) {empty} hold no images (.jpg .jpeg .png .bmp); add '
-                       'images or remove the folder(s)')
+    raise DatasetError(
+      f'class folder(s) {empty} hold no images (.jpg .jpeg .png .bmp); add '
+      'images or remove the folder(s)'
+    )
   if skipped:
     hidden = sum(os.path.basename(p).startswith('.') for p in skipped)
-    logging.info('In %s: skipped %d hidden and %d other non-image file(s), e.g. %s', root,
-                 hidden, len(skipped) - hidden, skipped[:5])
+    logging.info(
+      'In %s: skipped %d hidden and %d other non-image file(s), e.g. %s',
+      root,
+      hidden,
+      len(skipped) - hidden,
+      skipped[:5],
+    )
   return _Scan(root=root, classes=classes, files=tuple(files), stats=tuple(stats))
 
 
@@ -319,8 +350,10 @@ def _drop_corrupt(scan: _Scan, skip: bool) -> tuple[tuple[tuple[str, ...], ...],
     bad = {p: r for p, r in zip(paths, reasons, strict=True) if r}
   if bad and not skip:
     listing = '\n'.join(f'  {os.path.join(scan.root, p)}: {r}' for p, r in bad.items())
-    raise DatasetError(f'{len(bad)} unreadable image(s) in {scan.root}:\n{listing}\nreplace or '
-                       'delete them, or set --config.dataset.skip_corrupt=True to skip them')
+    raise DatasetError(
+      f'{len(bad)} unreadable image(s) in {scan.root}:\n{listing}\nreplace or '
+      'delete them, or set --config.dataset.skip_corrupt=True to skip them'
+    )
   files = tuple(tuple(p for p in per_class if p not in bad) for per_class in scan.files)
   empty = [os.path.join(scan.root, c) for c, f in zip(scan.classes, files, strict=True) if not f]
   if empty:
@@ -328,8 +361,9 @@ def _drop_corrupt(scan: _Scan, skip: bool) -> tuple[tuple[tuple[str, ...], ...],
   return files, sorted(bad)
 
 
-def _assign_splits(scan: _Scan, files: Sequence[Sequence[str]],
-                   config: _FolderConfig) -> dict[str, list[tuple[str, int]]]:
+def _assign_splits(
+  scan: _Scan, files: Sequence[Sequence[str]], config: _FolderConfig
+) -> dict[str, list[tuple[str, int]]]:
   """Stratified split: per class, a seeded permutation cut into test / validation (or fold) / train.
 
   Records are listed per split in a seeded mixed order (not grouped by class).
@@ -361,17 +395,25 @@ def _assign_splits(scan: _Scan, files: Sequence[Sequence[str]],
       counts['test'] = n_test
     if not all(counts.values()):
       worst = ' (smallest fold)' if config.num_folds > 1 else ''
-      short.append(f'  class {cls!r} ({n} images): '
-                   + ', '.join(f'{split} {c}' for split, c in counts.items()) + worst)
+      short.append(
+        f'  class {cls!r} ({n} images): '
+        + ', '.join(f'{split} {c}' for split, c in counts.items())
+        + worst
+      )
     for name in names:
       splits[name].extend((paths[i], label) for i in parts[name])
   if short:
-    how = (f'dataset.num_folds={config.num_folds}' if config.num_folds > 1 else
-           f'dataset.validation_fraction={config.validation_fraction}')
+    how = (
+      f'dataset.num_folds={config.num_folds}'
+      if config.num_folds > 1
+      else f'dataset.validation_fraction={config.validation_fraction}'
+    )
     raise DatasetError(
-        f'in {scan.root}, {how} and dataset.test_fraction={config.test_fraction} leave some '
-        'split without an example of a class:\n' + '\n'.join(short) +
-        '\nadd images to those classes or change the fractions / number of folds')
+      f'in {scan.root}, {how} and dataset.test_fraction={config.test_fraction} leave some '
+      'split without an example of a class:\n'
+      + '\n'.join(short)
+      + '\nadd images to those classes or change the fractions / number of folds'
+    )
   # Mix the classes in record order too, so that any run of records (an eval batch, say) is not
   # all one class, which would skew anything computed per batch, such as batch-norm statistics.
   order = np.random.default_rng(config.split_seed)

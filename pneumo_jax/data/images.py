@@ -81,14 +81,20 @@ def expand_inputs(inputs: Sequence[str]) -> list[str]:
       continue
     for path in matches:
       if os.path.isdir(path):
-        found = sorted(os.path.join(root, name) for root, _, names in os.walk(path)
-                       for name in names if is_candidate(name))
+        found = sorted(
+          os.path.join(root, name)
+          for root, _, names in os.walk(path)
+          for name in names
+          if is_candidate(name)
+        )
         if not found:
           missing.append(f'{given!r} (folder {path!r} holds no {"/".join(IMAGE_EXTENSIONS)} file)')
         files += found
       else:
         files.append(path)
   if missing:
-    raise NotFoundError('--inputs: ' + '; '.join(missing) + '. Check the paths (a pattern in '
-                        'quotes is expanded here; unquoted, by the shell).')
+    raise NotFoundError(
+      '--inputs: ' + '; '.join(missing) + '. Check the paths (a pattern in '
+      'quotes is expanded here; unquoted, by the shell).'
+    )
   return list(dict.fromkeys(files))

@@ -38,9 +38,14 @@ class _TrainExample:
 
   def __call__(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     record = self.source[int(index)]
-    image = preprocess.train(record['image'], rng, self.size, random_crop=self.random_crop,
-                             random_flip=self.random_flip,
-                             color_distortion=self.color_distortion)
+    image = preprocess.train(
+      record['image'],
+      rng,
+      self.size,
+      random_crop=self.random_crop,
+      random_flip=self.random_flip,
+      color_distortion=self.color_distortion,
+    )
     return {'image': image, 'label': np.int32(record['label'])}
 
 
@@ -55,17 +60,30 @@ class _EvalExample:
 
   def __call__(self, index: int) -> dict[str, np.ndarray]:
     if index < 0:
-      return {'image': np.zeros((self.size, self.size, 3), np.float32), 'label': np.int32(0),
-              'index': np.int32(-1), 'mask': np.False_}
+      return {
+        'image': np.zeros((self.size, self.size, 3), np.float32),
+        'label': np.int32(0),
+        'index': np.int32(-1),
+        'mask': np.False_,
+      }
     record = self.source[int(index)]
     image = preprocess.eval(record['image'], self.size, central_fraction=self.central_fraction)
-    return {'image': image, 'label': np.int32(record['label']), 'index': np.int32(index),
-            'mask': np.True_}
+    return {
+      'image': image,
+      'label': np.int32(record['label']),
+      'index': np.int32(index),
+      'mask': np.True_,
+    }
 
 
-def train_iterator(builder: tfds.core.DatasetBuilder, input_cfg: ml_collections.ConfigDict, *,
-                   seed: int, process_index: int = 0,
-                   process_count: int = 1) -> grain.DatasetIterator:
+def train_iterator(
+  builder: tfds.core.DatasetBuilder,
+  input_cfg: ml_collections.ConfigDict,
+  *,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> grain.DatasetIterator:
   """Endless shuffled training batches of this process's shard of the 'train' split.
 
   Yields {'image': float32 [B, H, W, 3] in [-1, 1], 'label': int32 [B]} with
@@ -81,36 +99,52 @@ def train_iterator(builder: tfds.core.DatasetBuilder, input_cfg: ml_collections.
   labels = folder_builder.split_labels(builder, 'train')
   num_classes = len(folder_builder.label_names(builder))
   # Independent random streams: [0] augmentation, [1:] the shuffle of each index stream.
-  seeds = [int(s) for s in
-           np.random.SeedSequence([seed, process_index]).generate_state(1 + num_classes)]
+  seeds = [
+    int(s) for s in np.random.SeedSequence([seed, process_index]).generate_state(1 + num_classes)
+  ]
   if input_cfg.class_balanced:
-    shards = [np.flatnonzero(labels == c)[process_index::process_count]
-              for c in range(num_classes)]
+    shards = [np.flatnonzero(labels == c)[process_index::process_count] for c in range(num_classes)]
   else:
     shards = [np.arange(len(labels))[process_index::process_count]]
   if not all(len(shard) for shard in shards):
     raise folder_builder.DatasetError(
-        f'process {process_index} of {process_count} gets no training records from '
-        f'{builder.data_dir}: the train split (or, with input.class_balanced, one of its classes) '
-        'has fewer records than there are processes')
-  streams = [grain.MapDataset.source(shard).shuffle(seed=s).repeat()  # New order each epoch.
-             for shard, s in zip(shards, seeds[1:], strict=False)]
+      f'process {process_index} of {process_count} gets no training records from '
+      f'{builder.data_dir}: the train split (or, with input.class_balanced, one of its classes) '
+      'has fewer records than there are processes'
+    )
+  streams = [
+    grain.MapDataset.source(shard).shuffle(seed=s).repeat()  # New order each epoch.
+    for shard, s in zip(shards, seeds[1:], strict=False)
+  ]
   indices = grain.MapDataset.mix(streams) if input_cfg.class_balanced else streams[0]
-  example = _TrainExample(builder.as_data_source('train'), input_cfg.image_size,
-                          input_cfg.random_crop, input_cfg.random_flip,
-                          input_cfg.color_distortion)
-  ds = (indices.random_map(example, seed=seeds[0])
-        .to_iter_dataset(_read_options(batch))
-        .batch(batch, drop_remainder=True))
+  example = _TrainExample(
+    builder.as_data_source('train'),
+    input_cfg.image_size,
+    input_cfg.random_crop,
+    input_cfg.random_flip,
+    input_cfg.color_distortion,
+  )
+  ds = (
+    indices.random_map(example, seed=seeds[0])
+    .to_iter_dataset(_read_options(batch))
+    .batch(batch, drop_remainder=True)
+  )
   if input_cfg.num_workers > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=input_cfg.num_workers),
-                        worker_init_fn=_ignore_interrupt)
+    ds = ds.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=input_cfg.num_workers),
+      worker_init_fn=_ignore_interrupt,
+    )
   return iter(ds)
 
 
-def eval_batches(builder: tfds.core.DatasetBuilder, split: str,
-                 input_cfg: ml_collections.ConfigDict, *, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(
+  builder: tfds.core.DatasetBuilder,
+  split: str,
+  input_cfg: ml_collections.ConfigDict,
+  *,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
   """One pass over this process's share of `split`, eval-preprocessed, in full padded batches.
 
   Yields {'image', 'label', 'index' (record index in the split, -1 for padding), 'mask' (False
@@ -122,9 +156,8 @@ def eval_batches(builder: tfds.core.DatasetBuilder, split: str,
   mine = np.arange(process_index, len(source), process_count)
   num_batches = math.ceil(math.ceil(len(source) / process_count) / batch)
   padded = np.full(num_batches * batch, -1, np.int64)
-  padded[:len(mine)] = mine
-  example = _EvalExample(source, input_cfg.image_size,
-                         preprocess.eval_central_fraction(input_cfg))
+  padded[: len(mine)] = mine
+  example = _EvalExample(source, input_cfg.image_size, preprocess.eval_central_fraction(input_cfg))
   ds = grain.MapDataset.source(padded).map(example).to_iter_dataset(_read_options(batch))
   return iter(ds.batch(batch))
 
@@ -143,6 +176,8 @@ def _read_options(batch: int) -> grain.ReadOptions:
 
 def _local_batch(global_batch: int, process_count: int, field: str) -> int:
   if global_batch < 1 or global_batch % process_count:
-    raise ConfigError(f'{field}={global_batch} must be a positive multiple of the number of '
-                     f'processes ({process_count})')
+    raise ConfigError(
+      f'{field}={global_batch} must be a positive multiple of the number of '
+      f'processes ({process_count})'
+    )
   return global_batch // process_count

@@ -28,8 +28,15 @@ _MAX_BRIGHTNESS_DELTA = 32.0 / 255.0
 _SATURATION_RANGE = (0.5, 1.5)
 
 
-def train(image: np.ndarray, rng: np.random.Generator, size: int, *, random_crop: bool = True,
-          random_flip: bool = True, color_distortion: bool = True) -> np.ndarray:
+def train(
+  image: np.ndarray,
+  rng: np.random.Generator,
+  size: int,
+  *,
+  random_crop: bool = True,
+  random_flip: bool = True,
+  color_distortion: bool = True,
+) -> np.ndarray:
   """uint8 [H, W, 3] → float32 [size, size, 3] in [-1, 1], randomly distorted as slim trains.
 
   With every switch off this is a plain resize of the whole image (no central crop).
@@ -37,7 +44,7 @@ def train(image: np.ndarray, rng: np.random.Generator, size: int, *, random_crop
   _check(image)
   if random_crop:
     y, x, h, w = _distorted_box(*image.shape[:2], rng)
-    image = image[y:y + h, x:x + w]
+    image = image[y : y + h, x : x + w]
   out = _resize_bilinear(image, size)
   if random_flip and rng.random() < 0.5:
     out = out[:, ::-1]
@@ -72,13 +79,16 @@ def view_mismatch(input_cfg: ml_collections.ConfigDict) -> str | None:
   fraction = eval_central_fraction(input_cfg)
   if input_cfg.random_crop or fraction == 1.0:
     return None
-  return (f'input.central_crop_fraction={fraction} zooms evaluation images {1 / fraction:.2f}× '
-          'relative to training, which sees whole images (input.random_crop=False); leave it '
-          'unset (None) to evaluate on the training view')
+  return (
+    f'input.central_crop_fraction={fraction} zooms evaluation images {1 / fraction:.2f}× '
+    'relative to training, which sees whole images (input.random_crop=False); leave it '
+    'unset (None) to evaluate on the training view'
+  )
 
 
-def eval(image: np.ndarray, size: int, *,
-         central_fraction: float = SLIM_CENTRAL_FRACTION) -> np.ndarray:
+def eval(
+  image: np.ndarray, size: int, *, central_fraction: float = SLIM_CENTRAL_FRACTION
+) -> np.ndarray:
   """uint8 [H, W, 3] → float32 [size, size, 3] in [-1, 1]: central crop and resize, as slim."""
   _check(image)
   if not 0.0 < central_fraction <= 1.0:
@@ -86,13 +96,12 @@ def eval(image: np.ndarray, size: int, *,
   h, w = image.shape[:2]
   # tf.image.central_crop's rounding: the offset is truncated, the size is what remains.
   top, left = int((h - h * central_fraction) / 2), int((w - w * central_fraction) / 2)
-  return _to_signed(_resize_bilinear(image[top:h - top, left:w - left], size))
+  return _to_signed(_resize_bilinear(image[top : h - top, left : w - left], size))
 
 
 def _check(image: np.ndarray) -> None:
   if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8 or 0 in image.shape:
-    raise ValueError(f'expected a non-empty uint8 [H, W, 3] image, got {image.dtype} '
-                     f'{image.shape}')
+    raise ValueError(f'expected a non-empty uint8 [H, W, 3] image, got {image.dtype} {image.shape}')
 
 
 def _to_signed(image: np.ndarray) -> np.ndarray:

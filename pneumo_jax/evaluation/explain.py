@@ -64,8 +64,9 @@ def _on_layer_output(layer: str, fn: Callable[[jax.Array], jax.Array], found: li
   return interceptor
 
 
-def _forward(model: nn.Module, variables: Any, images: jax.Array, layer: str,
-             delta: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def _forward(
+  model: nn.Module, variables: Any, images: jax.Array, layer: str, delta: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
   """(logits, output of `layer`), with `delta` added to that output on its way on."""
   captured, found = [], []
 
@@ -76,8 +77,10 @@ def _forward(model: nn.Module, variables: Any, images: jax.Array, layer: str,
   with nn.intercept_methods(_on_layer_output(layer, perturb, found)):
     logits, _ = model.apply(variables, images, train=False)
   if not found:
-    raise ConfigError(f'--layer={layer!r} is not a submodule of the model; give a layer path '
-                      '(the backbone\'s Grad-CAM layers are listed by --helpfull under --layer)')
+    raise ConfigError(
+      f'--layer={layer!r} is not a submodule of the model; give a layer path '
+      "(the backbone's Grad-CAM layers are listed by --helpfull under --layer)"
+    )
   return logits, captured[0]
 
 
@@ -106,11 +109,18 @@ def _upsampling(n_out: int, n_in: int, cells: tuple[float, float] | None) -> np.
   return m
 
 
-def _grad_cam(model: nn.Module, variables: Any, images: jax.Array, target: jax.Array | None,
-              layer: str, cells: tuple[float, float] | None) -> dict[str, jax.Array]:
+def _grad_cam(
+  model: nn.Module,
+  variables: Any,
+  images: jax.Array,
+  target: jax.Array | None,
+  layer: str,
+  cells: tuple[float, float] | None,
+) -> dict[str, jax.Array]:
   shape = jax.eval_shape(lambda x: _forward(model, variables, x, layer)[1], images)
   (logits, acts), vjp = jax.vjp(
-      lambda d: _forward(model, variables, images, layer, d), jnp.zeros(shape.shape, shape.dtype))
+    lambda d: _forward(model, variables, images, layer, d), jnp.zeros(shape.shape, shape.dtype)
+  )
   target, cotangent = _one_hot_scores(logits, target)
   (grads,) = vjp((cotangent, jnp.zeros_like(acts)))
   weights = grads.astype(jnp.float32).mean(axis=(1, 2))  # [B, K]: one weight per feature map.
@@ -123,8 +133,9 @@ def _grad_cam(model: nn.Module, variables: Any, images: jax.Array, target: jax.A
   return {'probs': jax.nn.softmax(logits.astype(jnp.float32)), 'target': target, 'grad_cam': cam}
 
 
-def _guided_backprop(model: nn.Module, variables: Any, images: jax.Array,
-                     target: jax.Array) -> jax.Array:
+def _guided_backprop(
+  model: nn.Module, variables: Any, images: jax.Array, target: jax.Array
+) -> jax.Array:
   guided = model.clone(activation=guided_relu)
   logits, vjp = jax.vjp(lambda x: guided.apply(variables, x, train=False)[0], images)
   (grads,) = vjp(_one_hot_scores(logits, target)[1])
@@ -132,8 +143,15 @@ def _guided_backprop(model: nn.Module, variables: Any, images: jax.Array,
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'layer', 'cells'))
-def explain(model: nn.Module, variables: Any, images: jax.Array, target: jax.Array | None = None,
-            *, layer: str, cells: tuple[float, float] | None = None) -> dict[str, jax.Array]:
+def explain(
+  model: nn.Module,
+  variables: Any,
+  images: jax.Array,
+  target: jax.Array | None = None,
+  *,
+  layer: str,
+  cells: tuple[float, float] | None = None,
+) -> dict[str, jax.Array]:
   """Explains a batch of preprocessed images ([B, H, W, 3] in [-1, 1]).
 
   Args:
@@ -167,8 +185,9 @@ def layer_grid(model: nn.Module, variables: Any, image_size: int, layer: str) ->
   return acts.shape[1], acts.shape[2]
 
 
-def grid_warning(layer: str, grid: tuple[int, int], image_size: int,
-                 earlier: Sequence[str] = ()) -> str | None:
+def grid_warning(
+  layer: str, grid: tuple[int, int], image_size: int, earlier: Sequence[str] = ()
+) -> str | None:
   """A one-line warning when `layer` has at most 2×2 cells at this input size, else None.
 
   Grad-CAM can only be as fine as the layer's grid, placed at its cells' centres: with one cell
@@ -177,9 +196,11 @@ def grid_warning(layer: str, grid: tuple[int, int], image_size: int,
   if max(grid) > 2:
     return None
   such = f' such as {" or ".join(earlier)}' if earlier else ''
-  return (f'Grad-CAM at {layer} is a {grid[0]}×{grid[1]} grid for {image_size}×{image_size} '
-          f'inputs: the Grad-CAM map is then nearly uniform; choose an earlier layer{such}, or a '
-          'larger input.image_size')
+  return (
+    f'Grad-CAM at {layer} is a {grid[0]}×{grid[1]} grid for {image_size}×{image_size} '
+    f'inputs: the Grad-CAM map is then nearly uniform; choose an earlier layer{such}, or a '
+    'larger input.image_size'
+  )
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -211,8 +232,14 @@ _MIN_PANEL_PX = 256
 CAM_LABEL = 'Grad-CAM (relative)'
 
 
-def _title(label_names: Sequence[str], probs: np.ndarray, target: int, layer: str, step: int,
-           true_label: int | None) -> str:
+def _title(
+  label_names: Sequence[str],
+  probs: np.ndarray,
+  target: int,
+  layer: str,
+  step: int,
+  true_label: int | None,
+) -> str:
   predicted = int(probs.argmax())
   first = f'predicted {label_names[predicted]} ({probs[predicted]:.1%})'
   if true_label is not None:
@@ -224,8 +251,15 @@ def _title(label_names: Sequence[str], probs: np.ndarray, target: int, layer: st
   return f'{first}\n{second}'
 
 
-def panel_figure(view: np.ndarray, result: dict[str, np.ndarray], label_names: Sequence[str], *,
-                 layer: str, step: int, true_label: int | None = None) -> Figure:
+def panel_figure(
+  view: np.ndarray,
+  result: dict[str, np.ndarray],
+  label_names: Sequence[str],
+  *,
+  layer: str,
+  step: int,
+  true_label: int | None = None,
+) -> Figure:
   """One image's explanation as a Figure of three panels on the model input's exact framing.
 
   (a) the input as the model saw it (grey when its channels are equal), (b) Grad-CAM over it with
@@ -245,8 +279,10 @@ def panel_figure(view: np.ndarray, result: dict[str, np.ndarray], label_names: S
   cam = np.asarray(result['grad_cam'])
   h, w = view.shape[:2]
   if cam.shape != (h, w):
-    raise ValueError(f'the explanation is {cam.shape[0]}×{cam.shape[1]} but the view is {h}×{w}; '
-                     'pass the preprocessed image the model explained')
+    raise ValueError(
+      f'the explanation is {cam.shape[0]}×{cam.shape[1]} but the view is {h}×{w}; '
+      'pass the preprocessed image the model explained'
+    )
   target = int(result['target'])
   scale = max(1, -(-_MIN_PANEL_PX // max(h, w)))
   pw, ph = scale * w, scale * h
@@ -277,21 +313,33 @@ def panel_figure(view: np.ndarray, result: dict[str, np.ndarray], label_names: S
   b.imshow(cam, cmap='jet', norm=norm, alpha=0.45, interpolation='nearest')
   b.set_title(f'(b) Grad-CAM: {label_names[target]}')
   # Its own fully opaque mappable: the overlay's alpha would wash out the bar's colours.
-  fig.colorbar(ScalarMappable(norm, 'jet'), cax=axes(bar_left, bar_w), label=CAM_LABEL,
-               ticks=[0, 0.5, 1])
-  c.imshow(guided_grey(result['guided_grad_cam']), cmap='gray', vmin=0.0, vmax=1.0,
-           interpolation='nearest')
+  fig.colorbar(
+    ScalarMappable(norm, 'jet'), cax=axes(bar_left, bar_w), label=CAM_LABEL, ticks=[0, 0.5, 1]
+  )
+  c.imshow(
+    guided_grey(result['guided_grad_cam']), cmap='gray', vmin=0.0, vmax=1.0, interpolation='nearest'
+  )
   c.set_title(f'(c) guided Grad-CAM: {label_names[target]}')
   for ax in (a, b, c):
     ax.set_axis_off()
-  fig.suptitle(_title(label_names, np.asarray(result['probs']), target, layer, step, true_label),
-               y=1 - 6 / height, va='top')
+  fig.suptitle(
+    _title(label_names, np.asarray(result['probs']), target, layer, step, true_label),
+    y=1 - 6 / height,
+    va='top',
+  )
   return fig
 
 
-def write_panel(path: str, view: np.ndarray, result: dict[str, np.ndarray],
-                label_names: Sequence[str], *, layer: str, step: int,
-                true_label: int | None = None) -> str:
+def write_panel(
+  path: str,
+  view: np.ndarray,
+  result: dict[str, np.ndarray],
+  label_names: Sequence[str],
+  *,
+  layer: str,
+  step: int,
+  true_label: int | None = None,
+) -> str:
   """Writes `panel_figure`'s PNG to `path` (creating its folder) and returns `path`.
 
   The PNG is written to a temporary file beside it and renamed onto `path`, so a killed run leaves

@@ -25,13 +25,18 @@ def make_probs_fn(model: nn.Module, mesh: Mesh) -> Callable[[Any, jax.Array], ja
     return jax.nn.softmax(logits.astype(np.float32), axis=-1)
 
   return jax.jit(
-      probs,
-      in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
-      out_shardings=sharding.replicated(mesh))
+    probs,
+    in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+    out_shardings=sharding.replicated(mesh),
+  )
 
 
-def predict(model: nn.Module, variables: Any, batches: Iterable[dict[str, np.ndarray]],
-            mesh: Mesh | None = None) -> dict[str, np.ndarray]:
+def predict(
+  model: nn.Module,
+  variables: Any,
+  batches: Iterable[dict[str, np.ndarray]],
+  mesh: Mesh | None = None,
+) -> dict[str, np.ndarray]:
   """Runs the model over padded batches, dropping padding rows (`mask` False).
 
   Returns {'probs': [N, C]} plus every other per-example field the batches carry

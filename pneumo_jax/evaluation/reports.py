@@ -41,8 +41,9 @@ def atomic_path(path: str) -> Iterator[str]:
   block succeeds; on failure the temporary file is removed and `path` is left as it was."""
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.',
-                             suffix=os.path.splitext(path)[1])
+  fd, tmp = tempfile.mkstemp(
+    dir=folder, prefix=f'.{os.path.basename(path)}.', suffix=os.path.splitext(path)[1]
+  )
   os.close(fd)
   try:
     yield tmp
@@ -74,13 +75,15 @@ def claim_stem(stem: str, provenance: dict[str, Any]) -> str:
   return candidate
 
 
-def _plot_confusion_matrix(path: str, confusion: Sequence[Sequence[int]],
-                           label_names: Sequence[str], title: str) -> None:
+def _plot_confusion_matrix(
+  path: str, confusion: Sequence[Sequence[int]], label_names: Sequence[str], title: str
+) -> None:
   n = len(label_names)
   fig = Figure(figsize=(2 + 0.8 * n, 1.5 + 0.8 * n), layout='constrained')
   ax = fig.add_subplot()
   skm.ConfusionMatrixDisplay(np.asarray(confusion), display_labels=list(label_names)).plot(
-      ax=ax, cmap='Blues', xticks_rotation=45 if n > 4 else 'horizontal', colorbar=False)
+    ax=ax, cmap='Blues', xticks_rotation=45 if n > 4 else 'horizontal', colorbar=False
+  )
   ax.set_title(title)
   _save_figure(fig, path)
 
@@ -90,8 +93,14 @@ def _save_figure(fig: Figure, path: str) -> None:
     fig.savefig(tmp, dpi=120)
 
 
-def _plot_roc(path: str, labels: np.ndarray, probs: np.ndarray, label_names: Sequence[str],
-              per_class: dict[str, Any], title: str) -> None:
+def _plot_roc(
+  path: str,
+  labels: np.ndarray,
+  probs: np.ndarray,
+  label_names: Sequence[str],
+  per_class: dict[str, Any],
+  title: str,
+) -> None:
   fig = Figure(figsize=(6, 5), layout='constrained')
   ax = fig.add_subplot()
   for c, name in enumerate(label_names):
@@ -103,10 +112,17 @@ def _plot_roc(path: str, labels: np.ndarray, probs: np.ndarray, label_names: Seq
   _save_figure(fig, path)
 
 
-def write_eval(workdir: str, split: str, step: int, metrics: dict[str, Any],
-               label_names: Sequence[str], labels: np.ndarray, probs: np.ndarray,
-               provenance: dict[str, Any] | None = None,
-               write_extra: Callable[[str], None] | None = None) -> str:
+def write_eval(
+  workdir: str,
+  split: str,
+  step: int,
+  metrics: dict[str, Any],
+  label_names: Sequence[str],
+  labels: np.ndarray,
+  probs: np.ndarray,
+  provenance: dict[str, Any] | None = None,
+  write_extra: Callable[[str], None] | None = None,
+) -> str:
   """Writes one evaluation's report under WORKDIR/eval/; returns its JSON's path.
 
   The stem is `claim_stem(eval_stem(...), provenance)`. The figures and `write_extra(stem)`'s
@@ -116,23 +132,43 @@ def write_eval(workdir: str, split: str, step: int, metrics: dict[str, Any],
   provenance = provenance or {}
   stem = claim_stem(eval_stem(workdir, split, step), provenance)
   title = f'{split}, step {step}'
-  _plot_confusion_matrix(f'{stem}_confusion_matrix.png', metrics['confusion_matrix'],
-                         label_names, title)
-  _plot_roc(f'{stem}_roc.png', np.asarray(labels), np.asarray(probs), label_names,
-            metrics['per_class'], title)
+  _plot_confusion_matrix(
+    f'{stem}_confusion_matrix.png', metrics['confusion_matrix'], label_names, title
+  )
+  _plot_roc(
+    f'{stem}_roc.png',
+    np.asarray(labels),
+    np.asarray(probs),
+    label_names,
+    metrics['per_class'],
+    title,
+  )
   if write_extra is not None:
     write_extra(stem)
-  write_json(f'{stem}.json', {'split': split, 'step': int(step), 'label_names': list(label_names),
-                              'provenance': provenance, **metrics})
+  write_json(
+    f'{stem}.json',
+    {
+      'split': split,
+      'step': int(step),
+      'label_names': list(label_names),
+      'provenance': provenance,
+      **metrics,
+    },
+  )
   return f'{stem}.json'
 
 
 PATH_COLUMN, LABEL_COLUMN, PREDICTION_COLUMN, ERROR_COLUMN = 'path', 'label', 'prediction', 'error'
 
 
-def write_predictions(path: str, files: Sequence[str], probs: np.ndarray,
-                      label_names: Sequence[str], errors: dict[str, str],
-                      true_labels: Sequence[str] | None = None) -> str:
+def write_predictions(
+  path: str,
+  files: Sequence[str],
+  probs: np.ndarray,
+  label_names: Sequence[str],
+  errors: dict[str, str],
+  true_labels: Sequence[str] | None = None,
+) -> str:
   """Writes one CSV row per input file, in order: path, [true label,] predicted label, one
   probability column per class (named after it), error.
 
@@ -147,13 +183,17 @@ def write_predictions(path: str, files: Sequence[str], probs: np.ndarray,
   truth_column = [LABEL_COLUMN] if true_labels is not None else []
   header = [PATH_COLUMN, *truth_column, PREDICTION_COLUMN, *label_names, ERROR_COLUMN]
   if len(set(header)) != len(header):
-    raise DatasetError(f'class names {list(label_names)} repeat or collide with the CSV columns '
-                     f'{PATH_COLUMN}, {LABEL_COLUMN}, {PREDICTION_COLUMN}, {ERROR_COLUMN}; '
-                     'rename the class folders')
+    raise DatasetError(
+      f'class names {list(label_names)} repeat or collide with the CSV columns '
+      f'{PATH_COLUMN}, {LABEL_COLUMN}, {PREDICTION_COLUMN}, {ERROR_COLUMN}; '
+      'rename the class folders'
+    )
   probs = np.asarray(probs)
   if len(files) - len(errors) != len(probs):
-    raise ValueError(f'{len(files)} files with {len(errors)} errors need '
-                     f'{len(files) - len(errors)} rows of probabilities; got {len(probs)}')
+    raise ValueError(
+      f'{len(files)} files with {len(errors)} errors need '
+      f'{len(files) - len(errors)} rows of probabilities; got {len(probs)}'
+    )
   rows, truths = iter(probs), iter(true_labels or ())
   with atomic_path(path) as tmp, open(tmp, 'w', newline='') as f:
     writer = csv.writer(f)

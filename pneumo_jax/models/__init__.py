@@ -13,18 +13,26 @@ from pneumo_jax.errors import ConfigError, WeightsError
 from pneumo_jax.models import densenet121, inception_v3
 from pneumo_jax.models.backbone import Backbone
 
-__all__ = ['BACKBONES', 'Backbone', 'backbone_for_file', 'backbone_of', 'build_inference_model',
-           'build_model', 'get_backbone', 'num_classes_of']
+__all__ = [
+  'BACKBONES',
+  'Backbone',
+  'backbone_for_file',
+  'backbone_of',
+  'build_inference_model',
+  'build_model',
+  'get_backbone',
+  'num_classes_of',
+]
 
-BACKBONES: dict[str, Backbone] = {
-    b.name: b for b in (inception_v3.BACKBONE, densenet121.BACKBONE)}
+BACKBONES: dict[str, Backbone] = {b.name: b for b in (inception_v3.BACKBONE, densenet121.BACKBONE)}
 
 
 def get_backbone(name: str) -> Backbone:
   """The backbone `config.model.name` selects."""
   if name not in BACKBONES:
-    raise ConfigError(f'config.model.name={name!r} is not a backbone; use one of '
-                      f'{sorted(BACKBONES)}')
+    raise ConfigError(
+      f'config.model.name={name!r} is not a backbone; use one of {sorted(BACKBONES)}'
+    )
   return BACKBONES[name]
 
 
@@ -32,8 +40,7 @@ def backbone_of(config: ml_collections.ConfigDict) -> Backbone:
   return get_backbone(config.model.name)
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int,
-                **overrides: Any) -> nn.Module:
+def build_model(config: ml_collections.ConfigDict, num_classes: int, **overrides: Any) -> nn.Module:
   """The backbone of `config.model` for `num_classes`; `overrides` set other fields (e.g.
   batch_norm_train). `model.apply(variables, images, train=...)` returns (logits, end_points)."""
   return backbone_of(config).build(config.model, num_classes, **overrides)

@@ -71,6 +71,7 @@ class Backbone:
   def default_gradcam_layer(self) -> str:
     return self.gradcam_layers[-1]
 
-  def build(self, model_cfg: ml_collections.ConfigDict, num_classes: int,
-            **overrides: Any) -> nn.Module:
+  def build(
+    self, model_cfg: ml_collections.ConfigDict, num_classes: int, **overrides: Any
+  ) -> nn.Module:
     return self.create(model_cfg, num_classes, **overrides)

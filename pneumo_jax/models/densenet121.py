@@ -121,21 +121,36 @@ class _Settings(nn.Module):
 
 
 def _settings(m: Any) -> dict[str, Any]:
-  return dict(dtype=m.dtype, activation=m.activation, batch_norm_train=m.batch_norm_train,
-              batch_norm_momentum=m.batch_norm_momentum)
+  return dict(
+    dtype=m.dtype,
+    activation=m.activation,
+    batch_norm_train=m.batch_norm_train,
+    batch_norm_momentum=m.batch_norm_momentum,
+  )
 
 
 def _norm(m: Any, name: str, x: jax.Array, train: bool) -> jax.Array:
   """A NormAct submodule of `m` (called inside its compact method) with `m`'s settings."""
-  return NormAct(m.dtype, m.activation, m.batch_norm_train, m.batch_norm_momentum,
-                 name=name)(x, train)
+  return NormAct(m.dtype, m.activation, m.batch_norm_train, m.batch_norm_momentum, name=name)(
+    x, train
+  )
 
 
-def _conv(m: Any, name: str, x: jax.Array, features: int, kernel: int, stride: int = 1,
-          pad: int = 0) -> jax.Array:
+def _conv(
+  m: Any, name: str, x: jax.Array, features: int, kernel: int, stride: int = 1, pad: int = 0
+) -> jax.Array:
   """A bias-free conv submodule of `m`: float32 kernel, computed in `m.dtype`."""
-  return nn.Conv(features, (kernel, kernel), stride, [(pad, pad)] * 2, use_bias=False,
-                 dtype=m.dtype, param_dtype=jnp.float32, kernel_init=_he_init, name=name)(x)
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    stride,
+    [(pad, pad)] * 2,
+    use_bias=False,
+    dtype=m.dtype,
+    param_dtype=jnp.float32,
+    kernel_init=_he_init,
+    name=name,
+  )(x)
 
 
 class DenseLayer(_Settings):
@@ -189,11 +204,14 @@ class DenseNet121(nn.Module):
   input_normalisation: str = 'none'
 
   @nn.compact
-  def __call__(self, images: jax.Array,
-               train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(
+    self, images: jax.Array, train: bool = False
+  ) -> tuple[jax.Array, dict[str, jax.Array]]:
     if images.ndim != 4 or min(images.shape[1:3]) < MIN_SIZE:
-      raise ConfigError(f'DenseNet-121 needs images [B, H, W, C] with H, W >= {MIN_SIZE}; got '
-                        f'{images.shape}: set input.image_size >= {MIN_SIZE}.')
+      raise ConfigError(
+        f'DenseNet-121 needs images [B, H, W, C] with H, W >= {MIN_SIZE}; got '
+        f'{images.shape}: set input.image_size >= {MIN_SIZE}.'
+      )
     end_points = {}
     if self.input_normalisation == 'imagenet':
       mean, std = jnp.asarray(IMAGENET_MEAN), jnp.asarray(IMAGENET_STD)
@@ -211,15 +229,15 @@ class DenseNet121(nn.Module):
     x = end_points['PreLogits'] = jnp.mean(x, axis=(1, 2), dtype=jnp.float32)
     if self.dropout_rate:
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
-                      name='classifier')(x).astype(jnp.float32)
+    logits = nn.Dense(
+      self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name='classifier'
+    )(x).astype(jnp.float32)
     end_points['Logits'] = logits
     end_points['Predictions'] = jax.nn.softmax(logits, axis=-1)
     return logits, end_points
 
 
-def create(model_cfg: ml_collections.ConfigDict, num_classes: int,
-           **overrides: Any) -> DenseNet121:
+def create(model_cfg: ml_collections.ConfigDict, num_classes: int, **overrides: Any) -> DenseNet121:
   """DenseNet121 from `config.model`; `overrides` may set batch_norm_train and activation.
 
   `create_aux_logits` is accepted and ignored: DenseNet has no auxiliary head.
@@ -228,9 +246,13 @@ def create(model_cfg: ml_collections.ConfigDict, num_classes: int,
   if not 0.0 < keep <= 1.0:
     raise ConfigError(f'model.dropout_keep_prob must be in (0, 1]; got {keep}.')
   overrides.pop('create_aux_logits', None)
-  kwargs = dict(num_classes=num_classes, dtype=jnp.dtype(model_cfg.dtype),
-                dropout_rate=1.0 - keep, batch_norm_momentum=model_cfg.batch_norm_decay,
-                input_normalisation='imagenet')
+  kwargs = dict(
+    num_classes=num_classes,
+    dtype=jnp.dtype(model_cfg.dtype),
+    dropout_rate=1.0 - keep,
+    batch_norm_momentum=model_cfg.batch_norm_decay,
+    input_normalisation='imagenet',
+  )
   return DenseNet121(**(kwargs | overrides))
 
 
@@ -249,9 +271,12 @@ class _Layer(NamedTuple):
 # Per kind: (collection, our name, Keras name, torchvision name), in Keras 3's `vars/<i>` order.
 _VARIABLES = {
   'conv': (('params', 'kernel', 'kernel', 'weight'),),
-  'norm': (('params', 'scale', 'gamma', 'weight'), ('params', 'bias', 'beta', 'bias'),
-           ('batch_stats', 'mean', 'moving_mean', 'running_mean'),
-           ('batch_stats', 'var', 'moving_variance', 'running_var')),
+  'norm': (
+    ('params', 'scale', 'gamma', 'weight'),
+    ('params', 'bias', 'beta', 'bias'),
+    ('batch_stats', 'mean', 'moving_mean', 'running_mean'),
+    ('batch_stats', 'var', 'moving_variance', 'running_var'),
+  ),
   'dense': (('params', 'kernel', 'kernel', 'weight'), ('params', 'bias', 'bias', 'bias')),
 }
 _KERAS_CLASSES = {'conv': 'conv2d', 'norm': 'batch_normalization', 'dense': 'dense'}
@@ -259,23 +284,32 @@ _KERAS_CLASSES = {'conv': 'conv2d', 'norm': 'batch_normalization', 'dense': 'den
 
 def _layers(num_classes: int, in_channels: int = 3) -> list[_Layer]:
   """Every layer with variables, in the order Keras's DenseNet121 creates them."""
-  out = [_Layer('conv0', 'conv', 'conv1_conv', (7, 7, in_channels, STEM_FEATURES)),
-         _Layer('norm0', 'norm', 'conv1_bn', (STEM_FEATURES,))]
+  out = [
+    _Layer('conv0', 'conv', 'conv1_conv', (7, 7, in_channels, STEM_FEATURES)),
+    _Layer('norm0', 'norm', 'conv1_bn', (STEM_FEATURES,)),
+  ]
   c = STEM_FEATURES
   for b, num_layers in enumerate(BLOCKS, 1):
     for i in range(1, num_layers + 1):
       p, k = f'denseblock{b}/denselayer{i}', f'conv{b + 1}_block{i}'
-      out += [_Layer(f'{p}/norm1', 'norm', f'{k}_0_bn', (c,)),
-              _Layer(f'{p}/conv1', 'conv', f'{k}_1_conv', (1, 1, c, BOTTLENECK)),
-              _Layer(f'{p}/norm2', 'norm', f'{k}_1_bn', (BOTTLENECK,)),
-              _Layer(f'{p}/conv2', 'conv', f'{k}_2_conv', (3, 3, BOTTLENECK, GROWTH_RATE))]
+      out += [
+        _Layer(f'{p}/norm1', 'norm', f'{k}_0_bn', (c,)),
+        _Layer(f'{p}/conv1', 'conv', f'{k}_1_conv', (1, 1, c, BOTTLENECK)),
+        _Layer(f'{p}/norm2', 'norm', f'{k}_1_bn', (BOTTLENECK,)),
+        _Layer(f'{p}/conv2', 'conv', f'{k}_2_conv', (3, 3, BOTTLENECK, GROWTH_RATE)),
+      ]
       c += GROWTH_RATE
     if b < len(BLOCKS):
-      out += [_Layer(f'transition{b}/norm', 'norm', f'pool{b + 1}_bn', (c,)),
-              _Layer(f'transition{b}/conv', 'conv', f'pool{b + 1}_conv', (1, 1, c, c // 2))]
+      out += [
+        _Layer(f'transition{b}/norm', 'norm', f'pool{b + 1}_bn', (c,)),
+        _Layer(f'transition{b}/conv', 'conv', f'pool{b + 1}_conv', (1, 1, c, c // 2)),
+      ]
       c //= 2
-  return [*out, _Layer('norm5', 'norm', 'bn', (c,)),
-          _Layer('classifier', 'dense', 'predictions', (c, num_classes))]
+  return [
+    *out,
+    _Layer('norm5', 'norm', 'bn', (c,)),
+    _Layer('classifier', 'dense', 'predictions', (c, num_classes)),
+  ]
 
 
 def _expected_shapes(num_classes: int, in_channels: int = 3) -> dict[str, tuple[int, ...]]:
@@ -347,17 +381,23 @@ def _read_keras(f: Any) -> dict[str, dict[str, np.ndarray]]:
       variables = [v[2] for v in _VARIABLES[kind]]
       for i, group in enumerate(keras3[cls]):
         name = names[i] if i < len(names) else f'layers/{group}'
-        out[name] = {(variables[int(j)] if int(j) < len(variables) else f'vars/{j}'):
-                     np.asarray(v) for j, v in layers[group].get('vars', {}).items()}
-    return out | {f'layers/{g}': {f'vars/{j}': np.asarray(v) for j, v in layers[g]['vars'].items()}
-                  for g in keras3['other'] if 'vars' in layers[g]}
+        out[name] = {
+          (variables[int(j)] if int(j) < len(variables) else f'vars/{j}'): np.asarray(v)
+          for j, v in layers[group].get('vars', {}).items()
+        }
+    return out | {
+      f'layers/{g}': {f'vars/{j}': np.asarray(v) for j, v in layers[g]['vars'].items()}
+      for g in keras3['other']
+      if 'vars' in layers[g]
+    }
   root = f.get('model_weights', f)
   for name in _decode(root.attrs.get('layer_names', [])):
     group = root[name]
     weights = _decode(group.attrs.get('weight_names', []))
     if weights:
       out[_keras_layer_name(name)] = {
-        w.rpartition('/')[2].partition(':')[0]: np.asarray(group[w]) for w in weights}
+        w.rpartition('/')[2].partition(':')[0]: np.asarray(group[w]) for w in weights
+      }
   return out
 
 
@@ -384,8 +424,9 @@ def load_keras(path: str) -> dict[str, Any]:
       if keras in values:
         arrays[f'{collection}/{layer.path}/{name}'] = values.pop(keras).astype(np.float32)
     found[layer.keras] = values  # What is left is not in the model.
-  arrays |= {f'{layer} (Keras)/{v}': value for layer, values in found.items()
-             for v, value in values.items()}
+  arrays |= {
+    f'{layer} (Keras)/{v}': value for layer, values in found.items() for v, value in values.items()
+  }
   weights.check_names_and_shapes(arrays, _expected_shapes(num_classes), path)
   return scopes.unflatten(arrays)
 
@@ -399,12 +440,18 @@ def recognise_keras(path: str) -> bool:
     keras3 = _keras3_groups(f)
     if keras3 is not None:
       stem = f['layers'].get('conv2d/vars/0')
-      return (len(keras3['conv2d']) == 120 and len(keras3['batch_normalization']) == 121
-              and stem is not None and stem.shape[:2] + stem.shape[3:] == (7, 7, STEM_FEATURES))
-    names = {_keras_layer_name(n) for n in _decode(f.get('model_weights', f).attrs.get(
-      'layer_names', []))}
+      return (
+        len(keras3['conv2d']) == 120
+        and len(keras3['batch_normalization']) == 121
+        and stem is not None
+        and stem.shape[:2] + stem.shape[3:] == (7, 7, STEM_FEATURES)
+      )
+    names = {
+      _keras_layer_name(n) for n in _decode(f.get('model_weights', f).attrs.get('layer_names', []))
+    }
   return {'conv4_block24_2_conv', 'conv5_block16_2_conv'} <= names and not (
-    {'conv4_block25_0_bn', 'conv5_block17_0_bn'} & names)
+    {'conv4_block25_0_bn', 'conv5_block17_0_bn'} & names
+  )
 
 
 # torchvision -------------------------------------------------------------------------------
@@ -412,7 +459,8 @@ def recognise_keras(path: str) -> bool:
 _TORCH_FIX = 'give the state dict of torchvision.models.densenet121, saved with torch.save'
 # torchvision's `_load_state_dict` rewrites keys of its first release this way.
 _OLD_TORCH_KEY = re.compile(
-  r'^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$')
+  r'^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$'
+)
 # Buffers that are not weights: BN's update counter, torchxrayvision's calibration thresholds.
 _TORCH_SKIPPED = re.compile(r'(.*\.num_batches_tracked|op_threshs)$')
 
@@ -436,7 +484,8 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
         f'{path} pickles Python objects ({pickled.group(1)}), not just tensors, as '
         "torchxrayvision's released weights do: load it where that class imports and save its "
         'state_dict(), e.g. torch.save(xrv.models.DenseNet(weights="densenet121-res224-all")'
-        '.state_dict(), "xrv_densenet121.pth").') from e
+        '.state_dict(), "xrv_densenet121.pth").'
+      ) from e
     raise WeightsError(f'{path} is not a PyTorch state dict file; {_TORCH_FIX}.') from e
   except (RuntimeError, OSError, EOFError, ValueError) as e:
     raise WeightsError(f'{path} is not a PyTorch file ({e}); {_TORCH_FIX}.') from e
@@ -513,8 +562,10 @@ def recognise_torch(path: str) -> bool:
     keys = _torch_pickle(path)
   except (OSError, zipfile.BadZipFile):
     return False
-  return all((f'features.denseblock{b}.denselayer{n}.'.encode() in keys) == present
-             for b, n, present in ((3, 24, True), (3, 25, False), (4, 16, True), (4, 17, False)))
+  return all(
+    (f'features.denseblock{b}.denselayer{n}.'.encode() in keys) == present
+    for b, n, present in ((3, 24, True), (3, 25, False), (4, 16, True), (4, 17, False))
+  )
 
 
 def load_weights(path: str) -> dict[str, Any]:
@@ -533,8 +584,12 @@ def recognise(path: str) -> bool:
 # blocks' 1×1 and padded 3×3 convs keep centres; each 2×2/2 average pool centres j on 2j + 0.5 of
 # its input, adding half its input stride: transition1 → (0 + 4/2, 8), transition2 → (2 + 8/2,
 # 16), transition3 → (6 + 16/2, 32); norm5 is pointwise.
-_CELL_CENTRES = {'denseblock2': (2, 8), 'denseblock3': (6, 16), 'denseblock4': (14, 32),
-                 'norm5': (14, 32)}
+_CELL_CENTRES = {
+  'denseblock2': (2, 8),
+  'denseblock3': (6, 16),
+  'denseblock4': (14, 32),
+  'norm5': (14, 32),
+}
 
 BACKBONE = Backbone(
   name='densenet121',

@@ -20,14 +20,19 @@ from pneumo_jax.errors import ConfigError, DatasetError
 class Restored(NamedTuple):
   """A checkpoint ready for inference: the model (no aux head), its variables (EMA when the run
   kept them), the checkpoint's step and the class names in output order."""
+
   model: Any
   variables: dict[str, Any]
   step: int
   names: list[str]
 
 
-def restore(config: ml_collections.ConfigDict, workdir: str, checkpoint: str,
-            names: Callable[[], Sequence[str]] | None = None) -> Restored:
+def restore(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  checkpoint: str,
+  names: Callable[[], Sequence[str]] | None = None,
+) -> Restored:
   """Loads `checkpoint` ('latest', 'best' or a step) from WORKDIR before anything else (so a
   workdir with no run is refused having written nothing), then checks it predicts `names()`
   (default: the run's labels.txt, else the dataset's class folders)."""
@@ -36,18 +41,20 @@ def restore(config: ml_collections.ConfigDict, workdir: str, checkpoint: str,
   have = models.num_classes_of(config, variables['params'])
   if have != len(names):
     raise ConfigError(
-        f'checkpoint {step} in {workdir} predicts {have} classes, but the dataset '
-        f'({config.dataset.source_dir or "config.dataset"}) has {len(names)}: '
-        f'{names}; point --config.dataset.source_dir at the folder the run was '
-        'trained on, or --workdir at a run trained on this one')
+      f'checkpoint {step} in {workdir} predicts {have} classes, but the dataset '
+      f'({config.dataset.source_dir or "config.dataset"}) has {len(names)}: '
+      f'{names}; point --config.dataset.source_dir at the folder the run was '
+      'trained on, or --workdir at a run trained on this one'
+    )
   return Restored(models.build_inference_model(config, have), variables, step, names)
 
 
 def label_names(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   """The run's class names (WORKDIR/labels.txt), else the dataset's: a trained run predicts
   without its training folder."""
-  return (checkpoints.load_label_names(workdir)
-          or folder_builder.label_names(dataset_for(config, workdir)))
+  return checkpoints.load_label_names(workdir) or folder_builder.label_names(
+    dataset_for(config, workdir)
+  )
 
 
 def global_batch(config: ml_collections.ConfigDict) -> int:
@@ -57,12 +64,19 @@ def global_batch(config: ml_collections.ConfigDict) -> int:
 
 def view(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The preprocessing settings that decide what the model sees (part of a report's provenance)."""
-  return {'image_size': config.input.image_size,
-          'central_crop_fraction': preprocess.eval_central_fraction(config.input)}
+  return {
+    'image_size': config.input.image_size,
+    'central_crop_fraction': preprocess.eval_central_fraction(config.input),
+  }
 
 
-def examples(files: Sequence[str], config: ml_collections.ConfigDict, errors: dict[str, str],
-              readable: list[str], flips: bool = False) -> Iterator[tuple[np.ndarray, int]]:
+def examples(
+  files: Sequence[str],
+  config: ml_collections.ConfigDict,
+  errors: dict[str, str],
+  readable: list[str],
+  flips: bool = False,
+) -> Iterator[tuple[np.ndarray, int]]:
   """(eval-preprocessed image, index in `readable`) for each file that can be read.
 
   As the examples are consumed, unreadable files go to `errors` (path → message) and the others
@@ -72,8 +86,9 @@ def examples(files: Sequence[str], config: ml_collections.ConfigDict, errors: di
   fraction = preprocess.eval_central_fraction(config.input)
   for path in files:
     try:
-      image = preprocess.eval(images.load_image(path), config.input.image_size,
-                              central_fraction=fraction)
+      image = preprocess.eval(
+        images.load_image(path), config.input.image_size, central_fraction=fraction
+      )
     except DatasetError as e:
       errors[path] = str(e)
       continue
@@ -83,14 +98,17 @@ def examples(files: Sequence[str], config: ml_collections.ConfigDict, errors: di
       yield image[:, ::-1], len(readable) - 1
 
 
-def padded_batches(examples: Iterator[tuple[np.ndarray, int]],
-                    batch: int) -> Iterator[dict[str, np.ndarray]]:
+def padded_batches(
+  examples: Iterator[tuple[np.ndarray, int]], batch: int
+) -> Iterator[dict[str, np.ndarray]]:
   """Full batches {'image', 'index', 'mask'}; the last one padded with masked zero images."""
   while chunk := list(itertools.islice(examples, batch)):
     pad = batch - len(chunk)
-    yield {'image': np.stack([x for x, _ in chunk] + [np.zeros_like(chunk[0][0])] * pad),
-           'index': np.asarray([i for _, i in chunk] + [-1] * pad, np.int32),
-           'mask': np.arange(batch) < len(chunk)}
+    yield {
+      'image': np.stack([x for x, _ in chunk] + [np.zeros_like(chunk[0][0])] * pad),
+      'index': np.asarray([i for _, i in chunk] + [-1] * pad, np.int32),
+      'mask': np.arange(batch) < len(chunk),
+    }
 
 
 def report_errors(errors: dict[str, str], total: int) -> None:

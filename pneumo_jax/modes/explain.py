@@ -41,7 +41,7 @@ def _finer_layers(backbone: models.Backbone, layer: str, size: int) -> list[str]
   """Up to two layers before `layer` with at least 3×3 cells at this size, of distinct strides."""
   known = backbone.gradcam_layers
   out, strides = [], set()
-  for name in reversed(known[:known.index(layer)] if layer in known else known):
+  for name in reversed(known[: known.index(layer)] if layer in known else known):
     stride = backbone.cell_centres[name][1]
     if size / stride >= 3 and stride not in strides and len(out) < 2:
       out.append(name)
@@ -49,9 +49,15 @@ def _finer_layers(backbone: models.Backbone, layer: str, size: int) -> list[str]
   return out
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, inputs: Sequence[str], *,
-        checkpoint: str = 'latest', layer: str | None = None,
-        target_class: int | None = None) -> str:
+def run(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  inputs: Sequence[str],
+  *,
+  checkpoint: str = 'latest',
+  layer: str | None = None,
+  target_class: int | None = None,
+) -> str:
   """Writes one annotated panel per input (see explain.write_panel) under
   WORKDIR/explain/step<step>_<layer>[_class<k>]/; returns that folder.
 
@@ -67,13 +73,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, inputs: Sequence[str], 
   files = images.expand_inputs(inputs)
   model, variables, step, names = common.restore(config, workdir, checkpoint)
   if target_class is not None and not 0 <= target_class < len(names):
-    raise ConfigError(f'--target_class={target_class} is not a class id; use '
-                      f'0..{len(names) - 1} for {names}')
+    raise ConfigError(
+      f'--target_class={target_class} is not a class id; use 0..{len(names) - 1} for {names}'
+    )
   size = config.input.image_size
   backbone = models.backbone_of(config)
   layer = layer or backbone.default_gradcam_layer
-  warning = explain.grid_warning(layer, explain.layer_grid(model, variables, size, layer), size,
-                                 _finer_layers(backbone, layer, size))
+  warning = explain.grid_warning(
+    layer,
+    explain.layer_grid(model, variables, size, layer),
+    size,
+    _finer_layers(backbone, layer, size),
+  )
   if warning:
     print(f'Warning: {warning}')
   mesh = sharding.make_mesh()
@@ -83,24 +94,42 @@ def run(config: ml_collections.ConfigDict, workdir: str, inputs: Sequence[str], 
   stems = _output_names(files)
   errors: dict[str, str] = {}
   readable: list[str] = []
-  for batch in common.padded_batches(common.examples(files, config, errors, readable),
-                                     common.global_batch(config)):
+  for batch in common.padded_batches(
+    common.examples(files, config, errors, readable), common.global_batch(config)
+  ):
     arrays = {'image': batch['image']}
     if target_class is not None:
       arrays['target'] = np.full(len(batch['image']), target_class, np.int32)
     arrays = sharding.shard_batch(arrays, mesh)
     result = jax.device_get(
-        explain.explain(model, variables, arrays['image'], arrays.get('target'), layer=layer,
-                        cells=backbone.cell_centres.get(layer)))
+      explain.explain(
+        model,
+        variables,
+        arrays['image'],
+        arrays.get('target'),
+        layer=layer,
+        cells=backbone.cell_centres.get(layer),
+      )
+    )
     for row in np.flatnonzero(batch['mask']):
       path = readable[batch['index'][row]]
       one = {k: v[row] for k, v in result.items()}
-      explain.write_panel(os.path.join(out_dir, f'{stems[path]}.png'), batch['image'][row], one,
-                          names, layer=layer, step=step, true_label=_true_label(path, names))
+      explain.write_panel(
+        os.path.join(out_dir, f'{stems[path]}.png'),
+        batch['image'][row],
+        one,
+        names,
+        layer=layer,
+        step=step,
+        true_label=_true_label(path, names),
+      )
       predicted = int(one['probs'].argmax())
-      print(f'{path}: predicted {names[predicted]} ({one["probs"][predicted]:.1%}), '
-            f'explained {names[int(one["target"])]}')
+      print(
+        f'{path}: predicted {names[predicted]} ({one["probs"][predicted]:.1%}), '
+        f'explained {names[int(one["target"])]}'
+      )
   common.report_errors(errors, len(files))
-  print(f'Explanations at {layer} (checkpoint step {step}) for {len(readable)} image(s) in '
-        f'{out_dir}')
+  print(
+    f'Explanations at {layer} (checkpoint step {step}) for {len(readable)} image(s) in {out_dir}'
+  )
   return out_dir

@@ -41,8 +41,9 @@ def class_names(num_classes: int) -> list[str]:
   )
 
 
-def top_k(config: ml_collections.ConfigDict, variables: Any, image_paths: Sequence[str],
-          k: int = 5) -> list[list[tuple[str, float]]]:
+def top_k(
+  config: ml_collections.ConfigDict, variables: Any, image_paths: Sequence[str], k: int = 5
+) -> list[list[tuple[str, float]]]:
   """Per image, its k most probable ImageNet classes as (name, probability), most probable first.
 
   Args:
@@ -57,16 +58,20 @@ def top_k(config: ml_collections.ConfigDict, variables: Any, image_paths: Sequen
   if not image_paths:
     return []
   model = models.build_inference_model(config, num_classes)
-  examples = ((preprocess.eval(images.load_image(p), config.input.image_size), i)
-              for i, p in enumerate(image_paths))
-  probs = inference.predict(model, variables, common.padded_batches(
-      examples, sharding.round_up(_BATCH)))['probs']
+  examples = (
+    (preprocess.eval(images.load_image(p), config.input.image_size), i)
+    for i, p in enumerate(image_paths)
+  )
+  probs = inference.predict(
+    model, variables, common.padded_batches(examples, sharding.round_up(_BATCH))
+  )['probs']
   best = np.argsort(-probs, axis=-1, kind='stable')[:, :k]
   return [[(names[c], float(p[c])) for c in row] for p, row in zip(probs, best, strict=True)]
 
 
-def print_top_k(config: ml_collections.ConfigDict, inputs: Sequence[str], workdir: str,
-                k: int = 5) -> None:
+def print_top_k(
+  config: ml_collections.ConfigDict, inputs: Sequence[str], workdir: str, k: int = 5
+) -> None:
   """main.py --mode imagenet: prints the top-k classes of each input under config.init_checkpoint
   (an orbax directory, or a raw weights file of the backbone, converted once into WORKDIR).
 
@@ -75,8 +80,10 @@ def print_top_k(config: ml_collections.ConfigDict, inputs: Sequence[str], workdi
   """
   files = images.expand_inputs(inputs)
   if not config.init_checkpoint:
-    raise ConfigError('config.init_checkpoint is empty: give the ImageNet weights to check (an '
-                      'orbax directory from converters/, or the raw file)')
+    raise ConfigError(
+      'config.init_checkpoint is empty: give the ImageNet weights to check (an '
+      'orbax directory from converters/, or the raw file)'
+    )
   variables = checkpoints.read_weights(config.init_checkpoint, models.backbone_of(config), workdir)
   for file, top in zip(files, top_k(config, variables, files, k), strict=True):
     print(file)

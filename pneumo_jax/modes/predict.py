@@ -16,8 +16,14 @@ from pneumo_jax.modes import common
 PREDICTIONS_DIR = 'predictions'
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, inputs: Sequence[str], *,
-        checkpoint: str = 'latest', tta: bool = False) -> str:
+def run(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  inputs: Sequence[str],
+  *,
+  checkpoint: str = 'latest',
+  tta: bool = False,
+) -> str:
   """Classifies image files; writes WORKDIR/predictions/step<step>[_tta].csv and returns its path.
 
   Args:
@@ -35,8 +41,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, inputs: Sequence[str], 
   model, variables, step, names = common.restore(config, workdir, checkpoint)
   errors: dict[str, str] = {}
   readable: list[str] = []
-  batches = common.padded_batches(common.examples(files, config, errors, readable, flips=tta),
-                                  common.global_batch(config))
+  batches = common.padded_batches(
+    common.examples(files, config, errors, readable, flips=tta), common.global_batch(config)
+  )
   first = next(batches, None)
   if first is None:  # Nothing readable: this raises, before anything is written.
     common.report_errors(errors, len(files))
@@ -44,14 +51,23 @@ def run(config: ml_collections.ConfigDict, workdir: str, inputs: Sequence[str], 
   probs = np.zeros((len(readable), len(names)))
   np.add.at(probs, out['index'], out['probs'])
   probs /= np.bincount(out['index'], minlength=len(readable))[:, None]
-  provenance = {'step': step, 'tta': tta, **common.view(config), 'num_inputs': len(files),
-                'inputs_sha256': hashlib.sha256(json.dumps(
-                    [os.path.abspath(f) for f in files]).encode()).hexdigest()}
+  provenance = {
+    'step': step,
+    'tta': tta,
+    **common.view(config),
+    'num_inputs': len(files),
+    'inputs_sha256': hashlib.sha256(
+      json.dumps([os.path.abspath(f) for f in files]).encode()
+    ).hexdigest(),
+  }
   stem = reports.claim_stem(
-      os.path.join(workdir, PREDICTIONS_DIR, f'step{step}{"_tta" if tta else ""}'), provenance)
+    os.path.join(workdir, PREDICTIONS_DIR, f'step{step}{"_tta" if tta else ""}'), provenance
+  )
   path = reports.write_predictions(f'{stem}.csv', files, probs, names, errors)
   reports.write_json(f'{stem}.json', {'provenance': provenance, 'csv': os.path.basename(path)})
-  print(f'Predicted {len(readable)} image(s) with checkpoint step {step}'
-        f'{" (flip TTA)" if tta else ""}: {path}')
+  print(
+    f'Predicted {len(readable)} image(s) with checkpoint step {step}'
+    f'{" (flip TTA)" if tta else ""}: {path}'
+  )
   common.report_errors(errors, len(files))
   return path

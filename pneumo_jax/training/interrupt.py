@@ -46,10 +46,14 @@ class StopOnSignal:
     del frame
     if self.signum is None:
       self.signum = signum
-      print(f'\n{signal.Signals(signum).name}: saving a checkpoint after this step '
-            '(press Ctrl-C again to abort without saving).', file=sys.stderr, flush=True)
+      print(
+        f'\n{signal.Signals(signum).name}: saving a checkpoint after this step '
+        '(press Ctrl-C again to abort without saving).',
+        file=sys.stderr,
+        flush=True,
+      )
       return
-    print(f'{signal.Signals(signum).name} again: aborted without saving.', file=sys.stderr,
-          flush=True)
+    print(
+      f'{signal.Signals(signum).name} again: aborted without saving.', file=sys.stderr, flush=True
+    )
     os._exit(128 + signum)
-

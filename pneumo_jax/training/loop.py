@@ -32,6 +32,7 @@ SUMMARY_FILE = 'summary.json'
 
 class Phase(NamedTuple):
   """Steps (start, end] of the run, trained with `cfg` (the config with the phase's overrides)."""
+
   name: str
   start: int
   end: int
@@ -49,8 +50,10 @@ def resolve_phases(config: ml_collections.ConfigDict) -> list[Phase]:
     cfg = ml_collections.ConfigDict(config.to_dict())
     for key, value in overrides.items():
       if key not in ('num_steps', 'trainable_scopes', 'batch_norm', 'schedule', 'optimizer'):
-        raise ConfigError(f'config.phases.{name}.{key} is not a per-phase field; use num_steps, '
-                         'trainable_scopes, batch_norm, schedule or optimizer')
+        raise ConfigError(
+          f'config.phases.{name}.{key} is not a per-phase field; use num_steps, '
+          'trainable_scopes, batch_norm, schedule or optimizer'
+        )
       if isinstance(value, ml_collections.ConfigDict):
         cfg[key].update(value)
       else:
@@ -81,8 +84,12 @@ def frozen_paths(variables: dict[str, Any], phases: list[Phase]) -> dict[str, se
   """{'params', 'batch_stats'} → paths of the leaves no phase changes: params outside every
   phase's trainable scopes, moving statistics of the batch norms no phase trains. Checkpoints
   leave them out; they are kept once, in WORKDIR/base."""
-  trained = {k for p in phases for k, t in scopes.flatten(
-      scopes.mask(variables['params'], p.cfg.trainable_scopes)).items() if t}
+  trained = {
+    k
+    for p in phases
+    for k, t in scopes.flatten(scopes.mask(variables['params'], p.cfg.trainable_scopes)).items()
+    if t
+  }
   rules = [batch_norm_train(p.cfg) for p in phases]
   params = scopes.flatten(variables['params'])
 
@@ -93,8 +100,10 @@ def frozen_paths(variables: dict[str, Any], phases: list[Phase]) -> dict[str, se
     own = [k for k in params if k.startswith(layer)]
     return not own or any(r is None or any(scopes.matches(r, k) for k in own) for r in rules)
 
-  return {'params': set(params) - trained,
-          'batch_stats': {k for k in scopes.flatten(variables['batch_stats']) if not learns(k)}}
+  return {
+    'params': set(params) - trained,
+    'batch_stats': {k for k in scopes.flatten(variables['batch_stats']) if not learns(k)},
+  }
 
 
 def class_weights(cfg: ml_collections.ConfigDict, counts: np.ndarray) -> np.ndarray | None:
@@ -121,11 +130,17 @@ class _Run:
     self.names = folder_builder.label_names(self.builder)
     if self.lead:
       checkpoints.save_label_names(workdir, self.names)
-    counts = {s: np.bincount(folder_builder.split_labels(self.builder, s),
-                             minlength=len(self.names)) for s in self.builder.info.splits}
+    counts = {
+      s: np.bincount(folder_builder.split_labels(self.builder, s), minlength=len(self.names))
+      for s in self.builder.info.splits
+    }
     for split, c in counts.items():
-      logging.info('%s: %d images, per class %s', split, c.sum(),
-                   ', '.join(f'{n}={k}' for n, k in zip(self.names, c, strict=True)))
+      logging.info(
+        '%s: %d images, per class %s',
+        split,
+        c.sum(),
+        ', '.join(f'{n}={k}' for n, k in zip(self.names, c, strict=True)),
+      )
     self.class_weights = class_weights(config, counts['train'])
     self.mesh = sharding.make_mesh()
     self.backbone = backbone_of(config)
@@ -148,11 +163,17 @@ class _Run:
       self.evals_since_best = sum(r['step'] > self.best_step for r in evals)
 
   def evaluate(self, state: TrainState, monitor: Monitor) -> dict[str, Any]:
-    variables = {'params': state.ema_params if state.ema_params is not None else state.params,
-                 'batch_stats': state.batch_stats}
-    batches = pipeline.eval_batches(self.builder, 'validation', self.config.input,
-                                    process_index=jax.process_index(),
-                                    process_count=jax.process_count())
+    variables = {
+      'params': state.ema_params if state.ema_params is not None else state.params,
+      'batch_stats': state.batch_stats,
+    }
+    batches = pipeline.eval_batches(
+      self.builder,
+      'validation',
+      self.config.input,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
     out = inference.predict(self.eval_model, variables, batches, self.mesh)
     result = metrics.compute(out['label'], out['probs'], self.names)
     self.last_eval = {k: result[k] for k in metrics.HIGHER_IS_BETTER}
@@ -187,8 +208,12 @@ def _finished(workdir: str, total: int) -> dict[str, Any] | None:
   return summary if summary.get('status') == 'done' and summary['num_steps'] == total else None
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, phases: list[Phase],
-           cleanup: contextlib.ExitStack) -> dict[str, Any]:
+def _train(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  phases: list[Phase],
+  cleanup: contextlib.ExitStack,
+) -> dict[str, Any]:
   t_start = time.time()
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
@@ -200,43 +225,65 @@ def _train(config: ml_collections.ConfigDict, workdir: str, phases: list[Phase],
   init_rng, dropout_rng = jax.random.split(rng)
   size = config.input.image_size
   repl = sharding.replicated(run.mesh)
-  variables = jax.jit(lambda r: run.eval_model.init(r, jnp.zeros((1, size, size, 3)), train=False),
-                      out_shardings=repl)(init_rng)
+  variables = jax.jit(
+    lambda r: run.eval_model.init(r, jnp.zeros((1, size, size, 3)), train=False), out_shardings=repl
+  )(init_rng)
   variables = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
 
-  train_iter = cleanup.enter_context(contextlib.closing(  # Stops grain's worker processes.
-      pipeline.train_iterator(run.builder, config.input, seed=config.seed,
-                              process_index=jax.process_index(),
-                              process_count=jax.process_count())))
+  train_iter = cleanup.enter_context(
+    contextlib.closing(  # Stops grain's worker processes.
+      pipeline.train_iterator(
+        run.builder,
+        config.input,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+      )
+    )
+  )
   mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints, cleanup=True)
   best_mngr = checkpoints.manager(workdir, checkpoints.BEST_DIR, keep=1, cleanup=True)
   step = mngr.latest_step() or 0
   if not step and not config.init_checkpoint:
-    logging.warning('*' * 70 + '\nNO PRETRAINED WEIGHTS: config.init_checkpoint is empty, so '
-                    'InceptionV3 starts from RANDOM initialisation.\nFine-tuning needs ImageNet '
-                    'weights: see converters/ and the README.\n' + '*' * 70)
+    logging.warning(
+      '*' * 70 + '\nNO PRETRAINED WEIGHTS: config.init_checkpoint is empty, so '
+      'InceptionV3 starts from RANDOM initialisation.\nFine-tuning needs ImageNet '
+      'weights: see converters/ and the README.\n' + '*' * 70
+    )
 
   def optimizer(phase: Phase):
     trainable = scopes.mask(variables['params'], phase.cfg.trainable_scopes)
     if not any(scopes.flatten(trainable).values()):
-      raise ConfigError(f'trainable_scopes={phase.cfg.trainable_scopes!r} (phase {phase.name!r}) '
-                       'matches no parameter; patterns match parameter paths such as '
-                       "'Logits/Conv2d_1c_1x1/weights' from their start")
+      raise ConfigError(
+        f'trainable_scopes={phase.cfg.trainable_scopes!r} (phase {phase.name!r}) '
+        'matches no parameter; patterns match parameter paths such as '
+        "'Logits/Conv2d_1c_1x1/weights' from their start"
+      )
     schedule = optim.make_schedule(phase.cfg.schedule, phase.end - phase.start)
-    return trainable, schedule, optim.make_optimizer(phase.cfg.optimizer, schedule, trainable,
-                                                     run.backbone.weight_decay)
+    return (
+      trainable,
+      schedule,
+      optim.make_optimizer(phase.cfg.optimizer, schedule, trainable, run.backbone.weight_decay),
+    )
 
   frozen = frozen_paths(variables, phases)
-  ema_mask = scopes.unflatten({k: k not in frozen['params']
-                               for k in scopes.flatten(variables['params'])})
+  ema_mask = scopes.unflatten(
+    {k: k not in frozen['params'] for k in scopes.flatten(variables['params'])}
+  )
 
   def fresh_ema(params):  # A copy: params and EMA are donated to the step separately.
     return jax.tree.map(jnp.copy, params) if config.ema_decay else None
 
   state = jax.device_put(  # On the mesh from the start, or the step compiles twice.
-      TrainState(step=jnp.zeros([], jnp.int32), params=variables['params'],
-                 batch_stats=variables['batch_stats'], opt_state=None,
-                 ema_params=fresh_ema(variables['params'])), repl)
+    TrainState(
+      step=jnp.zeros([], jnp.int32),
+      params=variables['params'],
+      batch_stats=variables['batch_stats'],
+      opt_state=None,
+      ema_params=fresh_ema(variables['params']),
+    ),
+    repl,
+  )
   if step:
     phase = next(p for p in phases if p.start < step <= p.end)
     target = _state_dict(state.replace(opt_state=optimizer(phase)[2].init(state.params)))
@@ -244,11 +291,20 @@ def _train(config: ml_collections.ConfigDict, workdir: str, phases: list[Phase],
     state, base = TrainState(**restored), base and base.within(frozen)
     logging.info('Resumed from %s at step %d (phase %r).', mngr.directory, step, phase.name)
   elif config.init_checkpoint:
-    loaded = checkpoints.load_init(config.init_checkpoint, variables, config.exclude_scopes,
-                                   config.ignore_missing_vars, workdir, run.backbone)
+    loaded = checkpoints.load_init(
+      config.init_checkpoint,
+      variables,
+      config.exclude_scopes,
+      config.ignore_missing_vars,
+      workdir,
+      run.backbone,
+    )
     loaded = jax.device_put(loaded, repl)
-    state = state.replace(params=loaded['params'], batch_stats=loaded['batch_stats'],
-                          ema_params=fresh_ema(loaded['params']))
+    state = state.replace(
+      params=loaded['params'],
+      batch_stats=loaded['batch_stats'],
+      ema_params=fresh_ema(loaded['params']),
+    )
   if not step:
     base = checkpoints.write_base(workdir, _state_dict(state), frozen)
   monitor = Monitor(workdir, total, step, active=run.lead)
@@ -262,35 +318,59 @@ def _train(config: ml_collections.ConfigDict, workdir: str, phases: list[Phase],
       trainable, schedule, tx = optimizer(phase)
       if step == phase.start:
         state = state.replace(opt_state=jax.jit(tx.init, out_shardings=repl)(state.params))
-      logging.info('Phase %r: steps %d–%d, trainable %r, batch norm %r.', phase.name,
-                   phase.start, phase.end, phase.cfg.trainable_scopes, phase.cfg.batch_norm)
+      logging.info(
+        'Phase %r: steps %d–%d, trainable %r, batch norm %r.',
+        phase.name,
+        phase.start,
+        phase.end,
+        phase.cfg.trainable_scopes,
+        phase.cfg.batch_norm,
+      )
       model = build_model(config, len(run.names), batch_norm_train=batch_norm_train(phase.cfg))
       train_step = jax.jit(
-          make_train_step(model, tx, trainable, aux_loss_weight=config.aux_loss_weight,
-                          label_smoothing=config.label_smoothing,
-                          class_weights=run.class_weights, ema_decay=config.ema_decay,
-                          ema_mask=ema_mask, aux_logits=run.backbone.aux_logits),
-          in_shardings=(repl, sharding.batch_sharding(run.mesh), repl),
-          out_shardings=(repl, repl), donate_argnums=0)
+        make_train_step(
+          model,
+          tx,
+          trainable,
+          aux_loss_weight=config.aux_loss_weight,
+          label_smoothing=config.label_smoothing,
+          class_weights=run.class_weights,
+          ema_decay=config.ema_decay,
+          ema_mask=ema_mask,
+          aux_logits=run.backbone.aux_logits,
+        ),
+        in_shardings=(repl, sharding.batch_sharding(run.mesh), repl),
+        out_shardings=(repl, repl),
+        donate_argnums=0,
+      )
       t_ckpt = time.time()
       while step < phase.end:
         batch = next(train_iter)
         if step == 0:
           monitor.image_grid(batch['image'], batch['label'], run.names)
-        state, m = train_step(state, sharding.shard_batch(batch, run.mesh),
-                              jax.random.fold_in(dropout_rng, step))
+        state, m = train_step(
+          state, sharding.shard_batch(batch, run.mesh), jax.random.fold_in(dropout_rng, step)
+        )
         step += 1
         log.add(m)
         last = step == phase.end
         now = time.time()
-        if (last or _due(step, config.log_every_steps)
-            or (config.log_every_secs and now - log.since >= config.log_every_secs)):
+        if (
+          last
+          or _due(step, config.log_every_steps)
+          or (config.log_every_secs and now - log.since >= config.log_every_secs)
+        ):
           log.flush(step, float(schedule(step - phase.start)))
         if last or _due(step, config.eval_every_steps):
           log.flush(step, float(schedule(step - phase.start)))
           stopped_early = _evaluate_and_keep_best(run, state, monitor, best_mngr, base)
-        if (last or stopped_early or stop.signum or _due(step, config.checkpoint_every_steps)
-            or (config.checkpoint_every_secs and now - t_ckpt >= config.checkpoint_every_secs)):
+        if (
+          last
+          or stopped_early
+          or stop.signum
+          or _due(step, config.checkpoint_every_steps)
+          or (config.checkpoint_every_secs and now - t_ckpt >= config.checkpoint_every_secs)
+        ):
           log.flush(step, float(schedule(step - phase.start)))
           checkpoints.save(mngr, step, _state_dict(state), train_iter, base)
           t_ckpt = now
@@ -300,16 +380,27 @@ def _train(config: ml_collections.ConfigDict, workdir: str, phases: list[Phase],
           monitor.close()
           raise interrupt.Stopped(step, stop.signum)
         if stopped_early:
-          logging.info('Early stopping at step %d: no %s improvement in %d evaluations.', step,
-                       config.best_metric, config.early_stopping_patience)
+          logging.info(
+            'Early stopping at step %d: no %s improvement in %d evaluations.',
+            step,
+            config.best_metric,
+            config.early_stopping_patience,
+          )
           break
   mngr.wait_until_finished()
   best_mngr.wait_until_finished()
   monitor.close()
-  summary = {'status': 'done', 'step': step, 'num_steps': total,
-             'wall_time_s': time.time() - t_start, 'metric': config.best_metric,
-             'final': run.last_eval, 'best': run.best_eval, 'best_step': run.best_step,
-             'stopped_early': stopped_early}
+  summary = {
+    'status': 'done',
+    'step': step,
+    'num_steps': total,
+    'wall_time_s': time.time() - t_start,
+    'metric': config.best_metric,
+    'final': run.last_eval,
+    'best': run.best_eval,
+    'best_step': run.best_step,
+    'stopped_early': stopped_early,
+  }
   if run.lead:
     with open(os.path.join(workdir, SUMMARY_FILE), 'w') as f:
       json.dump(summary, f, indent=2)
@@ -336,9 +427,10 @@ class _TrainLog:
       if not math.isfinite(float(m['total_loss'])):
         self.mngr.wait_until_finished()
         raise FloatingPointError(
-            f'loss is {float(m["total_loss"])} at step {step - len(got) + i + 1}: training '
-            f'stopped. The last good checkpoint is step {self.mngr.latest_step()} in '
-            f'{self.mngr.directory}; lower the learning rate or set optimizer.grad_clip_norm.')
+          f'loss is {float(m["total_loss"])} at step {step - len(got) + i + 1}: training '
+          f'stopped. The last good checkpoint is step {self.mngr.latest_step()} in '
+          f'{self.mngr.directory}; lower the learning rate or set optimizer.grad_clip_norm.'
+        )
     now = time.time()
     scalars = {k: float(np.mean([m[k] for m in got])) for k in got[0]}
     scalars['learning_rate'] = learning_rate
@@ -352,8 +444,9 @@ def _due(step: int, every: int) -> bool:
   return bool(every) and step % every == 0
 
 
-def _evaluate_and_keep_best(run: _Run, state: TrainState, monitor: Monitor, best_mngr: Any,
-                            base: checkpoints.Base | None) -> bool:
+def _evaluate_and_keep_best(
+  run: _Run, state: TrainState, monitor: Monitor, best_mngr: Any, base: checkpoints.Base | None
+) -> bool:
   """Evaluates on validation, saves a new best; True when early stopping should end the run."""
   config = run.config
   run.evaluate(state, monitor)

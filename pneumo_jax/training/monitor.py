@@ -29,8 +29,11 @@ class Monitor:
     self.workdir, self.total, self.active = workdir, total_steps, active
     self._start_time, self._start_step = time.time(), first_step
     self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard')) if active else None
-    self._bar = (tqdm.tqdm(total=total_steps, initial=first_step, unit='step', dynamic_ncols=True)
-                 if active and sys.stderr.isatty() else None)
+    self._bar = (
+      tqdm.tqdm(total=total_steps, initial=first_step, unit='step', dynamic_ncols=True)
+      if active and sys.stderr.isatty()
+      else None
+    )
     if active:
       kept = [r for r in read_records(workdir) if r['step'] <= first_step]
       with open(os.path.join(workdir, METRICS_FILE), 'w') as f:
@@ -48,8 +51,14 @@ class Monitor:
     self._tb.flush()
     shown = ' '.join(f'{k} {v:.4g}' for k, v in scalars.items() if isinstance(v, float | int))
     if self._bar is None:
-      logging.info('[%s] step %d/%d %s%s', split, step, self.total, shown,
-                   self._eta(step) if split == 'train' else '')
+      logging.info(
+        '[%s] step %d/%d %s%s',
+        split,
+        step,
+        self.total,
+        shown,
+        self._eta(step) if split == 'train' else '',
+      )
     elif split == 'train':
       self._bar.update(step - self._bar.n)
       self._bar.set_postfix_str(shown)
@@ -101,8 +110,14 @@ def read_records(workdir: str) -> list[dict]:
 def plot_curves(workdir: str) -> str:
   """curves.png: every scalar of metrics.jsonl against step, train and validation together."""
   records = read_records(workdir)
-  keys = sorted({k for r in records for k, v in r.items()
-                 if k not in ('step', 'split') and isinstance(v, float | int)})
+  keys = sorted(
+    {
+      k
+      for r in records
+      for k, v in r.items()
+      if k not in ('step', 'split') and isinstance(v, float | int)
+    }
+  )
   rows = -(-len(keys) // 3)
   fig = Figure(figsize=(12, 3 * rows))
   axes = fig.subplots(rows, 3, squeeze=False)
@@ -111,8 +126,11 @@ def plot_curves(workdir: str) -> str:
   for key, ax in zip(keys, axes.flat, strict=False):
     ax.axis('on')
     for split in sorted({r['split'] for r in records}):
-      pts = [(r['step'], r[key]) for r in records if r['split'] == split and key in r
-             and r[key] is not None]
+      pts = [
+        (r['step'], r[key])
+        for r in records
+        if r['split'] == split and key in r and r[key] is not None
+      ]
       if pts:
         ax.plot(*zip(*pts, strict=True), label=split, marker='.' if split != 'train' else None)
     ax.set_title(key)

@@ -31,9 +31,12 @@ def make_schedule(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Sched
     return optax.polynomial_schedule(lr, cfg.end_learning_rate, cfg.power, num_steps)
   if cfg.name == 'warmup_cosine':
     return optax.warmup_cosine_decay_schedule(
-        0.0, lr, cfg.warmup_steps, max(num_steps, cfg.warmup_steps + 1), cfg.end_learning_rate)
-  raise ConfigError(f'config.schedule.name={cfg.name!r} is unknown; use one of '
-                   'fixed, exponential, polynomial, warmup_cosine')
+      0.0, lr, cfg.warmup_steps, max(num_steps, cfg.warmup_steps + 1), cfg.end_learning_rate
+    )
+  raise ConfigError(
+    f'config.schedule.name={cfg.name!r} is unknown; use one of '
+    'fixed, exponential, polynomial, warmup_cosine'
+  )
 
 
 class FtrlState(NamedTuple):
@@ -41,9 +44,14 @@ class FtrlState(NamedTuple):
   linear: Any
 
 
-def ftrl(learning_rate: optax.ScalarOrSchedule, *, learning_rate_power: float = -0.5,
-         initial_accumulator_value: float = 0.1, l1: float = 0.0,
-         l2: float = 0.0) -> optax.GradientTransformation:
+def ftrl(
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  learning_rate_power: float = -0.5,
+  initial_accumulator_value: float = 0.1,
+  l1: float = 0.0,
+  l2: float = 0.0,
+) -> optax.GradientTransformation:
   """FTRL-Proximal as `tf.train.FtrlOptimizer` computes it (optax has none).
 
   Returns updates (new - old parameter), so it composes with `optax.apply_updates`.
@@ -52,8 +60,10 @@ def ftrl(learning_rate: optax.ScalarOrSchedule, *, learning_rate_power: float = 
 
   def init(params):
     acc = jax.tree.map(lambda p: jnp.full_like(p, initial_accumulator_value), params)
-    return (FtrlState(acc, jax.tree.map(jnp.zeros_like, params)), optax.ScaleByScheduleState(
-        jnp.zeros([], jnp.int32)))
+    return (
+      FtrlState(acc, jax.tree.map(jnp.zeros_like, params)),
+      optax.ScaleByScheduleState(jnp.zeros([], jnp.int32)),
+    )
 
   def update(grads, state, params):
     (s, count), lr = state, sched(state[1].count)
@@ -68,20 +78,24 @@ def ftrl(learning_rate: optax.ScalarOrSchedule, *, learning_rate_power: float = 
 
     out = jax.tree.map(one, grads, s.accumulator, s.linear, params)
     pick = lambda i: jax.tree.map(lambda t: t[i], out, is_leaf=lambda x: isinstance(x, tuple))
-    return pick(0), (FtrlState(pick(1), pick(2)),
-                     optax.ScaleByScheduleState(optax.safe_increment(count.count)))
+    return pick(0), (
+      FtrlState(pick(1), pick(2)),
+      optax.ScaleByScheduleState(optax.safe_increment(count.count)),
+    )
 
   return optax.GradientTransformation(init, update)
 
 
-def _base(cfg: ml_collections.ConfigDict, lr: optax.Schedule,
-          decayed: Callable[[Any], Any]) -> optax.GradientTransformation:
+def _base(
+  cfg: ml_collections.ConfigDict, lr: optax.Schedule, decayed: Callable[[Any], Any]
+) -> optax.GradientTransformation:
   name = cfg.name
   if name == 'rmsprop':  # tf.train.RMSPropOptimizer: ms starts at 1, lr inside momentum.
     return optax.chain(
-        optax.scale_by_rms(decay=cfg.rmsprop_decay, eps=cfg.epsilon, initial_scale=1.0),
-        optax.scale_by_learning_rate(lr),
-        optax.trace(decay=cfg.rmsprop_momentum))
+      optax.scale_by_rms(decay=cfg.rmsprop_decay, eps=cfg.epsilon, initial_scale=1.0),
+      optax.scale_by_learning_rate(lr),
+      optax.trace(decay=cfg.rmsprop_momentum),
+    )
   if name == 'momentum':
     return optax.sgd(lr, momentum=cfg.momentum)
   if name == 'sgd':
@@ -89,19 +103,32 @@ def _base(cfg: ml_collections.ConfigDict, lr: optax.Schedule,
   if name == 'adam':
     return optax.adam(lr, b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.epsilon)
   if name == 'adamw':
-    return optax.adamw(lr, b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.epsilon,
-                       weight_decay=cfg.adamw_weight_decay, mask=decayed)
+    return optax.adamw(
+      lr,
+      b1=cfg.adam_beta1,
+      b2=cfg.adam_beta2,
+      eps=cfg.epsilon,
+      weight_decay=cfg.adamw_weight_decay,
+      mask=decayed,
+    )
   if name == 'adagrad':
-    return optax.adagrad(lr, initial_accumulator_value=cfg.adagrad_initial_accumulator_value,
-                         eps=0.0)
+    return optax.adagrad(
+      lr, initial_accumulator_value=cfg.adagrad_initial_accumulator_value, eps=0.0
+    )
   if name == 'adadelta':
     return optax.adadelta(lr, rho=cfg.adadelta_rho, eps=cfg.epsilon)
   if name == 'ftrl':
-    return ftrl(lr, learning_rate_power=cfg.ftrl_learning_rate_power,
-                initial_accumulator_value=cfg.ftrl_initial_accumulator_value,
-                l1=cfg.ftrl_l1, l2=cfg.ftrl_l2)
-  raise ConfigError(f'config.optimizer.name={name!r} is unknown; use one of rmsprop, momentum, '
-                   'sgd, adam, adamw, adagrad, adadelta, ftrl')
+    return ftrl(
+      lr,
+      learning_rate_power=cfg.ftrl_learning_rate_power,
+      initial_accumulator_value=cfg.ftrl_initial_accumulator_value,
+      l1=cfg.ftrl_l1,
+      l2=cfg.ftrl_l2,
+    )
+  raise ConfigError(
+    f'config.optimizer.name={name!r} is unknown; use one of rmsprop, momentum, '
+    'sgd, adam, adamw, adagrad, adadelta, ftrl'
+  )
 
 
 def _matching(patterns: str) -> Callable[[Any], Any]:
@@ -111,13 +138,15 @@ def _matching(patterns: str) -> Callable[[Any], Any]:
 
   def mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: scopes.matches(patterns, '/'.join(k.key for k in path)), params)
+      lambda path, _: scopes.matches(patterns, '/'.join(k.key for k in path)), params
+    )
 
   return mask
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule,
-                   trainable: Any, weight_decay: str) -> optax.GradientTransformation:
+def make_optimizer(
+  cfg: ml_collections.ConfigDict, schedule: optax.Schedule, trainable: Any, weight_decay: str
+) -> optax.GradientTransformation:
   """The full transform: decay + clip + base optimizer on trainable leaves, zero elsewhere.
 
   Args:
@@ -136,4 +165,5 @@ def make_optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule,
   chain.append(_base(cfg, schedule, decayed))
   labels = jax.tree.map(lambda t: 'train' if t else 'freeze', trainable)
   return optax.multi_transform(
-      {'train': optax.chain(*chain), 'freeze': optax.set_to_zero()}, labels)
+    {'train': optax.chain(*chain), 'freeze': optax.set_to_zero()}, labels
+  )

@@ -29,18 +29,27 @@ class TrainState:
   ema_params: Any = None  # None unless config.ema_decay > 0.
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
-                  label_smoothing: float, weights: jax.Array) -> jax.Array:
+def cross_entropy(
+  logits: jax.Array, labels: jax.Array, num_classes: int, label_smoothing: float, weights: jax.Array
+) -> jax.Array:
   """Per-example-weighted mean cross-entropy, with slim's label smoothing."""
   targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
   losses = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
   return jnp.mean(losses * weights)
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, trainable: Any, *,
-                    aux_loss_weight: float, label_smoothing: float,
-                    class_weights: np.ndarray | None, ema_decay: float,
-                    ema_mask: Any = None, aux_logits: str | None = None) -> Callable:
+def make_train_step(
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  trainable: Any,
+  *,
+  aux_loss_weight: float,
+  label_smoothing: float,
+  class_weights: np.ndarray | None,
+  ema_decay: float,
+  ema_mask: Any = None,
+  aux_logits: str | None = None,
+) -> Callable:
   """Builds step(state, batch, rng) → (state, metrics).
 
   Args:
@@ -62,39 +71,57 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, trainabl
     flat = scopes.flatten(state.params)
     train_part = {k: v for k, v in flat.items() if is_trainable[k]}
     labels = batch['label']
-    weights = (jnp.ones(labels.shape, jnp.float32) if class_weights is None
-               else jnp.asarray(class_weights, jnp.float32)[labels])
+    weights = (
+      jnp.ones(labels.shape, jnp.float32)
+      if class_weights is None
+      else jnp.asarray(class_weights, jnp.float32)[labels]
+    )
 
     def loss_fn(train_part):
       params = scopes.unflatten({**flat, **train_part})
       (logits, end_points), new_vars = model.apply(
-          {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
-          rngs={'dropout': rng}, mutable=['batch_stats'])
+        {'params': params, 'batch_stats': state.batch_stats},
+        batch['image'],
+        train=True,
+        rngs={'dropout': rng},
+        mutable=['batch_stats'],
+      )
       loss = cross_entropy(logits, labels, num_classes, label_smoothing, weights)
       aux_loss = jnp.zeros([], jnp.float32)
       if aux_logits in end_points:
-        aux_loss = cross_entropy(end_points[aux_logits], labels, num_classes, label_smoothing,
-                                 weights)
+        aux_loss = cross_entropy(
+          end_points[aux_logits], labels, num_classes, label_smoothing, weights
+        )
       accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
       total = loss + aux_loss_weight * aux_loss
-      return total, (new_vars['batch_stats'],
-                     {'loss': loss, 'aux_loss': aux_loss, 'total_loss': total,
-                      'accuracy': accuracy})
+      return total, (
+        new_vars['batch_stats'],
+        {'loss': loss, 'aux_loss': aux_loss, 'total_loss': total, 'accuracy': accuracy},
+      )
 
     grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(train_part)
     full_grads = scopes.unflatten(
-        {k: grads[k] if k in grads else jnp.zeros_like(v) for k, v in flat.items()})
+      {k: grads[k] if k in grads else jnp.zeros_like(v) for k, v in flat.items()}
+    )
     updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
     stepped = scopes.flatten(optax.apply_updates(state.params, updates))
     new = {k: stepped[k] if is_trainable[k] else v for k, v in flat.items()}
     params = scopes.unflatten(new)
     ema = state.ema_params
     if ema is not None:
-      ema = scopes.unflatten({
+      ema = scopes.unflatten(
+        {
           k: optax.incremental_update(new[k], v, 1.0 - ema_decay) if ema_follows[k] else v
-          for k, v in scopes.flatten(ema).items()})
+          for k, v in scopes.flatten(ema).items()
+        }
+      )
     metrics['grad_norm'] = optax.tree.norm(grads)
-    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                         opt_state=opt_state, ema_params=ema), metrics
+    return state.replace(
+      step=state.step + 1,
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=opt_state,
+      ema_params=ema,
+    ), metrics
 
   return step

@@ -57,8 +57,10 @@ def _check_file(path: str) -> None:
   if keras3 != path.endswith('.weights.h5'):
     want = 'end in .weights.h5' if keras3 else 'not end in .weights.h5'
     layout = "Keras 3's" if keras3 else 'the legacy Keras'
-    raise WeightsError(f'{path} has {layout} layout, so its name must {want} (Keras reads a file '
-                     'by its name): rename it')
+    raise WeightsError(
+      f'{path} has {layout} layout, so its name must {want} (Keras reads a file '
+      'by its name): rename it'
+    )
 
 
 def _load_keras(path: str) -> Any:

@@ -50,8 +50,9 @@ def _as_axes(axis: Axis, combine) -> list[Overrides]:
         raise ConfigError(f'sweep axis {k!r} needs a list of values, got {values!r}')
     return combine(*([{k: v} for v in values] for k, values in axis.items()))
   if isinstance(axis, str) or not all(isinstance(d, Mapping) for d in axis):
-    raise ConfigError('a sweep axis is a list of override dicts or a {path: values} dict, '
-                     f'got {axis!r}')
+    raise ConfigError(
+      f'a sweep axis is a list of override dicts or a {{path: values}} dict, got {axis!r}'
+    )
   return [dict(d) for d in axis]
 
 
@@ -114,8 +115,9 @@ def readable(overrides: Mapping[str, Any], short: Mapping[str, str]) -> tuple[st
   return ','.join(parts), any(_UNSAFE.search(str(v)) for v in overrides.values())
 
 
-def trial_names(trials: Sequence[Mapping[str, Any]],
-                common: Mapping[str, Any] | None = None) -> list[str]:
+def trial_names(
+  trials: Sequence[Mapping[str, Any]], common: Mapping[str, Any] | None = None
+) -> list[str]:
   """Readable, file-system-safe, unique names, e.g. 'learning_rate=0.01,fold=0'.
 
   A name lists its trial's overrides by the shortest unambiguous key, so the same sweep always
@@ -136,8 +138,10 @@ def trial_names(trials: Sequence[Mapping[str, Any]],
     elif common:
       name = f'{name},{_digest(common)}'
     if name in seen:
-      raise ConfigError(f'sweep trials {seen[name]} and {dict(t)} both get the name {name!r}; '
-                       'make their overrides differ')
+      raise ConfigError(
+        f'sweep trials {seen[name]} and {dict(t)} both get the name {name!r}; '
+        'make their overrides differ'
+      )
     seen[name] = dict(t)
     names.append(name)
   return names
@@ -161,8 +165,9 @@ def is_sweep(config_file: str) -> bool:
   return hasattr(_load_module(config_file), 'get_sweep')
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any],
-                    where: str) -> None:
+def apply_overrides(
+  config: ml_collections.ConfigDict, overrides: Mapping[str, Any], where: str
+) -> None:
   """Sets dotted-path `overrides` in `config`; an error names `where` they came from."""
   try:
     config.update_from_flattened_dict(dict(overrides))
@@ -170,8 +175,10 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
     raise ConfigError(f'overrides {dict(overrides)} from {where} do not fit the config: {e}') from e
 
 
-def expand(config_file: str, overrides: Mapping[str, Any] | None = None,
-           ) -> tuple[ml_collections.ConfigDict, list[Overrides]]:
+def expand(
+  config_file: str,
+  overrides: Mapping[str, Any] | None = None,
+) -> tuple[ml_collections.ConfigDict, list[Overrides]]:
   """The sweep's base config (with the command line's overrides) and its checked trials.
 
   Every trial's overrides are applied to a copy of the locked config here, so a misspelt path or
@@ -185,8 +192,9 @@ def expand(config_file: str, overrides: Mapping[str, Any] | None = None,
   config.lock()
   apply_overrides(config, overrides, 'the command line')
   if config.best_metric not in metrics.HIGHER_IS_BETTER:
-    raise ConfigError(f'best_metric={config.best_metric!r} is not one of '
-                     f'{sorted(metrics.HIGHER_IS_BETTER)}')
+    raise ConfigError(
+      f'best_metric={config.best_metric!r} is not one of {sorted(metrics.HIGHER_IS_BETTER)}'
+    )
   trials = module.get_sweep()
   if not trials or not all(isinstance(t, Mapping) for t in trials):
     raise ConfigError(f'{config_file}: get_sweep() must return a non-empty list of override dicts')

@@ -60,17 +60,25 @@ def rank(results: Sequence[Mapping[str, Any]], metric: str) -> list[dict[str, An
     keys = list(dict.fromkeys(k for c in columns for k in c))
     mean = {k: statistics.fmean([c[k] for c in columns if k in c]) for k in keys}
     std = {k: _std([c[k] for c in columns if k in c]) for k in keys}
-    entries.append({
-        'name': name, 'overrides': overrides, 'trials': list(members),
+    entries.append(
+      {
+        'name': name,
+        'overrides': overrides,
+        'trials': list(members),
         'score': statistics.fmean(scores) if scores else None,
-        'complete': len(scores) == len(members), 'mean': mean, 'std': std,
+        'complete': len(scores) == len(members),
+        'mean': mean,
+        'std': std,
         'wall_time_s': sum(r['wall_time_s'] for r in members if r['wall_time_s']) or None,
-    })
+      }
+    )
   sign = -1.0 if metrics.HIGHER_IS_BETTER[metric] else 1.0
+
   def order(e):
     if e['score'] is None:
       return (2, 0.0)
     return (0 if e['complete'] else 1, sign * e['score'])
+
   entries.sort(key=order)
   for i, e in enumerate(entries):
     e['rank'] = i + 1 if e['score'] is not None else None
@@ -98,8 +106,13 @@ def _duration(seconds: float | None) -> str:
   return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s' if m else f'{s}s'
 
 
-def write_results(workdir: str, results: Sequence[Mapping[str, Any]], metric: str,
-                  title: str, common: Mapping[str, Any]) -> None:
+def write_results(
+  workdir: str,
+  results: Sequence[Mapping[str, Any]],
+  metric: str,
+  title: str,
+  common: Mapping[str, Any],
+) -> None:
   """Writes workdir/results.csv (every trial, plus mean/std rows per fold group) and results.md."""
   entries = rank(results, metric)
   keys = list(dict.fromkeys(k for r in results for k in r['overrides']))
@@ -115,8 +128,20 @@ def write_results(workdir: str, results: Sequence[Mapping[str, Any]], metric: st
 
 
 def _write_csv(path: str, entries, keys: list[str], columns: list[str]) -> None:
-  header = ['rank', 'best', 'row', 'name', 'status', *keys, 'step', 'num_steps', 'best_step',
-            'wall_time_s', *columns, 'error']
+  header = [
+    'rank',
+    'best',
+    'row',
+    'name',
+    'status',
+    *keys,
+    'step',
+    'num_steps',
+    'best_step',
+    'wall_time_s',
+    *columns,
+    'error',
+  ]
   with open(path, 'w', newline='') as f:
     writer = csv.DictWriter(f, header)
     writer.writeheader()
@@ -124,19 +149,31 @@ def _write_csv(path: str, entries, keys: list[str], columns: list[str]) -> None:
       shared = {'rank': e['rank'] or '', 'best': '*' if e['best'] else ''}
       grouped = len(e['trials']) > 1
       for r in e['trials']:
-        writer.writerow({
-            **shared, 'row': 'fold' if grouped else 'trial', 'name': r['name'],
-            'status': r['status'], **{k: r['overrides'].get(k, '') for k in keys},
+        writer.writerow(
+          {
+            **shared,
+            'row': 'fold' if grouped else 'trial',
+            'name': r['name'],
+            'status': r['status'],
+            **{k: r['overrides'].get(k, '') for k in keys},
             **{k: r[k] for k in ('step', 'num_steps', 'best_step', 'wall_time_s')},
-            **_numbers(r), 'error': r['error'],
-        })
+            **_numbers(r),
+            'error': r['error'],
+          }
+        )
       if grouped:
         for row in ('mean', 'std'):
-          writer.writerow({
-              **shared, 'row': row, 'name': e['name'], 'status': f'{_folds_done(e)} done',
+          writer.writerow(
+            {
+              **shared,
+              'row': row,
+              'name': e['name'],
+              'status': f'{_folds_done(e)} done',
               **{k: e['overrides'].get(k, '') for k in keys},
-              'wall_time_s': e['wall_time_s'] if row == 'mean' else '', **e[row],
-          })
+              'wall_time_s': e['wall_time_s'] if row == 'mean' else '',
+              **e[row],
+            }
+          )
 
 
 def _folds_done(entry: Mapping[str, Any]) -> str:
@@ -178,12 +215,14 @@ def _markdown_head(results, metric: str, title: str, common: Mapping[str, Any]) 
   failed = sum(r['status'] == 'failed' for r in results)
   direction = 'higher' if metrics.HIGHER_IS_BETTER[metric] else 'lower'
   lines = [
-      f'# Sweep results: {title}', '',
-      f"Ranked by the best checkpoint's `{metric}` ({direction} is better); ★ marks the best. "
-      'Other metrics are from the last validation evaluation. Trials that differ only in '
-      '`dataset.fold` rank by their mean over folds (± sample standard deviation).', '',
-      f'{len(results)} trials: {done} done, {failed} failed, {len(results) - done - failed} '
-      "pending. Each trial's files are in `<name>/`.",
+    f'# Sweep results: {title}',
+    '',
+    f"Ranked by the best checkpoint's `{metric}` ({direction} is better); ★ marks the best. "
+    'Other metrics are from the last validation evaluation. Trials that differ only in '
+    '`dataset.fold` rank by their mean over folds (± sample standard deviation).',
+    '',
+    f'{len(results)} trials: {done} done, {failed} failed, {len(results) - done - failed} '
+    "pending. Each trial's files are in `<name>/`.",
   ]
   if common:
     lines += ['', 'Command-line overrides: ' + ', '.join(f'`{k}={v}`' for k, v in common.items())]
@@ -192,9 +231,22 @@ def _markdown_head(results, metric: str, title: str, common: Mapping[str, Any]) 
 
 def _markdown_ranking(entries, keys: list[str], columns: list[str], metric: str) -> list[str]:
   keys = [k for k in keys if k != FOLD_KEY]
-  lines = ['', *_table_head(['rank', '', 'name', *keys,
-                             *_metric_heads(columns, metric), 'best step', 'steps', 'wall time',
-                             'status'])]
+  lines = [
+    '',
+    *_table_head(
+      [
+        'rank',
+        '',
+        'name',
+        *keys,
+        *_metric_heads(columns, metric),
+        'best step',
+        'steps',
+        'wall time',
+        'status',
+      ]
+    ),
+  ]
   for e in entries:
     r = e['trials'][0]
     if len(e['trials']) > 1:
@@ -202,11 +254,20 @@ def _markdown_ranking(entries, keys: list[str], columns: list[str], metric: str)
     else:
       step = f'{r["step"]}/{r["num_steps"]}' if r['step'] is not None else ''
       status, steps = r['status'], [_cell(r['best_step']), step]
-    lines.append(_row([
-        _cell(e['rank']), '★' if e['best'] else '', f'`{e["name"]}`',
-        *(_cell(str(e['overrides'].get(k, ''))) for k in keys),
-        *(_entry_value(e, c) for c in _shown(columns)), *steps, _duration(e['wall_time_s']),
-        status]))
+    lines.append(
+      _row(
+        [
+          _cell(e['rank']),
+          '★' if e['best'] else '',
+          f'`{e["name"]}`',
+          *(_cell(str(e['overrides'].get(k, ''))) for k in keys),
+          *(_entry_value(e, c) for c in _shown(columns)),
+          *steps,
+          _duration(e['wall_time_s']),
+          status,
+        ]
+      )
+    )
   return lines
 
 
@@ -216,15 +277,38 @@ def _markdown_folds(entries, columns: list[str], metric: str) -> list[str]:
   for e in entries:
     if len(e['trials']) < 2:
       continue
-    lines += ['', f'## Folds of `{e["name"]}`', '',
-              *_table_head(['fold', 'name', *heads, 'best step', 'wall time', 'status'])]
+    lines += [
+      '',
+      f'## Folds of `{e["name"]}`',
+      '',
+      *_table_head(['fold', 'name', *heads, 'best step', 'wall time', 'status']),
+    ]
     for r in e['trials']:
       nums = _numbers(r)
-      lines.append(_row([str(r['overrides'][FOLD_KEY]), f'`{r["name"]}`',
-                         *(_cell(nums.get(c)) for c in _shown(columns)), _cell(r['best_step']),
-                         _duration(r['wall_time_s']), r['status']]))
-    lines.append(_row(['mean ± std', '', *(_entry_value(e, c) for c in _shown(columns)), '',
-                       _duration(e['wall_time_s']), '']))
+      lines.append(
+        _row(
+          [
+            str(r['overrides'][FOLD_KEY]),
+            f'`{r["name"]}`',
+            *(_cell(nums.get(c)) for c in _shown(columns)),
+            _cell(r['best_step']),
+            _duration(r['wall_time_s']),
+            r['status'],
+          ]
+        )
+      )
+    lines.append(
+      _row(
+        [
+          'mean ± std',
+          '',
+          *(_entry_value(e, c) for c in _shown(columns)),
+          '',
+          _duration(e['wall_time_s']),
+          '',
+        ]
+      )
+    )
   return lines
 
 
@@ -232,6 +316,12 @@ def _markdown_failures(results) -> list[str]:
   lines = []
   for r in results:
     if r['status'] == 'failed':
-      lines += ['', f'`{r["name"]}`: {r["error"]} (full output: `{r["name"]}/log.txt`)', '',
-                '```', r['log_tail'], '```']
+      lines += [
+        '',
+        f'`{r["name"]}`: {r["error"]} (full output: `{r["name"]}/log.txt`)',
+        '',
+        '```',
+        r['log_tail'],
+        '```',
+      ]
   return ['', '## Failures', *lines] if lines else []

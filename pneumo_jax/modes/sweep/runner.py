@@ -50,10 +50,15 @@ def _is_done(summary: dict[str, Any] | None) -> bool:
 def _result(trial: _Trial, status: str, error: str = '', log_tail: str = '') -> dict[str, Any]:
   summary = _read_summary(trial.workdir) or {}
   return {
-      'name': trial.name, 'workdir': trial.workdir, 'overrides': trial.overrides,
-      'status': status, 'error': error, 'log_tail': log_tail,
-      **{k: summary.get(k) for k in ('step', 'num_steps', 'wall_time_s', 'best_step')},
-      'final': summary.get('final') or {}, 'best': summary.get('best') or {},
+    'name': trial.name,
+    'workdir': trial.workdir,
+    'overrides': trial.overrides,
+    'status': status,
+    'error': error,
+    'log_tail': log_tail,
+    **{k: summary.get(k) for k in ('step', 'num_steps', 'wall_time_s', 'best_step')},
+    'final': summary.get('final') or {},
+    'best': summary.get('best') or {},
   }
 
 
@@ -71,12 +76,15 @@ def _check_origin(trial: _Trial, origin: str) -> None:
   except FileNotFoundError:
     return
   if previous != origin:
-    raise ConfigError(f'{trial.workdir} holds a trial of {previous}, not of {origin}: '
-                     'give each sweep its own --workdir')
+    raise ConfigError(
+      f'{trial.workdir} holds a trial of {previous}, not of {origin}: '
+      'give each sweep its own --workdir'
+    )
 
 
-def _run_trial(trial: _Trial, argv: list[str], env: dict[str, str],
-               record: dict[str, Any]) -> dict[str, Any]:
+def _run_trial(
+  trial: _Trial, argv: list[str], env: dict[str, str], record: dict[str, Any]
+) -> dict[str, Any]:
   """Runs one trial to its end, appending its output to log.txt; never raises for a bad run."""
   os.makedirs(trial.workdir, exist_ok=True)
   with open(os.path.join(trial.workdir, 'trial.json'), 'w') as f:
@@ -93,13 +101,13 @@ def _run_trial(trial: _Trial, argv: list[str], env: dict[str, str],
     f.seek(start)
     lines = f.read().decode(errors='replace').strip().splitlines()
   last = lines[-1].strip() if lines else ''
-  why = (f'exit {returncode}: {last}' if returncode
-         else 'exit 0 without a finished summary.json')
+  why = f'exit {returncode}: {last}' if returncode else 'exit 0 without a finished summary.json'
   return _result(trial, 'failed', why, '\n'.join(lines[-_TAIL_LINES:]))
 
 
-def _prepare_data(config: ml_collections.ConfigDict, trials: Sequence[_Trial],
-                  injected: Mapping[str, Any]) -> None:
+def _prepare_data(
+  config: ml_collections.ConfigDict, trials: Sequence[_Trial], injected: Mapping[str, Any]
+) -> None:
   """Checks every trial's config, then builds each distinct dataset of `trials`, one at a time,
   before any trial starts.
 
@@ -125,9 +133,14 @@ def _prepare_data(config: ml_collections.ConfigDict, trials: Sequence[_Trial],
       data.dataset_for(cfg, trial.workdir)
 
 
-def run(config_file: str, workdir: str, overrides: Mapping[str, Any] | None = None,
-        parallel: int = 1, command: Sequence[str] | None = None,
-        prepare_data: bool = True) -> list[dict[str, Any]]:
+def run(
+  config_file: str,
+  workdir: str,
+  overrides: Mapping[str, Any] | None = None,
+  parallel: int = 1,
+  command: Sequence[str] | None = None,
+  prepare_data: bool = True,
+) -> list[dict[str, Any]]:
   """Runs the sweep in `config_file` under `workdir`; returns one result per trial, in order.
 
   Args:
@@ -165,14 +178,21 @@ def run(config_file: str, workdir: str, overrides: Mapping[str, Any] | None = No
       results[trial.name] = _result(trial, 'done' if done else 'pending')
       if not done:
         pending.append(trial)
-    logging.info('sweep %s: %d trials, %d finished before, %d to run, %d at a time',
-                 config_file, len(trials), len(trials) - len(pending), len(pending), parallel)
+    logging.info(
+      'sweep %s: %d trials, %d finished before, %d to run, %d at a time',
+      config_file,
+      len(trials),
+      len(trials) - len(pending),
+      len(pending),
+      parallel,
+    )
     if prepare_data:
       _prepare_data(config, pending, injected)
 
     def write_tables():
-      report.write_results(workdir, [results[t.name] for t in trials], config.best_metric,
-                           config_file, overrides)
+      report.write_results(
+        workdir, [results[t.name] for t in trials], config.best_metric, config_file, overrides
+      )
 
     env = dict(os.environ)
     # Trials import what this process imports (a config's `from configs import …` included)
@@ -185,8 +205,15 @@ def run(config_file: str, workdir: str, overrides: Mapping[str, Any] | None = No
     with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
       futures = []
       for trial in pending:
-        argv = [*base, '--config', config_file, '--workdir', trial.workdir, '--nosweep',
-                *(_flag(k, v) for k, v in {**overrides, **injected, **trial.overrides}.items())]
+        argv = [
+          *base,
+          '--config',
+          config_file,
+          '--workdir',
+          trial.workdir,
+          '--nosweep',
+          *(_flag(k, v) for k, v in {**overrides, **injected, **trial.overrides}.items()),
+        ]
         record = {'config': origin, 'overrides': {**overrides, **trial.overrides}, 'argv': argv}
         futures.append(pool.submit(_run_trial, trial, argv, env, record))
       try:

@@ -419,7 +419,7 @@ def load_init(
       f'config.init_checkpoint={init_checkpoint!r} does not fit the model outside '
       f'config.exclude_scopes={exclude_scopes!r}:\n  '
       + '\n  '.join(problems)
-      + '\nAdd the offending scopes to config.exclude_scopes (e.g. Logits,AuxLogits for a new '
-      'number of classes) or fix config.model.'
+      + f'\nAdd the offending scopes to config.exclude_scopes (e.g. {backbone.head_scopes} for a '
+      'new number of classes) or fix config.model.'
     )
   return out

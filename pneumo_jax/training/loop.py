@@ -247,7 +247,7 @@ def _train(
   if not step and not config.init_checkpoint:
     logging.warning(
       '*' * 70 + '\nNO PRETRAINED WEIGHTS: config.init_checkpoint is empty, so '
-      'InceptionV3 starts from RANDOM initialisation.\nFine-tuning needs ImageNet '
+      f'{run.backbone.name} starts from RANDOM initialisation.\nFine-tuning needs ImageNet '
       'weights: see converters/ and the README.\n' + '*' * 70
     )
 
@@ -257,7 +257,7 @@ def _train(
       raise ConfigError(
         f'trainable_scopes={phase.cfg.trainable_scopes!r} (phase {phase.name!r}) '
         'matches no parameter; patterns match parameter paths such as '
-        "'Logits/Conv2d_1c_1x1/weights' from their start"
+        f'{run.backbone.logits_bias!r} from their start'
       )
     schedule = optim.make_schedule(phase.cfg.schedule, phase.end - phase.start)
     return (

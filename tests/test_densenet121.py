@@ -661,3 +661,21 @@ def test_cell_centres_are_receptive_field_centres(random_variables):
       reached = np.nonzero(grad.sum(axis=(axis, 2)))[0]
       assert reached[-1] - reached[0] + 1 == widths[layer], layer  # Not clipped by the border.
       assert (reached[0] + reached[-1]) / 2 == offset + stride * (n // 2), layer
+
+
+def test_keras_to_orbax_recognises_a_densenet_file(keras_files, tmp_path):
+  """`python -m converters.keras_to_orbax FILE OUT` picks the backbone the file holds, and OUT
+  restores with plain orbax as {'params', 'batch_stats'}."""
+  import orbax.checkpoint as ocp
+
+  from converters import keras_to_orbax
+  from pneumo_jax import models
+
+  assert models.backbone_for_file(keras_files['legacy']) is dn.BACKBONE
+  out = str(tmp_path / 'densenet_orbax')
+  keras_to_orbax.main([keras_files['legacy'], out])
+  restored = scopes.flatten(ocp.StandardCheckpointer().restore(out))
+  expected = scopes.flatten(dn.load_keras(keras_files['legacy']))
+  assert restored.keys() == expected.keys()
+  for k, v in expected.items():
+    np.testing.assert_array_equal(restored[k], v)

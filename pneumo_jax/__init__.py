@@ -1,10 +1,14 @@
-"""pneumo_jax: fine-tune an ImageNet InceptionV3 on your own small image collection.
+"""pneumo_jax: fine-tune an ImageNet-pretrained network on your own small image collection.
 
 Importing the package silences a few library messages that are never the user's concern (they
 would otherwise repeat in every grain worker process, which imports the package too).
 """
 
 import logging as _logging
+
+# absl's logger first: created here as a plain logging.Logger, it would not skip absl's own frames
+# and every record would name absl's file instead of its caller.
+from absl import logging as _absl_logging
 
 # Substrings of library log messages that say nothing a user can act on.
 _NOISE = (
@@ -20,5 +24,5 @@ class _DropNoise(_logging.Filter):
     return not any(n in message for n in _NOISE)
 
 
-for _name in ('absl', 'jax._src.xla_bridge'):
-  _logging.getLogger(_name).addFilter(_DropNoise())
+_absl_logging.get_absl_logger().addFilter(_DropNoise())
+_logging.getLogger('jax._src.xla_bridge').addFilter(_DropNoise())

@@ -162,3 +162,21 @@ def test_workdir_is_required_only_where_a_mode_keeps_a_run(tmp_path):
   proc = _main(*TINY, '--mode', 'imagenet', '--inputs', str(tmp_path / 'cat.png'))
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 2 and 'config.init_checkpoint is empty' in err
+
+
+def test_importing_the_package_keeps_log_lines_naming_their_source():
+  """Silencing library noise must not break absl's logger: records still name the caller's file
+  (which main.py's filter of library chatter relies on) and the noise itself is dropped."""
+  code = textwrap.dedent("""
+      import pneumo_jax
+      from absl import app, logging
+      def main(argv):
+        logging.info('mine')
+        logging.warning('Using custom data configuration: x')
+      app.run(main)
+  """)
+  proc = subprocess.run(
+    [sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=60
+  )
+  assert '<string>:5] mine' in proc.stderr, proc.stderr
+  assert 'custom data configuration' not in proc.stderr

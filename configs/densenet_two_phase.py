@@ -2,7 +2,7 @@
 #     --config.dataset.source_dir=/data/xray_by_stage --config.init_checkpoint=/weights/densenet121
 """configs/two_phase.py's recipe on DenseNet-121, the backbone chest X-ray work standardised on.
 
-Why each choice (the rest is as in two_phase.py, whose reasons hold here too):
+It is two_phase.py with the backbone's own scopes and size; why each difference:
 - DenseNet-121 (CheXNet; torchxrayvision's X-ray weights load too): 8M parameters against
   InceptionV3's 24M, which suits ~2,000 images, at its ImageNet size of 224 px.
 - Phase `head` (1,000 steps): only `classifier` learns, on frozen features, so the new random
@@ -13,44 +13,22 @@ Why each choice (the rest is as in two_phase.py, whose reasons hold here too):
 - Batch norm stays in inference mode everywhere (`frozen`): batches of 32 grey images give noisy
   statistics unlike the pretrained ones. `batch_norm_decay` 0.9 is torchvision's momentum, used
   only if a phase lets batch norm learn.
-- Dropout 0.2 before the classifier (keep 0.8, as InceptionV3's head): DenseNet's own has none,
-  but a new head on few images overfits quickly.
+- Dropout 0.2 before the classifier (the default keep 0.8, as InceptionV3's head): DenseNet's
+  own has none, but a new head on few images overfits quickly.
 """
 
 import ml_collections
 
-from configs import default
+from configs import two_phase
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = default.get_config()
+  c = two_phase.get_config()
   c.model.name = 'densenet121'
-  c.model.dropout_keep_prob = 0.8
   c.model.batch_norm_decay = 0.9
   c.input.image_size = 224
-  c.input.batch_size = 32
-  c.input.color_distortion = False
-  c.input.random_crop = False
   c.exclude_scopes = 'classifier'
   c.trainable_scopes = 'classifier'
-  c.batch_norm = 'frozen'
-  c.label_smoothing = 0.1
-  c.class_weighting = 'balanced'
-  c.ema_decay = 0.999
-  c.optimizer.name = 'momentum'
-  c.optimizer.grad_clip_norm = 5.0
-  c.schedule.name = 'fixed'
-  c.schedule.learning_rate = 0.01
-  c.phases.head = dict(num_steps=1000, trainable_scopes='classifier')
-  c.phases.top = dict(
-    num_steps=3000,
-    trainable_scopes='denseblock4,norm5,classifier',
-    schedule=dict(
-      name='warmup_cosine', learning_rate=0.001, warmup_steps=100, end_learning_rate=0.0
-    ),
-  )
-  c.eval_every_steps = 250
-  c.checkpoint_every_steps = 250
-  c.best_metric = 'kappa'
-  c.early_stopping_patience = 6
+  c.phases.head.trainable_scopes = 'classifier'
+  c.phases.top.trainable_scopes = 'denseblock4,norm5,classifier'
   return c

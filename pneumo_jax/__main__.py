@@ -19,6 +19,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from pneumo_jax import validate
+from pneumo_jax.data import preprocess
 from pneumo_jax.errors import ConfigError, UserError
 from pneumo_jax.modes import evaluate, explain, imagenet, predict, sweep, train
 from pneumo_jax.training import interrupt
@@ -146,6 +147,8 @@ def _run(workdir: str, inputs: list[str]) -> None:
     )
   config = FLAGS.config
   validate.check(config)  # Devices are checked below, once JAX may claim them.
+  if mismatch := preprocess.view_mismatch(config.input):
+    logging.warning(mismatch)
   if FLAGS.mode == 'train' and FLAGS.sweep and sweep.is_sweep(path):
     # Trials run as separate processes; this one never touches the accelerator.
     sweep.run(

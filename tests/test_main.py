@@ -180,3 +180,18 @@ def test_importing_the_package_keeps_log_lines_naming_their_source():
   )
   assert '<string>:5] mine' in proc.stderr, proc.stderr
   assert 'custom data configuration' not in proc.stderr
+
+
+def test_an_eval_crop_unlike_the_training_view_is_named(tmp_path):
+  proc = _main(
+    '--config',
+    'configs/demo.py',
+    '--workdir',
+    str(tmp_path / 'w'),
+    '--mode',
+    'eval',
+    '--config.input.central_crop_fraction=0.875',
+  )
+  _, err = proc.communicate(timeout=120)
+  assert 'input.central_crop_fraction=0.875 zooms evaluation images 1.14×' in err
+  assert proc.returncode == 2 and 'train first' in err

@@ -159,7 +159,7 @@ def _run(workdir: str, inputs: list[str]) -> None:
     )
     return
   logging.info('JAX: %d process(es), local devices %s', jax.process_count(), jax.local_devices())
-  validate.check(config, jax.device_count())
+  validate.check_devices(config, jax.device_count())
   if FLAGS.mode == 'train':
     train.run(config, workdir)
   elif FLAGS.mode == 'imagenet':

@@ -32,11 +32,8 @@ def check(config: ml_collections.ConfigDict, devices: int | None = None) -> None
     value = config.input[field]
     if value < 1:
       raise ConfigError(f'input.{field}={value} must be at least 1')
-  if devices and config.input.batch_size % devices:
-    raise ConfigError(
-      f'input.batch_size={config.input.batch_size} must be a multiple of the '
-      f'{devices} devices the batch is split over'
-    )
+  if devices:
+    check_devices(config, devices)
   fraction = config.input.central_crop_fraction
   if fraction is not None and not 0.0 < fraction <= 1.0:
     raise ConfigError(
@@ -66,3 +63,13 @@ def check(config: ml_collections.ConfigDict, devices: int | None = None) -> None
     loop.batch_norm_train(phase.cfg)
     schedule = optim.make_schedule(phase.cfg.schedule, phase.end - phase.start)
     optim.make_optimizer(phase.cfg.optimizer, schedule, {}, backbone.weight_decay)
+
+
+def check_devices(config: ml_collections.ConfigDict, devices: int) -> None:
+  """The part of `check` that needs the device count, for callers that checked the rest before
+  JAX could claim the accelerator."""
+  if config.input.batch_size % devices:
+    raise ConfigError(
+      f'input.batch_size={config.input.batch_size} must be a multiple of the '
+      f'{devices} devices the batch is split over'
+    )

@@ -9,6 +9,7 @@ from typing import Any
 import flax.linen as nn
 import ml_collections
 
+from pneumo_jax import scopes
 from pneumo_jax.errors import ConfigError, WeightsError
 from pneumo_jax.models import densenet121, inception_v3
 from pneumo_jax.models.backbone import Backbone
@@ -56,8 +57,6 @@ def build_inference_model(config: ml_collections.ConfigDict, num_classes: int) -
 
 def num_classes_of(config: ml_collections.ConfigDict, params: Any) -> int:
   """How many classes a checkpoint's parameters predict (the final classifier's bias length)."""
-  from pneumo_jax import scopes
-
   return int(scopes.flatten(params)[backbone_of(config).logits_bias].shape[-1])
 
 

@@ -6,7 +6,7 @@ Eval, predict, explain (and ImageNet top-k) restore through `restore`, read file
 """
 
 import itertools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import ml_collections
@@ -27,26 +27,31 @@ class Restored(NamedTuple):
   names: list[str]
 
 
-def restore(
+def restore(config: ml_collections.ConfigDict, workdir: str, checkpoint: str) -> Restored:
+  """Loads `checkpoint` ('latest', 'best' or a step) from WORKDIR before anything else (so a
+  workdir with no run is refused having written nothing), for the run's classes (its labels.txt,
+  else the dataset's class folders)."""
+  variables, step = checkpoints.load_for_inference(workdir, checkpoint)
+  return for_classes(config, workdir, variables, step, label_names(config, workdir))
+
+
+def for_classes(
   config: ml_collections.ConfigDict,
   workdir: str,
-  checkpoint: str,
-  names: Callable[[], Sequence[str]] | None = None,
+  variables: dict[str, Any],
+  step: int,
+  names: Sequence[str],
 ) -> Restored:
-  """Loads `checkpoint` ('latest', 'best' or a step) from WORKDIR before anything else (so a
-  workdir with no run is refused having written nothing), then checks it predicts `names()`
-  (default: the run's labels.txt, else the dataset's class folders)."""
-  variables, step = checkpoints.load_for_inference(workdir, checkpoint)
-  names = list(names() if names is not None else label_names(config, workdir))
+  """Restored variables with their inference model; refuses a checkpoint with other classes."""
   have = models.num_classes_of(config, variables['params'])
   if have != len(names):
     raise ConfigError(
       f'checkpoint {step} in {workdir} predicts {have} classes, but the dataset '
       f'({config.dataset.source_dir or "config.dataset"}) has {len(names)}: '
-      f'{names}; point --config.dataset.source_dir at the folder the run was '
+      f'{list(names)}; point --config.dataset.source_dir at the folder the run was '
       'trained on, or --workdir at a run trained on this one'
     )
-  return Restored(models.build_inference_model(config, have), variables, step, names)
+  return Restored(models.build_inference_model(config, have), variables, step, list(names))
 
 
 def label_names(config: ml_collections.ConfigDict, workdir: str) -> list[str]:

@@ -6,6 +6,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from pneumo_jax import checkpoints
 from pneumo_jax.data import dataset_for, folder_builder, pipeline
 from pneumo_jax.evaluation import inference, metrics, reports
 from pneumo_jax.modes import common
@@ -24,15 +25,13 @@ def run(
   The checkpoint is found before the dataset is built, so a workdir without a run is refused
   before anything is written.
   """
-  builders = []
-
-  def dataset_names() -> list[str]:
-    builders.append(dataset_for(config, workdir))
-    folder_builder.split_labels(builders[0], split)  # A missing split fails here, naming the fix.
-    return folder_builder.label_names(builders[0])
-
-  model, variables, step, names = common.restore(config, workdir, checkpoint, dataset_names)
-  builder = builders[0]
+  variables, step = checkpoints.load_for_inference(workdir, checkpoint)
+  builder = dataset_for(config, workdir)
+  folder_builder.split_labels(builder, split)  # A missing split fails here, naming the fix.
+  restored = common.for_classes(
+    config, workdir, variables, step, folder_builder.label_names(builder)
+  )
+  model, names = restored.model, restored.names
   input_cfg = ml_collections.ConfigDict(config.input.to_dict())
   input_cfg.eval_batch_size = common.global_batch(config)
   batches = pipeline.eval_batches(

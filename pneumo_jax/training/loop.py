@@ -4,6 +4,7 @@ Running it again on the same WORKDIR resumes from the latest checkpoint: same st
 same optimizer state, same next batch.
 """
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -92,12 +93,14 @@ def frozen_paths(variables: dict[str, Any], phases: list[Phase]) -> dict[str, se
   }
   rules = [batch_norm_train(p.cfg) for p in phases]
   params = scopes.flatten(variables['params'])
+  by_layer = collections.defaultdict(list)  # Layer path → its parameters' paths.
+  for k in params:
+    by_layer[k.rpartition('/')[0]].append(k)
 
   def learns(path: str) -> bool:
     """A batch norm's statistics at `P/<stat>` move when its rule matches a parameter under P/
     (every backbone decides by its own BN parameters' paths, e.g. `P/beta` or `P/bias`)."""
-    layer = path.rpartition('/')[0] + '/'
-    own = [k for k in params if k.startswith(layer)]
+    own = by_layer.get(path.rpartition('/')[0])
     return not own or any(r is None or any(scopes.matches(r, k) for k in own) for r in rules)
 
   return {

@@ -31,6 +31,13 @@ def get_config() -> ml_collections.ConfigDict:
   #   (default: DATA_DIR/synthetic_stages) when they are not there yet.
   c.dataset.synthetic_images_per_class = 120
   c.dataset.synthetic_image_size = 128
+  # Side of the square images the build stores (each file decoded, squashed to a square and
+  # antialiased once), so that training decodes small images instead of full-size X-rays.
+  # None → ceil(input.image_size / 0.875) (342 at 299): slim's 0.875 central crop of it is then
+  # input.image_size pixels. Must be >= input.image_size. Part of the build's fingerprint.
+  c.dataset.stored_size = ml_collections.FieldReference(None, field_type=int)
+  c.dataset.full_resolution = False  # True: store files at full resolution (PNG) and resize on
+  #   every read: slower, but one build serves several input.image_size values.
 
   # --- Input pipeline (grain; TF-Slim inception preprocessing). ---
   c.input = ml_collections.ConfigDict()
@@ -45,7 +52,11 @@ def get_config() -> ml_collections.ConfigDict:
   # (its distorted crops cover 5–100% of the image). Setting it below 1.0 with random_crop off
   # judges the model on a zoom it never saw (a warning says so).
   c.input.central_crop_fraction = ml_collections.FieldReference(None, field_type=float)
-  c.input.num_workers = 0  # grain worker processes: 0 (main process) or >= 2 (1 is slow to close).
+  # grain worker processes reading records: 'auto' → none when the model runs on the CPU (it
+  # needs the cores), else one per core but one, up to 16 (README's performance table); or a
+  # number: 0 (main process) or >= 2 (1 is slow to close). Resume with the same number: each
+  # worker batches its own slice of the stream.
+  c.input.num_workers = ml_collections.FieldReference('auto', field_type=object)
   c.input.class_balanced = False  # Sample classes equally (with replacement) for training.
 
   # --- Model. ---
@@ -72,6 +83,13 @@ def get_config() -> ml_collections.ConfigDict:
   # run in inference mode (the Keras rule); 'frozen' → all BN in inference mode; 'all' → every
   # BN uses batch statistics and updates its moving averages (what the seed's slim run did).
   c.batch_norm = 'trainable'
+  # When a phase trains only heads (Logits, AuxLogits; DenseNet's classifier) on frozen layers
+  # and its augmentation is a finite set of views (random_crop and color_distortion off; a flip
+  # makes two), run the backbone once per image and view and train the heads from the stored
+  # features (WORKDIR/features): same numbers, hundreds of times fewer backbone passes. False:
+  # always run the whole network. A phase may override it; the log says when and why a phase
+  # runs uncached.
+  c.feature_cache = True
 
   # --- Staged fine-tuning: named phases, run in order. Each has num_steps and may override
   # trainable_scopes, batch_norm, schedule.* and optimizer.*; each starts a fresh optimizer.

@@ -29,17 +29,19 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """This process's slice of a global batch → global arrays split over the mesh."""
+def shard_batch(batch: Any, mesh: Mesh) -> Any:
+  """This process's slice of a global batch (a pytree of arrays) → global arrays split over
+  the mesh."""
   n = mesh.devices.size // jax.process_count()
-  for k, v in batch.items():
+  for path, v in jax.tree_util.tree_leaves_with_path(batch):
     if v.shape[0] % n:
       raise ConfigError(
-        f'batch field {k!r} has {v.shape[0]} rows, not divisible by the {n} local devices; '
-        'choose input.batch_size / input.eval_batch_size as a multiple of the device count'
+        f'batch field {jax.tree_util.keystr(path)} has {v.shape[0]} rows, not divisible by the '
+        f'{n} local devices; choose input.batch_size / input.eval_batch_size as a multiple of '
+        'the device count'
       )
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+  return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, v), batch)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

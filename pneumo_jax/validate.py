@@ -28,6 +28,12 @@ def check(config: ml_collections.ConfigDict, devices: int | None = None) -> None
       f"input.image_size={size} is below {backbone.name}'s minimum "
       f'{backbone.min_size} (it was trained at {backbone.default_size})'
     )
+  stored = config.dataset.stored_size
+  if stored is not None and stored < size:
+    raise ConfigError(
+      f'dataset.stored_size={stored} is below input.image_size={size}: the net would see '
+      'upsampled images; set dataset.stored_size >= input.image_size, or None to derive it'
+    )
   for field in ('batch_size', 'eval_batch_size'):
     value = config.input[field]
     if value < 1:
@@ -40,9 +46,16 @@ def check(config: ml_collections.ConfigDict, devices: int | None = None) -> None
       f'input.central_crop_fraction={fraction} must be in (0, 1], or None to '
       'follow the training view'
     )
-  if config.input.num_workers < 0:
+  workers = config.input.num_workers
+  if workers != 'auto' and not (isinstance(workers, int) and workers >= 0):
     raise ConfigError(
-      f'input.num_workers={config.input.num_workers} must be 0 (read in the main process) or more'
+      f"input.num_workers={workers!r} must be 'auto', 0 (read in the main process) or more"
+    )
+  if config.dataset.full_resolution and config.dataset.stored_size is not None:
+    raise ConfigError(
+      f'dataset.stored_size={config.dataset.stored_size} has no effect with '
+      'dataset.full_resolution=True (records keep their size and are fitted to the default '
+      'side when read): unset one of them'
     )
   if config.model.dtype not in _DTYPES:
     raise ConfigError(f'model.dtype={config.model.dtype!r}: use one of {list(_DTYPES)}')

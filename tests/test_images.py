@@ -1,4 +1,5 @@
-"""load_image: every accepted format becomes the same 8-bit RGB; unreadable files fail clearly."""
+"""load_image / load_stored: every accepted format becomes the same 8-bit RGB (one channel when
+grey), resized antialiased by fit; unreadable files fail clearly."""
 
 import re
 
@@ -108,3 +109,68 @@ def test_expand_inputs_refuses_missing_paths_listing_all(tmp_path):
     assert repr(bad) in str(e.value)
   assert repr(named[0]) not in str(e.value)
   assert images.expand_inputs(named[:1] * 2) == named[:1]
+
+
+def _save_palette_grey(path):
+  Image.fromarray(_grey3(GREY)).quantize(256).save(path)
+
+
+@pytest.mark.parametrize(
+  'name, save, channels',
+  [
+    ('grey.png', lambda p: Image.fromarray(GREY).save(p), 1),
+    ('grey16.png', lambda p: Image.fromarray(GREY.astype(np.uint16) * 257).save(p), 1),
+    ('binary.bmp', lambda p: Image.fromarray(GREY > 100).save(p), 1),
+    ('grey_alpha.png', lambda p: Image.fromarray(np.dstack([GREY, GREY])).save(p), 1),
+    ('palette_grey.png', _save_palette_grey, 1),
+    ('rgb_equal.png', lambda p: Image.fromarray(_grey3(GREY)).save(p), 1),
+    ('rgb_equal.jpg', lambda p: Image.fromarray(_grey3(GREY)).save(p, quality=90), 1),
+    ('rgb.png', lambda p: Image.fromarray(RGB).save(p), 3),
+    ('palette_rgb.png', lambda p: Image.fromarray(RGB).quantize(256).save(p), 3),
+  ],
+)
+def test_load_stored_keeps_one_channel_for_grey(tmp_path, name, save, channels):
+  path = tmp_path / name
+  save(path)
+  native = images.load_stored(path, None)
+  assert native.dtype == np.uint8 and native.shape == (12, 24, channels)
+  # The same pixels as load_image, one channel when the three are equal.
+  np.testing.assert_array_equal(np.broadcast_to(native, (12, 24, 3)), images.load_image(path))
+  stored = images.load_stored(path, 16)
+  assert stored.shape == (16, 16, channels)
+  np.testing.assert_array_equal(stored, images.fit(native, 16))
+
+
+def test_load_stored_channels(tmp_path):
+  Image.fromarray(GREY).save(tmp_path / 'grey.png')
+  Image.fromarray(RGB).save(tmp_path / 'rgb.png')
+  grey = images.load_stored(tmp_path / 'grey.png', 8)
+  np.testing.assert_array_equal(
+    images.load_stored(tmp_path / 'grey.png', 8, channels=3), np.repeat(grey, 3, axis=-1)
+  )
+  assert images.load_stored(tmp_path / 'rgb.png', 8, channels=3).shape == (8, 8, 3)
+  with pytest.raises(images.DatasetError, match=r"rgb\.png' is in colour"):
+    images.load_stored(tmp_path / 'rgb.png', 8, channels=1)
+  with pytest.raises(images.DatasetError, match=r'nope\.png'):
+    images.load_stored(tmp_path / 'nope.png', 8)
+
+
+def test_fit_antialiases():
+  board = ((np.indices((512, 512)).sum(axis=0) % 2) * 255).astype(np.uint8)[..., None]
+  assert set(np.unique(board[::8, ::8])) == {0}  # Naive subsampling sees one colour.
+  out = images.fit(board, 64)
+  assert out.shape == (64, 64, 1) and out.dtype == np.uint8
+  assert np.abs(out.astype(int) - 127).max() <= 2
+  rgb = images.fit(np.repeat(board, 3, axis=-1), 64)
+  np.testing.assert_array_equal(rgb, np.repeat(out, 3, axis=-1))  # Channels resized alike.
+
+
+def test_fit_squashes_and_skips_no_ops():
+  wide = np.zeros((10, 40, 3), np.uint8)
+  wide[:, 20:] = 200
+  out = images.fit(wide, 20)
+  assert out.shape == (20, 20, 3)  # The whole image, squashed (no crop).
+  assert out[:, 0].max() == 0 and out[:, -1].min() == 200
+  square = np.zeros((20, 20, 1), np.uint8)
+  assert images.fit(square, 20) is square
+  assert images.fit(wide, None) is wide

@@ -251,10 +251,12 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_pa
   train_batches = []
 
   def poisoned(batch, mesh):
-    if 'label' in batch:  # A training batch (evaluation shards images only).
+    if 'label' in batch:  # A training batch (evaluation shards its model inputs only).
       train_batches.append(1)
-      if len(train_batches) == 3:
-        batch = dict(batch, image=np.full_like(batch['image'], np.nan))
+      if len(train_batches) == 3:  # Brightness changed by NaN.
+        colour = np.array(batch['colour'])
+        colour[:, 0], colour[:, 2] = 1.0, np.nan
+        batch = dict(batch, colour=colour)
     return shard_batch(batch, mesh)
 
   with pytest.MonkeyPatch.context() as mp:

@@ -44,8 +44,9 @@ def inputs(stage_folder, tmp_path_factory):
   """A folder of good images, plus a corrupt PNG and a text file among the inputs."""
   extra = tmp_path_factory.mktemp('inputs')
   rng = np.random.default_rng(0)
-  # 85 px: the 0.875 central crop is exactly 75 px, so no resize and a mirrored file's
-  # preprocessed image is exactly the mirrored preprocessed image.
+  # 85 px: stored at 85 (test_flip_tta…), the 0.875 central crop is exactly 75 px, so no
+  # resize, and a mirrored file's preprocessed image is exactly the mirrored preprocessed image
+  # (TF1's bilinear resize, which slim uses, is not mirror-symmetric).
   image = rng.integers(0, 256, (85, 85, 3), np.uint8)
   Image.fromarray(image).save(extra / 'pair_a.png')
   Image.fromarray(image[:, ::-1]).save(extra / 'pair_b.png')
@@ -113,6 +114,8 @@ def test_predict_lists_unreadable_files_and_predicts_the_rest(run, inputs):
 def test_flip_tta_averages_an_image_with_its_mirror(run, inputs):
   config, workdir, names = run
   pair = inputs[1]
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.dataset.stored_size = 85  # No resize anywhere: see `inputs`.
 
   def probs(tta):
     rows = _rows(predict.run(config, workdir, [pair], tta=tta))

@@ -11,9 +11,10 @@ from absl import flags
 from PIL import Image
 
 from configs import default
-from pneumo_jax.data import folder_builder, pipeline, preprocess
+from pneumo_jax.data import augment, folder_builder, pipeline, preprocess
 
 COUNTS = {'a': 12, 'b': 6, 'c': 3}  # → train 8 / 4 / 2, validation 4 / 2 / 1 at fraction 0.3.
+SIDE = preprocess.stored_size(75)  # 86: records are stored at this side.
 
 
 def build(root, data_dir, solid: bool):
@@ -31,7 +32,7 @@ def build(root, data_dir, solid: bool):
       Image.fromarray(pixels).save(root / cls / f'{i}.png')
   c = default.get_config().dataset
   c.source_dir, c.validation_fraction = str(root), 0.3
-  return folder_builder.build(c, str(data_dir))
+  return folder_builder.build(c, str(data_dir), SIDE)
 
 
 @pytest.fixture(scope='module')
@@ -53,8 +54,7 @@ def input_cfg(**overrides):
 
 def ids(batch) -> list[int]:
   """The grey level (÷10) of each solid image in a batch: which file it came from."""
-  level = np.rint((batch['image'][:, 0, 0, 0] + 1) / 2 * 255)
-  return (level / 10).astype(int).tolist()
+  return (batch['image'][:, 0, 0, 0] // 10).astype(int).tolist()
 
 
 def train_ids(builder) -> set[int]:
@@ -72,8 +72,9 @@ def take(it, n):
 def test_batches_and_epochs(solid):
   it = pipeline.train_iterator(solid, input_cfg(), seed=0)
   batches = take(it, 7)  # 28 elements: exactly two epochs of the 14 training images.
-  assert batches[0]['image'].shape == (4, 75, 75, 3) and batches[0]['image'].dtype == np.float32
-  assert batches[0]['label'].dtype == np.int32
+  assert batches[0]['image'].shape == (4, SIDE, SIDE, 1)  # Grey records: one channel.
+  assert batches[0]['image'].dtype == np.uint8 and batches[0]['label'].dtype == np.int32
+  assert batches[0]['box'].shape == (4, 4) and batches[0]['colour'].shape == (4, 4)
   stream = [i for b in batches for i in ids(b)]
   first, second = stream[:14], stream[14:]
   assert set(first) == set(second) == train_ids(solid)
@@ -88,9 +89,10 @@ def test_same_seed_same_batches(textured):
   two = take(pipeline.train_iterator(textured, cfg, seed=5), 4)
   other = take(pipeline.train_iterator(textured, cfg, seed=6), 4)
   for a, b in zip(one, two, strict=True):
-    np.testing.assert_array_equal(a['image'], b['image'])
-    np.testing.assert_array_equal(a['label'], b['label'])
-  assert not all(np.array_equal(a['image'], b['image']) for a, b in zip(one, other, strict=True))
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+  assert not all(np.array_equal(a['colour'], b['colour']) for a, b in zip(one, other, strict=True))
 
 
 def test_checkpoint_resumes_at_the_next_batch(textured, tmp_path):
@@ -104,9 +106,31 @@ def test_checkpoint_resumes_at_the_next_batch(textured, tmp_path):
   fresh = pipeline.train_iterator(textured, cfg, seed=1)
   manager.restore(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
   for a, b in zip(expected, take(fresh, 3), strict=True):
-    np.testing.assert_array_equal(a['image'], b['image'])
-    np.testing.assert_array_equal(a['label'], b['label'])
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
   manager.close()
+
+
+def test_reading_without_images_continues_the_same_stream(textured):
+  """A feature-cache phase reads indices instead of images: same records, same views, and the
+  position carries over between the two kinds of iterator (as the loop switches phases)."""
+  cfg = input_cfg(color_distortion=True)
+  with_images = take(pipeline.train_iterator(textured, cfg, seed=3), 6)
+  it = pipeline.train_iterator(textured, cfg, seed=3)
+  first = take(it, 2)
+  bare = pipeline.train_iterator(
+    textured, cfg, seed=3, read_images=False, put=lambda b: b | {'put': 1}
+  )
+  bare.set_state(it.get_state())
+  it.close()
+  rest = take(bare, 4)
+  source = textured.as_data_source('train')
+  for a, b in zip(with_images, first + rest, strict=True):
+    for k in ('box', 'flip', 'colour', 'label'):
+      np.testing.assert_array_equal(a[k], b[k])
+    if 'index' in b:
+      assert b['put'] == 1 and 'image' not in b
+      np.testing.assert_array_equal(a['image'], [source[int(i)]['image'] for i in b['index']])
 
 
 def test_processes_read_disjoint_shards(solid):
@@ -144,7 +168,10 @@ def test_worker_processes_read_the_same_stream(textured):
     it.close()
 
   def images(batches):  # Each worker batches its slice of the stream: compare as multisets.
-    return sorted(np.concatenate([b['image'] for b in batches]).reshape(8, -1).tolist())
+    return sorted(
+      np.concatenate([b['image'].reshape(4, -1) for b in batches]).tolist()
+      + np.concatenate([b['colour'] for b in batches]).tolist()
+    )
 
   assert images(in_process) == images(in_workers)
 
@@ -194,6 +221,7 @@ def test_eval_view_follows_the_training_view(textured, random_crop):
   zoom the model never saw); with slim's distorted crops, slim's central crop."""
   cfg = input_cfg(random_crop=random_crop, random_flip=False, eval_batch_size=7)
   (batch,) = pipeline.eval_batches(textured, 'validation', cfg)
+  seen = np.asarray(augment.from_batch(batch, 75))
   source = textured.as_data_source('validation')
   for row, index in enumerate(batch['index']):
     image = source[int(index)]['image']
@@ -209,7 +237,7 @@ def test_eval_view_follows_the_training_view(textured, random_crop):
         color_distortion=False,
       )
     )
-    np.testing.assert_array_equal(batch['image'][row], want)
+    np.testing.assert_allclose(seen[row], want, atol=1e-5)  # See augment: float32 rounding.
 
 
 def test_an_explicit_eval_crop_is_kept_and_a_mismatch_named():

@@ -13,6 +13,7 @@ import pytest
 
 from configs import default
 from pneumo_jax import scopes, sharding
+from pneumo_jax.data import augment, preprocess
 from pneumo_jax.models.inception_v3 import BACKBONE, InceptionV3
 from pneumo_jax.training import loop, optim
 from pneumo_jax.training.step import TrainState, cross_entropy, make_train_step
@@ -38,6 +39,7 @@ def _setup(trainable: str, bn_train, seed=0, dtype=jnp.float32, ema_decay=0.0, e
     ema_decay=ema_decay,
     aux_logits=BACKBONE.aux_logits,
     ema_mask=ema_scopes and scopes.mask(variables['params'], ema_scopes),
+    image_size=SIZE,
   )
   state = TrainState(
     step=jnp.zeros([], jnp.int32),
@@ -50,9 +52,12 @@ def _setup(trainable: str, bn_train, seed=0, dtype=jnp.float32, ema_decay=0.0, e
 
 
 def _batch(seed=1):
+  """Stored uint8 images of the input size, whole and unflipped: the net sees them as they are."""
   r = np.random.default_rng(seed)
+  view = preprocess.central_view(SIZE, SIZE, 1.0)
   return {
-    'image': r.uniform(-1, 1, (BATCH, SIZE, SIZE, 3)).astype(np.float32),
+    'image': r.integers(0, 256, (BATCH, SIZE, SIZE, 3), dtype=np.uint8),
+    **{k: np.stack([v] * BATCH) for k, v in view.items()},
     'label': r.integers(0, CLASSES, BATCH).astype(np.int32),
   }
 
@@ -125,7 +130,8 @@ def test_head_only_step_skips_the_backbone_backward_pass():
     lambda v, x: model.apply(v, x, train=True, rngs={'dropout': key}, mutable=['batch_stats'])
   )
   flops = lambda f, *a: f.lower(*a).compile().cost_analysis()['flops']
-  forward = flops(fwd, {'params': state.params, 'batch_stats': state.batch_stats}, batch['image'])
+  images = augment.from_batch(batch, SIZE)
+  forward = flops(fwd, {'params': state.params, 'batch_stats': state.batch_stats}, images)
   head = flops(jax.jit(head_step), state, batch, key)
   _, full_step, full_state = _setup('.*', None)
   full = flops(jax.jit(full_step), full_state, batch, key)

@@ -53,7 +53,7 @@ def test_layout_and_awkward_files(folder):
 def test_builder_reads_every_image(folder, tmp_path):
   c = default.get_config().dataset
   c.source_dir = folder
-  builder = folder_builder.build(c, str(tmp_path))
+  builder = folder_builder.build(c, str(tmp_path), None)
   assert folder_builder.label_names(builder) == ['stage_0', 'stage_1', 'stage_2', 'stage_3']
   names = set()
   for split in builder.info.splits:

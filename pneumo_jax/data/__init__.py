@@ -6,7 +6,7 @@ import ml_collections
 import tensorflow_datasets as tfds
 
 from pneumo_jax import locks
-from pneumo_jax.data import folder_builder, synthetic
+from pneumo_jax.data import folder_builder, preprocess, synthetic
 
 
 def dataset_for(config: ml_collections.ConfigDict, workdir: str) -> tfds.core.DatasetBuilder:
@@ -20,8 +20,9 @@ def dataset_for(config: ml_collections.ConfigDict, workdir: str) -> tfds.core.Da
   """
   cfg = config.dataset
   data_dir = cfg.data_dir or os.path.join(workdir, 'data')
+  size = None if cfg.full_resolution else stored_side(config)
   if not cfg.synthetic:
-    return folder_builder.build(cfg, data_dir)  # Checks first, then builds under the lock.
+    return folder_builder.build(cfg, data_dir, size)  # Checks first, then builds under the lock.
   cfg = ml_collections.ConfigDict(cfg.to_dict())
   cfg.source_dir = cfg.source_dir or os.path.join(data_dir, 'synthetic_stages')
   params = {
@@ -34,4 +35,11 @@ def dataset_for(config: ml_collections.ConfigDict, workdir: str) -> tfds.core.Da
   with locks.build_lock(data_dir):
     synthetic.remove_incomplete(cfg.source_dir)
     synthetic.make_stage_folder(cfg.source_dir, **params)
-    return folder_builder.build(cfg, data_dir)
+    return folder_builder.build(cfg, data_dir, size)
+
+
+def stored_side(config: ml_collections.ConfigDict) -> int:
+  """The side of the square images a run's model pipeline works from: dataset.stored_size, else
+  derived from input.image_size (preprocess.stored_size). A build stores images at this side
+  unless dataset.full_resolution; prediction reads files at it too."""
+  return config.dataset.stored_size or preprocess.stored_size(config.input.image_size)

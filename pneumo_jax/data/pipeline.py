@@ -1,5 +1,10 @@
-"""grain loaders over a built dataset: shuffled, augmented, per-process training batches and
-padded, masked evaluation batches.
+"""grain loaders over a built dataset: shuffled, per-process training batches and padded, masked
+evaluation batches, both as stored uint8 images plus the view to take of each.
+
+The host only reads records (already at their stored size) and draws each example's view
+(preprocess.draw: crop box, flip, colour factors); `augment.apply` crops, resizes, flips and
+distorts on the accelerator, inside the jitted step. So the host's work per image is a copy, and
+what the device receives is uint8 (a quarter of float32's bytes, a twelfth for grey records).
 
 All randomness is a function of the seed and an element's position in the (repeated) stream:
 grain reshuffles each epoch with seed + epoch, and `random_map` seeds each record's generator
@@ -11,69 +16,90 @@ memory (with workers, each batch is assembled by one worker from its slice of th
 
 import dataclasses
 import math
+import os
 import signal
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grain
+import jax
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from pneumo_jax.data import folder_builder, preprocess
+from pneumo_jax.data import folder_builder, images, preprocess
 from pneumo_jax.errors import ConfigError
 
-_READ_THREADS = 4  # Per process: decoding and numpy resizing largely release the GIL.
+_READ_THREADS = 4  # Per process: record reads and decoding largely release the GIL.
+_PREFETCH = 2  # Batches ready ahead of the step, on the host and (with `put`) on the devices.
+_MAX_AUTO_WORKERS = 16
 
 
 @dataclasses.dataclass(frozen=True)
 class _TrainExample:
-  """Reads record `index` of `source` and applies slim's train preprocessing."""
+  """Reads record `index` of `source` (fitted to side × side) and draws its training view.
+
+  Returns the stored uint8 image with the view's parameters (augment.apply applies them on the
+  device), or, with `read_images` off (training from a feature cache), the record's index instead
+  of its image: the draws, hence the views, are the same either way.
+  """
 
   source: Sequence[dict[str, Any]]  # builder.as_data_source(split)
-  size: int
+  labels: np.ndarray  # Of every record: no record is read without its image.
+  side: int
   random_crop: bool
   random_flip: bool
   color_distortion: bool
+  read_images: bool = True
 
   def __call__(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    record = self.source[int(index)]
-    image = preprocess.train(
-      record['image'],
+    view = preprocess.draw(
+      self.side,
+      self.side,
       rng,
-      self.size,
       random_crop=self.random_crop,
       random_flip=self.random_flip,
       color_distortion=self.color_distortion,
     )
-    return {'image': image, 'label': np.int32(record['label'])}
+    data = (
+      {'image': images.fit(self.source[int(index)]['image'], self.side)}
+      if self.read_images
+      else {'index': np.int32(index)}
+    )
+    return {**data, **view, 'label': self.labels[int(index)]}
 
 
 @dataclasses.dataclass(frozen=True)
 class _EvalExample:
-  """Reads record `index` (or, for -1, a padding example) with eval preprocessing (central crop
+  """Reads record `index` (or, for -1, a padding example) with the evaluation view (central crop
   `central_fraction`, see preprocess.eval_central_fraction)."""
 
   source: Sequence[dict[str, Any]]  # builder.as_data_source(split)
-  size: int
+  side: int
+  channels: int
   central_fraction: float
 
   def __call__(self, index: int) -> dict[str, np.ndarray]:
+    view = preprocess.central_view(self.side, self.side, self.central_fraction)
     if index < 0:
-      return {
-        'image': np.zeros((self.size, self.size, 3), np.float32),
-        'label': np.int32(0),
-        'index': np.int32(-1),
-        'mask': np.False_,
-      }
-    record = self.source[int(index)]
-    image = preprocess.eval(record['image'], self.size, central_fraction=self.central_fraction)
+      image, label, mask = np.zeros((self.side, self.side, self.channels), np.uint8), 0, False
+    else:
+      record = self.source[int(index)]
+      image, label, mask = images.fit(record['image'], self.side), record['label'], True
     return {
       'image': image,
-      'label': np.int32(record['label']),
+      **view,
+      'label': np.int32(label),
       'index': np.int32(index),
-      'mask': np.True_,
+      'mask': np.bool_(mask),
     }
+
+
+def side(builder: tfds.core.DatasetBuilder, input_cfg: ml_collections.ConfigDict) -> int:
+  """The side of the square uint8 images batches carry: the build's stored size, or for a
+  full-resolution build the default for input.image_size (records are fitted when read)."""
+  stored, _, _ = folder_builder.stored_shape(builder)
+  return stored or preprocess.stored_size(input_cfg.image_size)
 
 
 def train_iterator(
@@ -83,11 +109,17 @@ def train_iterator(
   seed: int,
   process_index: int = 0,
   process_count: int = 1,
+  read_images: bool = True,
+  put: Callable[[dict[str, np.ndarray]], Any] | None = None,
 ) -> grain.DatasetIterator:
   """Endless shuffled training batches of this process's shard of the 'train' split.
 
-  Yields {'image': float32 [B, H, W, 3] in [-1, 1], 'label': int32 [B]} with
-  B = input.batch_size // process_count. Processes read disjoint records. With
+  Yields {'image': uint8 [B, S, S, C], 'box', 'flip', 'colour' (the views, see
+  preprocess.draw), 'label': int32 [B]} with B = input.batch_size // process_count; with
+  `read_images` off, 'index' (record indices) instead of 'image'. `put` (e.g. placing a batch on
+  the devices) runs in a background thread that keeps two batches ahead, so the accelerator
+  never waits for the host's transfer. Iterators that differ only in `read_images` and `put`
+  have interchangeable states (`get_state` / `set_state`). Processes read disjoint records. With
   input.class_balanced, each batch cycles through the classes in turn (each class reshuffled
   per pass over it), so classes are seen equally often however unequal their counts.
   Save and restore the position with `grain.checkpoint.CheckpointSave/CheckpointRestore`.
@@ -119,22 +151,24 @@ def train_iterator(
   indices = grain.MapDataset.mix(streams) if input_cfg.class_balanced else streams[0]
   example = _TrainExample(
     builder.as_data_source('train'),
-    input_cfg.image_size,
+    labels,
+    side(builder, input_cfg),
     input_cfg.random_crop,
     input_cfg.random_flip,
     input_cfg.color_distortion,
+    read_images,
   )
   ds = (
     indices.random_map(example, seed=seeds[0])
     .to_iter_dataset(_read_options(batch))
     .batch(batch, drop_remainder=True)
   )
-  if input_cfg.num_workers > 0:
+  workers = num_workers(input_cfg)  # Even without images: the state must stay transferable.
+  if workers > 0:
     ds = ds.mp_prefetch(
-      grain.MultiprocessingOptions(num_workers=input_cfg.num_workers),
-      worker_init_fn=_ignore_interrupt,
+      grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=_ignore_interrupt
     )
-  return iter(ds)
+  return iter(_prefetch(ds, put))
 
 
 def eval_batches(
@@ -144,12 +178,15 @@ def eval_batches(
   *,
   process_index: int = 0,
   process_count: int = 1,
-) -> Iterator[dict[str, np.ndarray]]:
-  """One pass over this process's share of `split`, eval-preprocessed, in full padded batches.
+  put: Callable[[dict[str, np.ndarray]], Any] | None = None,
+) -> Iterator[dict[str, Any]]:
+  """One pass over this process's share of `split` with the evaluation view, in full padded
+  batches.
 
-  Yields {'image', 'label', 'index' (record index in the split, -1 for padding), 'mask' (False
-  for padding)}, B = input.eval_batch_size // process_count. Every process yields the same
-  number of batches, so collective ops across processes stay in step.
+  Yields {'image' (uint8, stored), 'box', 'flip', 'colour' (the view), 'label', 'index' (record
+  index in the split, -1 for padding), 'mask' (False for padding)}, B = input.eval_batch_size //
+  process_count, each passed through `put` (as in train_iterator) when given. Every process
+  yields the same number of batches, so collective ops across processes stay in step.
   """
   batch = _local_batch(input_cfg.eval_batch_size, process_count, 'input.eval_batch_size')
   source = builder.as_data_source(split)
@@ -157,9 +194,38 @@ def eval_batches(
   num_batches = math.ceil(math.ceil(len(source) / process_count) / batch)
   padded = np.full(num_batches * batch, -1, np.int64)
   padded[: len(mine)] = mine
-  example = _EvalExample(source, input_cfg.image_size, preprocess.eval_central_fraction(input_cfg))
+  example = _EvalExample(
+    source,
+    side(builder, input_cfg),
+    folder_builder.stored_shape(builder)[2],
+    preprocess.eval_central_fraction(input_cfg),
+  )
   ds = grain.MapDataset.source(padded).map(example).to_iter_dataset(_read_options(batch))
-  return iter(ds.batch(batch))
+  return iter(_prefetch(ds.batch(batch), put))
+
+
+def num_workers(input_cfg: ml_collections.ConfigDict) -> int:
+  """input.num_workers, with 'auto' resolved for this machine (see configs/default.py)."""
+  if input_cfg.num_workers != 'auto':
+    return int(input_cfg.num_workers)
+  if jax.default_backend() == 'cpu':
+    return 0  # The model needs the same cores; threads decode uint8 records fast enough.
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  return max(2, min((cores or 1) - 1, _MAX_AUTO_WORKERS))
+
+
+def _prefetch(
+  ds: grain.IterDataset, put: Callable[[dict[str, np.ndarray]], Any] | None
+) -> grain.IterDataset:
+  """Batches made in a background thread and (with `put`) transferred there, two ahead.
+
+  grain's thread prefetch keeps the iterator's checkpointable state at the batch last handed
+  out, so a checkpoint taken with batches in flight still resumes at the next unconsumed one.
+  """
+  ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=_PREFETCH)
+  if put is None:
+    return ds
+  return grain.experimental.ThreadPrefetchIterDataset(ds.map(put), prefetch_buffer_size=_PREFETCH)
 
 
 def _ignore_interrupt(worker_index: int, worker_count: int) -> None:

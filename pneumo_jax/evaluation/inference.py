@@ -1,7 +1,7 @@
 """Batched, jitted, data-parallel inference shared by eval, predict and the training loop."""
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -11,17 +11,26 @@ from jax.sharding import Mesh
 
 from pneumo_jax import sharding
 from pneumo_jax.errors import DatasetError
+from pneumo_jax.models import taps
+
+# Batch fields the model reads; the others ride along per example.
+MODEL_INPUTS = ('image', 'box', 'flip', 'colour', 'features')
 
 
 @functools.cache
-def make_probs_fn(model: nn.Module, mesh: Mesh) -> Callable[[Any, jax.Array], jax.Array]:
-  """jit(variables, images) → softmax probabilities, in float32, split over the mesh.
+def make_probs_fn(
+  model: nn.Module, mesh: Mesh, image_size: int, feature_taps: tuple[tuple[str, str], ...] = ()
+) -> Callable[[Any, dict[str, jax.Array]], jax.Array]:
+  """jit(variables, inputs) → softmax probabilities, in float32, split over the mesh.
 
-  Cached per (model, mesh), so evaluating every N training steps compiles once.
+  `inputs` holds uint8 images and their views (augmented on the device), or cached 'features'
+  of the backbone's `feature_taps` (see models.taps). Cached per argument, so evaluating every N
+  training steps compiles once.
   """
 
-  def probs(variables, images):
-    logits, _ = model.apply(variables, images, train=False)
+  def probs(variables, inputs):
+    with taps.substitute(inputs.get('features'), dict(feature_taps)):
+      logits, _ = model.apply(variables, taps.inputs(inputs, image_size), train=False)
     return jax.nn.softmax(logits.astype(np.float32), axis=-1)
 
   return jax.jit(
@@ -31,27 +40,46 @@ def make_probs_fn(model: nn.Module, mesh: Mesh) -> Callable[[Any, jax.Array], ja
   )
 
 
+def put_inputs(mesh: Mesh) -> Callable[[dict[str, Any]], dict[str, Any]]:
+  """A batch with its model inputs placed on the mesh (the rest stays on the host): the
+  pipeline's `put`, so the transfer overlaps the previous batch's computation."""
+
+  def put(batch: dict[str, Any]) -> dict[str, Any]:
+    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+    return {**batch, **sharding.shard_batch(inputs, mesh)}
+
+  return put
+
+
 def predict(
   model: nn.Module,
   variables: Any,
-  batches: Iterable[dict[str, np.ndarray]],
+  batches: Iterable[dict[str, Any]],
   mesh: Mesh | None = None,
+  *,
+  image_size: int,
+  feature_taps: Mapping[str, str] | None = None,
 ) -> dict[str, np.ndarray]:
   """Runs the model over padded batches, dropping padding rows (`mask` False).
 
-  Returns {'probs': [N, C]} plus every other per-example field the batches carry
-  (e.g. 'label', 'index'), concatenated in order.
+  A batch holds the model's inputs (MODEL_INPUTS: uint8 images with their views, or cached
+  'features' of `feature_taps`), as numpy arrays or already on the mesh, and per-example fields
+  ('mask', 'label', 'index', …). Returns {'probs': [N, C]} plus every per-example field but
+  'mask', concatenated in order.
   """
   mesh = mesh or sharding.make_mesh()
-  fn = make_probs_fn(model, mesh)
+  fn = make_probs_fn(model, mesh, image_size, tuple(sorted((feature_taps or {}).items())))
   variables = sharding.replicate(variables, mesh)
   out: dict[str, list[np.ndarray]] = {}
   for batch in batches:
-    keep = np.asarray(batch.get('mask', np.ones(len(batch['image']), bool)), bool)
-    images = sharding.shard_batch({'image': batch['image']}, mesh)['image']
-    out.setdefault('probs', []).append(np.asarray(jax.device_get(fn(variables, images)))[keep])
+    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+    if not all(isinstance(v, jax.Array) for v in jax.tree.leaves(inputs)):
+      inputs = put_inputs(mesh)(inputs)
+    probs = np.asarray(jax.device_get(fn(variables, inputs)))
+    keep = np.asarray(batch['mask'], bool) if 'mask' in batch else slice(None)
+    out.setdefault('probs', []).append(probs[keep])
     for k, v in batch.items():
-      if k not in ('image', 'mask'):
+      if k not in MODEL_INPUTS and k != 'mask':
         out.setdefault(k, []).append(np.asarray(v)[keep])
   if not out:
     raise DatasetError('predict() got no batches: the split or input list is empty')

@@ -46,6 +46,9 @@ class Backbone:
     gradcam_layers: layers Grad-CAM can weigh, earliest first; the last is the default.
     cell_centres: per layer in `gradcam_layers`, (offset, stride) in input pixels: cell i's
       receptive field is centred on pixel offset + stride * i.
+    feature_taps: per head (a top-level scope such as 'Logits'), the path regex of the layer
+      whose output is that head's whole input and is computed by frozen layers only (a pool
+      before any dropout): what a feature cache stores when only heads train (models.taps).
     load_weights: a raw weights file this backbone reads (its formats: see `weight_formats`) →
       {'params', 'batch_stats'} as numpy arrays keyed like the module's variables.
     weight_formats: a short description of the files `load_weights` reads, for messages.
@@ -63,6 +66,7 @@ class Backbone:
   preprocessing: str
   gradcam_layers: tuple[str, ...]
   cell_centres: Mapping[str, tuple[float, float]]
+  feature_taps: Mapping[str, str]
   load_weights: Callable[[str], dict[str, Any]]
   weight_formats: str
   recognise: Callable[[str], bool]

@@ -226,7 +226,7 @@ class DenseNet121(nn.Module):
         x = Transition(**_settings(self), name=f'transition{b}')(x, train)
         end_points[f'transition{b}'] = x
     x = end_points['norm5'] = _norm(self, 'norm5', x, train)
-    x = end_points['PreLogits'] = jnp.mean(x, axis=(1, 2), dtype=jnp.float32)
+    x = end_points['PreLogits'] = GlobalAvgPool(name='pool')(x)
     if self.dropout_rate:
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     logits = nn.Dense(
@@ -235,6 +235,14 @@ class DenseNet121(nn.Module):
     end_points['Logits'] = logits
     end_points['Predictions'] = jax.nn.softmax(logits, axis=-1)
     return logits, end_points
+
+
+class GlobalAvgPool(nn.Module):
+  """The classifier's whole input, as a named layer (no variables) that a feature cache taps."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return jnp.mean(x, axis=(1, 2), dtype=jnp.float32)
 
 
 def create(model_cfg: ml_collections.ConfigDict, num_classes: int, **overrides: Any) -> DenseNet121:
@@ -603,6 +611,7 @@ BACKBONE = Backbone(
   preprocessing='imagenet',
   gradcam_layers=tuple(_CELL_CENTRES),
   cell_centres=_CELL_CENTRES,
+  feature_taps={'classifier': 'pool'},
   load_weights=load_weights,
   weight_formats=WEIGHT_FORMATS,
   recognise=recognise,

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 
 from pneumo_jax import checkpoints, models, sharding
-from pneumo_jax.data import dataset_for, folder_builder, images, preprocess
+from pneumo_jax.data import dataset_for, folder_builder, images, preprocess, stored_side
 from pneumo_jax.errors import ConfigError, DatasetError
 
 
@@ -71,7 +71,25 @@ def view(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The preprocessing settings that decide what the model sees (part of a report's provenance)."""
   return {
     'image_size': config.input.image_size,
+    'stored_size': stored_side(config),
     'central_crop_fraction': preprocess.eval_central_fraction(config.input),
+  }
+
+
+def example(path: str, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """A file as the model sees it in evaluation: stored as the builder stores it
+  (images.load_stored at the run's stored size), with the evaluation view
+  (preprocess.eval_central_fraction). Grey files are repeated to 3 channels (the device's
+  augmentation does the same to grey records), so files of both kinds batch together.
+
+  Raises:
+    DatasetError: the file cannot be read; names it.
+  """
+  side = stored_side(config)
+  image = images.load_stored(path, side)
+  return {
+    'image': np.broadcast_to(image, (side, side, 3)),
+    **preprocess.central_view(side, side, preprocess.eval_central_fraction(config.input)),
   }
 
 
@@ -81,36 +99,34 @@ def examples(
   errors: dict[str, str],
   readable: list[str],
   flips: bool = False,
-) -> Iterator[tuple[np.ndarray, int]]:
-  """(eval-preprocessed image, index in `readable`) for each file that can be read.
+) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+  """(`example`, index in `readable`) for each file that can be read.
 
   As the examples are consumed, unreadable files go to `errors` (path → message) and the others
-  to `readable`. With `flips`, each image is followed by its left-right mirror image. The view is
-  the evaluation pipeline's (preprocess.eval_central_fraction), so a file is framed as in eval.
+  to `readable`. With `flips`, each image is followed by its left-right mirror image.
   """
-  fraction = preprocess.eval_central_fraction(config.input)
   for path in files:
     try:
-      image = preprocess.eval(
-        images.load_image(path), config.input.image_size, central_fraction=fraction
-      )
+      one = example(path, config)
     except DatasetError as e:
       errors[path] = str(e)
       continue
     readable.append(path)
-    yield image, len(readable) - 1
+    yield one, len(readable) - 1
     if flips:
-      yield image[:, ::-1], len(readable) - 1
+      yield {**one, 'flip': np.True_}, len(readable) - 1
 
 
 def padded_batches(
-  examples: Iterator[tuple[np.ndarray, int]], batch: int
+  examples: Iterator[tuple[dict[str, np.ndarray], int]], batch: int
 ) -> Iterator[dict[str, np.ndarray]]:
-  """Full batches {'image', 'index', 'mask'}; the last one padded with masked zero images."""
+  """Full batches of the examples' fields plus 'index' and 'mask'; the last one padded with
+  copies of its first example, masked."""
   while chunk := list(itertools.islice(examples, batch)):
     pad = batch - len(chunk)
+    rows = [x for x, _ in chunk] + [chunk[0][0]] * pad
     yield {
-      'image': np.stack([x for x, _ in chunk] + [np.zeros_like(chunk[0][0])] * pad),
+      **{k: np.stack([r[k] for r in rows]) for k in rows[0]},
       'index': np.asarray([i for _, i in chunk] + [-1] * pad, np.int32),
       'mask': np.arange(batch) < len(chunk),
     }

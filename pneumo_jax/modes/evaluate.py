@@ -37,7 +37,7 @@ def run(
   batches = pipeline.eval_batches(
     builder, split, input_cfg, process_index=jax.process_index(), process_count=jax.process_count()
   )
-  out = inference.predict(model, variables, batches)
+  out = inference.predict(model, variables, batches, image_size=config.input.image_size)
   result = metrics.compute(out['label'], out['probs'], names)
   if jax.process_index() == 0:
     files = list(np.asarray(folder_builder.split_filenames(builder, split))[out['index']])

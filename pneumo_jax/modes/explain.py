@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 
 from pneumo_jax import models, sharding
-from pneumo_jax.data import images
+from pneumo_jax.data import augment, images
 from pneumo_jax.errors import ConfigError
 from pneumo_jax.evaluation import explain
 from pneumo_jax.modes import common
@@ -94,29 +94,32 @@ def run(
   stems = _output_names(files)
   errors: dict[str, str] = {}
   readable: list[str] = []
+  to_images = jax.jit(augment.from_batch, static_argnums=1)
   for batch in common.padded_batches(
     common.examples(files, config, errors, readable), common.global_batch(config)
   ):
-    arrays = {'image': batch['image']}
+    arrays = sharding.shard_batch({k: batch[k] for k in ('image', 'box', 'flip', 'colour')}, mesh)
+    pixels = to_images(arrays, size)
+    target = None
     if target_class is not None:
-      arrays['target'] = np.full(len(batch['image']), target_class, np.int32)
-    arrays = sharding.shard_batch(arrays, mesh)
+      target = sharding.shard_batch(np.full(len(batch['mask']), target_class, np.int32), mesh)
     result = jax.device_get(
       explain.explain(
         model,
         variables,
-        arrays['image'],
-        arrays.get('target'),
+        pixels,
+        target,
         layer=layer,
         cells=backbone.cell_centres.get(layer),
       )
     )
+    shown = np.asarray(jax.device_get(pixels))
     for row in np.flatnonzero(batch['mask']):
       path = readable[batch['index'][row]]
       one = {k: v[row] for k, v in result.items()}
       explain.write_panel(
         os.path.join(out_dir, f'{stems[path]}.png'),
-        batch['image'][row],
+        shown[row],
         one,
         names,
         layer=layer,

@@ -58,12 +58,14 @@ def top_k(
   if not image_paths:
     return []
   model = models.build_inference_model(config, num_classes)
-  examples = (
-    (preprocess.eval(images.load_image(p), config.input.image_size), i)
-    for i, p in enumerate(image_paths)
-  )
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.input.central_crop_fraction = preprocess.SLIM_CENTRAL_FRACTION
+  examples = ((common.example(p, config), i) for i, p in enumerate(image_paths))
   probs = inference.predict(
-    model, variables, common.padded_batches(examples, sharding.round_up(_BATCH))
+    model,
+    variables,
+    common.padded_batches(examples, sharding.round_up(_BATCH)),
+    image_size=config.input.image_size,
   )['probs']
   best = np.argsort(-probs, axis=-1, kind='stable')[:, :k]
   return [[(names[c], float(p[c])) for c in row] for p, row in zip(probs, best, strict=True)]

@@ -47,7 +47,9 @@ def run(
   first = next(batches, None)
   if first is None:  # Nothing readable: this raises, before anything is written.
     common.report_errors(errors, len(files))
-  out = inference.predict(model, variables, itertools.chain([first], batches))
+  out = inference.predict(
+    model, variables, itertools.chain([first], batches), image_size=config.input.image_size
+  )
   probs = np.zeros((len(readable), len(names)))
   np.add.at(probs, out['index'], out['probs'])
   probs /= np.bincount(out['index'], minlength=len(readable))[:, None]

@@ -7,6 +7,7 @@ same optimizer state, same next batch.
 import collections
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -20,11 +21,11 @@ import numpy as np
 from absl import logging
 
 from pneumo_jax import checkpoints, locks, scopes, sharding
-from pneumo_jax.data import dataset_for, folder_builder, pipeline
+from pneumo_jax.data import dataset_for, folder_builder, pipeline, preprocess
 from pneumo_jax.errors import ConfigError
 from pneumo_jax.evaluation import inference, metrics
 from pneumo_jax.models import backbone_of, build_model
-from pneumo_jax.training import interrupt, optim
+from pneumo_jax.training import feature_cache, interrupt, optim
 from pneumo_jax.training.monitor import Monitor, read_records
 from pneumo_jax.training.step import TrainState, make_train_step
 
@@ -50,10 +51,17 @@ def resolve_phases(config: ml_collections.ConfigDict) -> list[Phase]:
       raise ConfigError(f'config.phases.{name}.num_steps must be a positive number of steps')
     cfg = ml_collections.ConfigDict(config.to_dict())
     for key, value in overrides.items():
-      if key not in ('num_steps', 'trainable_scopes', 'batch_norm', 'schedule', 'optimizer'):
+      if key not in (
+        'num_steps',
+        'trainable_scopes',
+        'batch_norm',
+        'schedule',
+        'optimizer',
+        'feature_cache',
+      ):
         raise ConfigError(
           f'config.phases.{name}.{key} is not a per-phase field; use num_steps, '
-          'trainable_scopes, batch_norm, schedule or optimizer'
+          'trainable_scopes, batch_norm, schedule, optimizer or feature_cache'
         )
       if isinstance(value, ml_collections.ConfigDict):
         cfg[key].update(value)
@@ -165,19 +173,36 @@ class _Run:
       self.last_eval = {k: evals[-1][k] for k in metrics.HIGHER_IS_BETTER}
       self.evals_since_best = sum(r['step'] > self.best_step for r in evals)
 
-  def evaluate(self, state: TrainState, monitor: Monitor) -> dict[str, Any]:
+  def evaluate(
+    self, state: TrainState, monitor: Monitor, cache: feature_cache.Cache | None
+  ) -> dict[str, Any]:
+    """Validation metrics of `state` (its EMA when kept), from the phase's cache if it has one."""
     variables = {
       'params': state.ema_params if state.ema_params is not None else state.params,
       'batch_stats': state.batch_stats,
     }
-    batches = pipeline.eval_batches(
-      self.builder,
-      'validation',
-      self.config.input,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
+    if cache:
+      labels = folder_builder.split_labels(self.builder, 'validation')
+      batches = cache.validation_batches(
+        labels, sharding.round_up(self.config.input.eval_batch_size)
+      )
+    else:
+      batches = pipeline.eval_batches(
+        self.builder,
+        'validation',
+        self.config.input,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        put=inference.put_inputs(self.mesh),
+      )
+    out = inference.predict(
+      self.eval_model,
+      variables,
+      batches,
+      self.mesh,
+      image_size=self.config.input.image_size,
+      feature_taps=self.backbone.feature_taps,
     )
-    out = inference.predict(self.eval_model, variables, batches, self.mesh)
     result = metrics.compute(out['label'], out['probs'], self.names)
     self.last_eval = {k: result[k] for k in metrics.HIGHER_IS_BETTER}
     monitor.write(int(state.step), 'validation', self.last_eval)
@@ -233,20 +258,14 @@ def _train(
   )(init_rng)
   variables = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
 
-  train_iter = cleanup.enter_context(
-    contextlib.closing(  # Stops grain's worker processes.
-      pipeline.train_iterator(
-        run.builder,
-        config.input,
-        seed=config.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-      )
-    )
-  )
   mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints, cleanup=True)
   best_mngr = checkpoints.manager(workdir, checkpoints.BEST_DIR, keep=1, cleanup=True)
   step = mngr.latest_step() or 0
+  uncached = {p.name: _why_uncached(run, p, variables) for p in phases}
+  stream = cleanup.enter_context(_Stream(run))  # Closing it stops grain's worker processes.
+  train_iter = stream.get(
+    uncached[next((p for p in phases if step < p.end), phases[-1]).name] is None
+  )
   if not step and not config.init_checkpoint:
     logging.warning(
       '*' * 70 + '\nNO PRETRAINED WEIGHTS: config.init_checkpoint is empty, so '
@@ -329,7 +348,37 @@ def _train(
         phase.cfg.trainable_scopes,
         phase.cfg.batch_norm,
       )
-      model = build_model(config, len(run.names), batch_norm_train=batch_norm_train(phase.cfg))
+      cached = uncached[phase.name] is None
+      model = build_model(
+        config,
+        len(run.names),
+        batch_norm_train=batch_norm_train(phase.cfg),
+        # A cached phase runs only the heads that train (a frozen aux head adds no gradient).
+        **(
+          {'create_aux_logits': run.backbone.aux_logits in _trained_heads(trainable)}
+          if cached and run.backbone.aux_logits
+          else {}
+        ),
+      )
+      cache = None
+      if cached:
+        cache = feature_cache.load_or_build(
+          workdir,
+          run.builder,
+          phase.cfg,
+          run.backbone,
+          model,
+          {'params': state.params, 'batch_stats': state.batch_stats},
+          _trained_heads(trainable),
+          run.mesh,
+        )
+      else:
+        logging.info(
+          'Phase %r runs the whole network: no feature cache, as %s.',
+          phase.name,
+          uncached[phase.name],
+        )
+      train_iter = stream.get(cached)
       train_step = jax.jit(
         make_train_step(
           model,
@@ -341,19 +390,21 @@ def _train(
           ema_decay=config.ema_decay,
           ema_mask=ema_mask,
           aux_logits=run.backbone.aux_logits,
+          image_size=config.input.image_size,
+          feature_taps=run.backbone.feature_taps,
         ),
-        in_shardings=(repl, sharding.batch_sharding(run.mesh), repl),
+        in_shardings=(repl, None, repl),  # Batches arrive on the mesh (pipeline's `put`).
         out_shardings=(repl, repl),
         donate_argnums=0,
       )
       t_ckpt = time.time()
       while step < phase.end:
         batch = next(train_iter)
-        if step == 0:
-          monitor.image_grid(batch['image'], batch['label'], run.names)
-        state, m = train_step(
-          state, sharding.shard_batch(batch, run.mesh), jax.random.fold_in(dropout_rng, step)
-        )
+        if cache:
+          batch = sharding.shard_batch(cache.train_batch(batch), run.mesh)
+        elif step == 0:
+          monitor.image_grid(_first_images(batch, size), batch['label'], run.names)
+        state, m = train_step(state, batch, jax.random.fold_in(dropout_rng, step))
         step += 1
         log.add(m)
         last = step == phase.end
@@ -366,7 +417,7 @@ def _train(
           log.flush(step, float(schedule(step - phase.start)))
         if last or _due(step, config.eval_every_steps):
           log.flush(step, float(schedule(step - phase.start)))
-          stopped_early = _evaluate_and_keep_best(run, state, monitor, best_mngr, base)
+          stopped_early = _evaluate_and_keep_best(run, state, monitor, best_mngr, base, cache)
         if (
           last
           or stopped_early
@@ -410,6 +461,64 @@ def _train(
   return summary
 
 
+class _Stream:
+  """The training batches, read with images (put on the mesh in the background) or, in a cached
+  phase, as record indices and views; switching kinds carries the position over, so the phases
+  read one stream, and a checkpoint resumes it in either kind."""
+
+  def __init__(self, run: _Run):
+    self.run = run
+    self.it: Any = None
+    self.cached: bool | None = None
+
+  def get(self, cached: bool) -> Any:
+    if self.it is not None and cached == self.cached:
+      return self.it
+    new = pipeline.train_iterator(
+      self.run.builder,
+      self.run.config.input,
+      seed=self.run.config.seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      read_images=not cached,
+      put=None if cached else functools.partial(sharding.shard_batch, mesh=self.run.mesh),
+    )
+    if self.it is not None:
+      new.set_state(self.it.get_state())
+      self.it.close()
+    self.it, self.cached = new, cached
+    return new
+
+  def __enter__(self) -> '_Stream':
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    if self.it is not None:
+      self.it.close()
+
+
+def _trained_heads(trainable: Any) -> tuple[str, ...]:
+  return feature_cache.heads(k for k, t in scopes.flatten(trainable).items() if t)
+
+
+def _why_uncached(run: _Run, phase: Phase, variables: dict[str, Any]) -> str | None:
+  """None when `phase` trains from a feature cache, else why it does not."""
+  trainable = scopes.flatten(scopes.mask(variables['params'], phase.cfg.trainable_scopes))
+  return feature_cache.why_not(phase.cfg, run.backbone, [k for k, t in trainable.items() if t])
+
+
+def _first_images(batch: dict[str, Any], size: int) -> np.ndarray:
+  """Up to 16 images of a batch as the net sees them (the numpy reference of the device's
+  augmentation), for the first batch's image grid."""
+  host = jax.device_get({k: v[:16] for k, v in batch.items() if k != 'label'})
+  return np.stack(
+    [
+      preprocess.apply(host['image'][i], {k: host[k][i] for k in ('box', 'flip', 'colour')}, size)
+      for i in range(len(host['image']))
+    ]
+  )
+
+
 class _TrainLog:
   """Collects per-step metrics on device; fetches them only when logging (keeps steps async)."""
 
@@ -448,11 +557,16 @@ def _due(step: int, every: int) -> bool:
 
 
 def _evaluate_and_keep_best(
-  run: _Run, state: TrainState, monitor: Monitor, best_mngr: Any, base: checkpoints.Base | None
+  run: _Run,
+  state: TrainState,
+  monitor: Monitor,
+  best_mngr: Any,
+  base: checkpoints.Base | None,
+  cache: feature_cache.Cache | None,
 ) -> bool:
   """Evaluates on validation, saves a new best; True when early stopping should end the run."""
   config = run.config
-  run.evaluate(state, monitor)
+  run.evaluate(state, monitor, cache)
   value = run.last_eval[config.best_metric]
   if run.best_value is None or metrics.better(config.best_metric, value, run.best_value):
     run.best_value, run.best_step, run.best_eval = value, int(state.step), dict(run.last_eval)

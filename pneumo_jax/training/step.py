@@ -7,7 +7,7 @@ leaves the run never trains, so theirs stay bitwise equal to the parameters: che
 them once, in WORKDIR/base (see checkpoints).
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax
@@ -18,6 +18,7 @@ import numpy as np
 import optax
 
 from pneumo_jax import scopes
+from pneumo_jax.models import taps
 
 
 @flax.struct.dataclass
@@ -49,8 +50,14 @@ def make_train_step(
   ema_decay: float,
   ema_mask: Any = None,
   aux_logits: str | None = None,
+  image_size: int,
+  feature_taps: Mapping[str, str] | None = None,
 ) -> Callable:
   """Builds step(state, batch, rng) → (state, metrics).
+
+  A batch is the pipeline's (uint8 images and their views, augmented here on the device) or,
+  when it carries 'features', a feature cache's (taps.substitute: the frozen layers below the
+  cached outputs never run).
 
   Args:
     model: a backbone's module whose `batch_norm_train` says which BN layers learn.
@@ -62,6 +69,8 @@ def make_train_step(
       earlier keeps converging to its (now fixed) value.
     aux_logits: the end_points key of the backbone's auxiliary classifier (its loss is weighted
       by `aux_loss_weight`); None or absent from the outputs → no aux loss.
+    image_size: the side of the model's input images.
+    feature_taps: the backbone's `feature_taps`, for batches that carry cached 'features'.
   """
   is_trainable = scopes.flatten(trainable)
   ema_follows = is_trainable if ema_mask is None else scopes.flatten(ema_mask)
@@ -79,13 +88,14 @@ def make_train_step(
 
     def loss_fn(train_part):
       params = scopes.unflatten({**flat, **train_part})
-      (logits, end_points), new_vars = model.apply(
-        {'params': params, 'batch_stats': state.batch_stats},
-        batch['image'],
-        train=True,
-        rngs={'dropout': rng},
-        mutable=['batch_stats'],
-      )
+      with taps.substitute(batch.get('features'), feature_taps):
+        (logits, end_points), new_vars = model.apply(
+          {'params': params, 'batch_stats': state.batch_stats},
+          taps.inputs(batch, image_size),
+          train=True,
+          rngs={'dropout': rng},
+          mutable=['batch_stats'],
+        )
       loss = cross_entropy(logits, labels, num_classes, label_smoothing, weights)
       aux_loss = jnp.zeros([], jnp.float32)
       if aux_logits in end_points:

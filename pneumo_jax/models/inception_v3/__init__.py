@@ -90,6 +90,8 @@ BACKBONE = Backbone(
   preprocessing='inception',
   gradcam_layers=tuple(_CELL_CENTRES),
   cell_centres=_CELL_CENTRES,
+  # The heads' average pools (named after their kernel, which shrinks for small inputs).
+  feature_taps={'Logits': r'Logits/AvgPool_1a_\w+', 'AuxLogits': r'AuxLogits/AvgPool_1a_\w+'},
   load_weights=_load_weights,
   weight_formats='a TF-Slim InceptionV3 .ckpt or a Keras InceptionV3 .h5',
   recognise=_recognise,

@@ -17,9 +17,10 @@ import optax
 
 from configs import default
 from pneumo_jax import scopes
+from pneumo_jax.data import augment, preprocess
 from pneumo_jax.models.inception_v3 import BACKBONE, InceptionV3
-from pneumo_jax.training import optim
-from pneumo_jax.training.step import TrainState, make_train_step
+from pneumo_jax.training import loop, optim
+from pneumo_jax.training.step import TrainState
 
 
 def _time(fn, *args, iters: int) -> float:
@@ -37,8 +38,17 @@ def main() -> None:
   parser.add_argument('--iters', type=int, default=5)
   args = parser.parse_args()
   size, n = args.image_size, args.batch
-  images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (n, size, size, 3)), jnp.float32)
-  batch = {'image': images, 'label': jnp.zeros(n, jnp.int32)}
+  config = default.get_config()
+  config.input.image_size = size
+  # Stored records of the input size, whole and unflipped: the step's augmentation is the
+  # identity on them, and the forward pass below sees the same images.
+  view = preprocess.central_view(size, size, 1.0)
+  batch = {
+    'image': jnp.asarray(np.random.default_rng(0).integers(0, 256, (n, size, size, 3), np.uint8)),
+    **{k: jnp.asarray(np.stack([v] * n)) for k, v in view.items()},
+    'label': jnp.zeros(n, jnp.int32),
+  }
+  images = augment.from_batch(batch, size)
   key = jax.random.key(0)
   rows = {}
   for name, trainable in (('head-only step', 'Logits,AuxLogits'), ('full step', '.*')):
@@ -46,7 +56,7 @@ def main() -> None:
     variables = jax.jit(model.init)(key, images[:1])
     mask = scopes.mask(variables['params'], trainable)
     tx = optim.make_optimizer(
-      default.get_config().optimizer, optax.constant_schedule(0.01), mask, BACKBONE.weight_decay
+      config.optimizer, optax.constant_schedule(0.01), mask, BACKBONE.weight_decay
     )
     state = TrainState(
       step=jnp.zeros([], jnp.int32),
@@ -54,18 +64,7 @@ def main() -> None:
       batch_stats=variables['batch_stats'],
       opt_state=tx.init(variables['params']),
     )
-    step = jax.jit(
-      make_train_step(
-        model,
-        tx,
-        mask,
-        aux_loss_weight=0.4,
-        label_smoothing=0.0,
-        class_weights=None,
-        ema_decay=0.0,
-        aux_logits=BACKBONE.aux_logits,
-      )
-    )
+    step = jax.jit(loop.train_step_for(config, model, tx, mask))
     if not rows:
       fwd = jax.jit(
         lambda v, x, m=model: m.apply(

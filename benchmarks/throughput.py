@@ -38,7 +38,7 @@ from pneumo_jax.data import dataset_for, folder_builder, images, pipeline
 from pneumo_jax.models import backbone_of, build_model
 from pneumo_jax.training import feature_cache, loop, optim
 from pneumo_jax.training.monitor import read_records
-from pneumo_jax.training.step import TrainState, make_train_step
+from pneumo_jax.training.step import TrainState
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('image_size', 299, 'Side fed to the net.', lower_bound=75, upper_bound=299)
@@ -166,17 +166,7 @@ def step_rate(config: ml_collections.ConfigDict, builder, num_classes: int) -> f
     opt_state=tx.init(variables['params']),
   )
   step = jax.jit(
-    make_train_step(
-      model,
-      tx,
-      trainable,
-      aux_loss_weight=config.aux_loss_weight,
-      label_smoothing=config.label_smoothing,
-      class_weights=None,
-      ema_decay=config.ema_decay,
-      aux_logits=backbone.aux_logits,
-      image_size=size,
-    ),
+    loop.train_step_for(config, model, tx, trainable),
     donate_argnums=0,
   )
   state, metrics = jax.block_until_ready(step(state, batch, key))

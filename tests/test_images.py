@@ -1,4 +1,4 @@
-"""load_image / load_stored: every accepted format becomes the same 8-bit RGB (one channel when
+"""load_stored: every accepted format becomes the same 8-bit RGB (one channel when
 grey), resized antialiased by fit; unreadable files fail clearly."""
 
 import re
@@ -32,7 +32,7 @@ def _grey3(grey: np.ndarray) -> np.ndarray:
 def test_formats_become_rgb8(tmp_path, name, save, expected):
   path = tmp_path / name
   save(path)
-  out = images.load_image(path)
+  out = images.load_stored(path, None, channels=3)
   assert out.dtype == np.uint8 and out.shape == (12, 24, 3)
   np.testing.assert_array_equal(out, expected.astype(np.uint8))
 
@@ -40,12 +40,14 @@ def test_formats_become_rgb8(tmp_path, name, save, expected):
 def test_16_bit_is_scaled_not_clipped(tmp_path):
   values = np.array([[0, 257, 32768, 65535]], np.uint16)
   Image.fromarray(values).save(tmp_path / 'a.png')
-  np.testing.assert_array_equal(images.load_image(tmp_path / 'a.png')[0, :, 0], [0, 1, 128, 255])
+  np.testing.assert_array_equal(
+    images.load_stored(tmp_path / 'a.png', None, channels=3)[0, :, 0], [0, 1, 128, 255]
+  )
 
 
 def test_jpeg_any_case(tmp_path):
   Image.fromarray(RGB).save(tmp_path / 'a.JPG', format='JPEG', quality=98)
-  out = images.load_image(tmp_path / 'a.JPG')
+  out = images.load_stored(tmp_path / 'a.JPG', None, channels=3)
   assert out.shape == (12, 24, 3)
   assert np.abs(out.astype(int) - RGB).mean() < 4  # Lossy, but the same picture.
 
@@ -67,14 +69,14 @@ def test_unreadable_names_the_path(tmp_path, name, content):
     content = path.read_bytes()[: len(path.read_bytes()) // 2]
   path.write_bytes(content)
   with pytest.raises(images.DatasetError, match=re.escape(name)) as e:
-    images.load_image(path)
+    images.load_stored(path, None, channels=3)
   # The reader's message fits every caller; only the builder suggests dataset.skip_corrupt.
   assert 'skip_corrupt' not in str(e.value)
 
 
 def test_missing_file_names_the_path(tmp_path):
   with pytest.raises(images.DatasetError, match=r'nope\.png'):
-    images.load_image(tmp_path / 'nope.png')
+    images.load_stored(tmp_path / 'nope.png', None, channels=3)
 
 
 @pytest.mark.parametrize(
@@ -134,8 +136,10 @@ def test_load_stored_keeps_one_channel_for_grey(tmp_path, name, save, channels):
   save(path)
   native = images.load_stored(path, None)
   assert native.dtype == np.uint8 and native.shape == (12, 24, channels)
-  # The same pixels as load_image, one channel when the three are equal.
-  np.testing.assert_array_equal(np.broadcast_to(native, (12, 24, 3)), images.load_image(path))
+  # The same pixels as the file read as RGB, one channel when the three are equal.
+  with Image.open(path) as image:
+    rgb = images._to_rgb8(image)
+  np.testing.assert_array_equal(np.broadcast_to(native, (12, 24, 3)), rgb)
   stored = images.load_stored(path, 16)
   assert stored.shape == (16, 16, channels)
   np.testing.assert_array_equal(stored, images.fit(native, 16))

@@ -11,7 +11,7 @@ from sklearn.tree import DecisionTreeClassifier
 
 from configs import default, demo
 from pneumo_jax.data import dataset_for, folder_builder, synthetic
-from pneumo_jax.data.images import DatasetError, load_image
+from pneumo_jax.data.images import DatasetError, load_stored
 
 
 @pytest.fixture(scope='module')
@@ -117,7 +117,7 @@ def test_profusion_rises_with_stage(folder):
     for name in sorted(os.listdir(directory)):
       if name.startswith('.'):
         continue
-      grey = load_image(os.path.join(directory, name))[..., 0].astype(float)
+      grey = load_stored(os.path.join(directory, name), None)[..., 0].astype(float)
       band = ndimage.gaussian_filter(grey, 0.7) - ndimage.gaussian_filter(grey, 3)
       spots.append(np.sum(band > 12))
       stages.append(stage)

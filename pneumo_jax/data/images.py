@@ -2,14 +2,13 @@
 
 Every accepted file becomes 8-bit, whatever its mode: palette, alpha and 16-bit images are
 converted here so that a model never sees a file read differently at training and at prediction
-time. `load_image` gives RGB; `load_stored` gives what the dataset stores: one channel for a grey
-image (an X-ray stored as RGB is three equal copies), resized once, antialiased, to the stored
-size.
+time. `load_stored` gives what the dataset stores: one channel for a grey image (an X-ray stored
+as RGB is three equal copies), resized once, antialiased, to the stored size.
 """
 
 import glob
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -23,7 +22,6 @@ __all__ = [
   'fit',
   'is_candidate',
   'is_grey',
-  'load_image',
   'load_stored',
 ]
 
@@ -82,23 +80,14 @@ def _to_stored8(image: Image.Image) -> np.ndarray:
   return np.ascontiguousarray(rgb[..., :1]) if is_grey(rgb) else rgb
 
 
-def _read(path: str | os.PathLike[str], convert: Callable[[Image.Image], np.ndarray]) -> np.ndarray:
-  """Decodes `path` fully with `convert`, raising DatasetError naming the path."""
+def _read(path: str | os.PathLike[str]) -> np.ndarray:
+  """Decodes `path` fully (`_to_stored8`), raising DatasetError naming the path."""
   try:
     with Image.open(path) as image:
       image.load()  # Decode now: a truncated file must fail here, not later in a worker.
-      return convert(image)
+      return _to_stored8(image)
   except _UNREADABLE as e:
     raise DatasetError(f'cannot read image {os.fspath(path)!r} ({type(e).__name__}: {e})') from e
-
-
-def load_image(path: str | os.PathLike[str]) -> np.ndarray:
-  """Reads `path` fully into a uint8 [H, W, 3] RGB array.
-
-  Raises:
-    DatasetError: the file is missing, not an image, truncated or corrupt; names the path.
-  """
-  return _read(path, _to_rgb8)
 
 
 def is_grey(rgb: np.ndarray) -> bool:
@@ -127,7 +116,7 @@ def load_stored(
 ) -> np.ndarray:
   """What the dataset stores for `path`: uint8 [S, S, C], S = `stored_size` (None: the file's
   own height and width), C = 1 when the image is grey (grey, 16-bit or 1-bit modes, grey
-  palettes, RGB with equal channels), else 3; modes otherwise as `load_image` reads them.
+  palettes, RGB with equal channels), else 3 (RGB: alpha dropped, palettes expanded).
 
   `channels` = 3 repeats a grey image's channel, as a dataset that also holds colour images
   stores it; None keeps the file's own C. Passing the dataset's C (`folder_builder.stored_shape`)
@@ -138,7 +127,7 @@ def load_stored(
   """
   if channels not in (None, 1, 3):
     raise ValueError(f'channels={channels} must be None, 1 or 3')
-  image = fit(_read(path, _to_stored8), stored_size)
+  image = fit(_read(path), stored_size)
   if channels is None or channels == image.shape[-1]:
     return image
   if channels == 3:

@@ -94,12 +94,11 @@ def run(
   stems = _output_names(files)
   errors: dict[str, str] = {}
   readable: list[str] = []
-  to_images = jax.jit(augment.from_batch, static_argnums=1)
   for batch in common.padded_batches(
     common.examples(files, config, errors, readable), common.global_batch(config)
   ):
     arrays = sharding.shard_batch({k: batch[k] for k in ('image', 'box', 'flip', 'colour')}, mesh)
-    pixels = to_images(arrays, size)
+    pixels = augment.from_batch(arrays, size)
     target = None
     if target_class is not None:
       target = sharding.shard_batch(np.full(len(batch['mask']), target_class, np.int32), mesh)

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -115,6 +116,33 @@ def frozen_paths(variables: dict[str, Any], phases: list[Phase]) -> dict[str, se
     'params': set(params) - trained,
     'batch_stats': {k for k in scopes.flatten(variables['batch_stats']) if not learns(k)},
   }
+
+
+def train_step_for(
+  config: ml_collections.ConfigDict,
+  model: Any,
+  tx: Any,
+  trainable: Any,
+  *,
+  class_weights: np.ndarray | None = None,
+  ema_mask: Any = None,
+) -> Callable:
+  """The loop's (unjitted) train step for `model`, with the config's loss, EMA and input size
+  and its backbone's aux head and feature taps; benchmarks time this same step."""
+  backbone = backbone_of(config)
+  return make_train_step(
+    model,
+    tx,
+    trainable,
+    aux_loss_weight=config.aux_loss_weight,
+    label_smoothing=config.label_smoothing,
+    class_weights=class_weights,
+    ema_decay=config.ema_decay,
+    ema_mask=ema_mask,
+    aux_logits=backbone.aux_logits,
+    image_size=config.input.image_size,
+    feature_taps=backbone.feature_taps,
+  )
 
 
 def class_weights(cfg: ml_collections.ConfigDict, counts: np.ndarray) -> np.ndarray | None:
@@ -380,18 +408,8 @@ def _train(
         )
       train_iter = stream.get(cached)
       train_step = jax.jit(
-        make_train_step(
-          model,
-          tx,
-          trainable,
-          aux_loss_weight=config.aux_loss_weight,
-          label_smoothing=config.label_smoothing,
-          class_weights=run.class_weights,
-          ema_decay=config.ema_decay,
-          ema_mask=ema_mask,
-          aux_logits=run.backbone.aux_logits,
-          image_size=config.input.image_size,
-          feature_taps=run.backbone.feature_taps,
+        train_step_for(
+          config, model, tx, trainable, class_weights=run.class_weights, ema_mask=ema_mask
         ),
         in_shardings=(repl, None, repl),  # Batches arrive on the mesh (pipeline's `put`).
         out_shardings=(repl, repl),

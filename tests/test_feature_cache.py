@@ -1,6 +1,7 @@
 """Feature cache: heads learn what the uncached path teaches them; no stale cache is reused."""
 
 import os
+import signal
 
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from pneumo_jax import checkpoints, scopes
 from pneumo_jax.data import dataset_for
 from pneumo_jax.models.inception_v3 import BACKBONE
-from pneumo_jax.training import feature_cache, loop
+from pneumo_jax.training import feature_cache, interrupt, loop
 
 HEADS = 'Logits,AuxLogits'
 
@@ -89,3 +90,25 @@ def test_key_changes_with_what_the_features_depend_on(tiny_config, tmp_path):
   assert key(frozen_moved) != base  # Another checkpoint.
   assert key(**{'input.image_size': 80}) != base
   assert key(**{'model.dtype': 'bfloat16'}) != base
+
+
+def test_a_signal_during_the_build_stops_it_and_the_same_command_finishes(tiny_config, tmp_path):
+  """Ctrl-C while the cache is being built stops at once (no step to finish first), leaving an
+  unfinished folder that the next run's build removes."""
+  config, workdir = _config(tiny_config, True), str(tmp_path)
+  compute = feature_cache._compute
+
+  def signalled(*args):
+    os.kill(os.getpid(), signal.SIGTERM)  # Recorded by the loop's handler, acted on per batch.
+    return compute(*args)
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(feature_cache, '_compute', signalled)
+    with pytest.raises(interrupt.Stopped) as stopped:
+      loop.train_and_evaluate(config, workdir)
+  assert (stopped.value.step, stopped.value.signum) == (0, signal.SIGTERM)
+  features = os.path.join(workdir, feature_cache.CACHE_DIR)
+  assert [n for n in os.listdir(features) if '.incomplete-' in n]
+  assert loop.train_and_evaluate(config, workdir)['status'] == 'done'
+  (built,) = os.listdir(features)
+  assert '.incomplete-' not in built

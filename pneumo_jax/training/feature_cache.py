@@ -24,7 +24,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -115,9 +115,13 @@ def load_or_build(
   variables: dict[str, Any],
   trainable: Sequence[str],
   mesh: Mesh,
+  interrupted: Callable[[], None] = lambda: None,
 ) -> Cache:
   """The phase's cache: reused when WORKDIR holds one for the same key, else computed with
-  `model` (the phase's) and `variables` ({'params', 'batch_stats'} on the mesh)."""
+  `model` (the phase's) and `variables` ({'params', 'batch_stats'} on the mesh).
+
+  `interrupted` is called between batches of a build and may raise to abandon it (Ctrl-C): the
+  unfinished folder is removed by the next build."""
   tapped = heads(trainable)
   # Evaluation runs the inference model, which has no auxiliary head.
   evaluated = tuple(h for h in tapped if h != backbone.aux_logits)
@@ -150,7 +154,7 @@ def load_or_build(
         {**cfg.input.to_dict(), 'central_crop_fraction': fraction, 'eval_batch_size': batch}
       )
 
-    compute = functools.partial(_compute, tmp, builder, capture, variables, mesh)
+    compute = functools.partial(_compute, tmp, builder, capture, variables, mesh, interrupted)
     # Without random crops, training sees the whole image; evaluation its own view.
     first, passes = compute('train', framing(1.0), tapped, (False, True)[: 1 + flips])
     framed = framing(preprocess.eval_central_fraction(cfg.input))
@@ -191,6 +195,7 @@ def _compute(
   capture: Any,
   variables: dict[str, Any],
   mesh: Mesh,
+  interrupted: Callable[[], None],
   split: str,
   input_cfg: ml_collections.ConfigDict,
   names: Sequence[str],
@@ -206,6 +211,7 @@ def _compute(
   t0 = time.time()
   batches = pipeline.eval_batches(builder, split, input_cfg, put=inference.put_inputs(mesh))
   for batch in batches:
+    interrupted()
     keep = batch['mask']
     rows = batch['index'][keep]
     for v, flip in enumerate(views or (False,)):

@@ -362,6 +362,15 @@ def _train(
   log = _TrainLog(monitor, mngr, config.input.batch_size)
   stopped_early = False
   with interrupt.StopOnSignal() as stop:
+
+    def stop_if_asked() -> None:
+      """Ends the run at `step` once a signal came (callers have saved everything up to it)."""
+      if stop.signum:
+        mngr.wait_until_finished()
+        best_mngr.wait_until_finished()
+        monitor.close()
+        raise interrupt.Stopped(step, stop.signum)
+
     for phase in phases:
       if step >= phase.end or stopped_early:
         continue
@@ -399,6 +408,8 @@ def _train(
           {'params': state.params, 'batch_stats': state.batch_stats},
           _trained_heads(trainable),
           run.mesh,
+          # Nothing changed since the last checkpoint (or the start): a signal stops the build.
+          interrupted=stop_if_asked,
         )
       else:
         logging.info(
@@ -446,11 +457,7 @@ def _train(
           log.flush(step, float(schedule(step - phase.start)))
           checkpoints.save(mngr, step, _state_dict(state), train_iter, base)
           t_ckpt = now
-        if stop.signum:  # Saved just above, with the data iterator: resume loses nothing.
-          mngr.wait_until_finished()
-          best_mngr.wait_until_finished()
-          monitor.close()
-          raise interrupt.Stopped(step, stop.signum)
+        stop_if_asked()  # Saved just above, with the data iterator: resume loses nothing.
         if stopped_early:
           logging.info(
             'Early stopping at step %d: no %s improvement in %d evaluations.',

@@ -107,9 +107,12 @@ def read_records(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f]
 
 
-def plot_curves(workdir: str) -> str:
-  """curves.png: every scalar of metrics.jsonl against step, train and validation together."""
+def plot_curves(workdir: str) -> str | None:
+  """curves.png: every scalar of metrics.jsonl against step, train and validation together;
+  None (nothing written) before the first record, as in a run stopped before its first step."""
   records = read_records(workdir)
+  if not records:
+    return None
   keys = sorted(
     {
       k

@@ -7,15 +7,15 @@
 For head-only and full fine-tuning prints images/s of: the grain input pipeline alone (no
 model; the same for both modes), the jitted train step alone on a fixed device-resident batch
 (uint8 records, augmented on the device as in training), `train_and_evaluate` end to end without
-the feature cache, and, head-only, end to end from the feature cache (its one backbone pass per
-image and view timed apart); with --reference keras, Keras 3 (TensorFlow backend) on the same
-image files and recipe, and the seed's whole recipe (6,000 head-only steps of 16 over ~2,000
-images: 1,600 training images in 2 views and 400 validation images) projected from the measured
-rates for both. Every rate leaves out compilation and warm-up: the pipeline's first batches
-(worker start), the step's first call, the loop's first logged interval (which also holds the
-cache's build), Keras's first batch. Ratios use references measured in the same run, so the
-machine's speed cancels. Data follow the seed's recipe: flips only, no random crop, no colour
-distortion.
+the feature cache, and, head-only and top (two_phase.py's second phase, `--modes top`), end to
+end from the feature cache (its one pass of the frozen layers per image and view timed apart);
+with --reference keras, Keras 3 (TensorFlow backend) on the same image files and recipe, and the
+seed's whole recipe (6,000 head-only steps of 16 over ~2,000 images: 1,600 training images in 2
+views and 400 validation images) projected from the measured rates for both. Every rate leaves
+out compilation and warm-up: the pipeline's first batches (worker start), the step's first call,
+the loop's first logged interval (which also holds the cache's build), Keras's first batch.
+Ratios use references measured in the same run, so the machine's speed cancels. Data follow the
+seed's recipe: flips only, no random crop, no colour distortion.
 """
 
 import itertools
@@ -48,12 +48,13 @@ flags.DEFINE_integer('images', 64, 'Generated images (two classes).', lower_boun
 flags.DEFINE_integer('source_size', 512, 'Side of the generated images.', lower_bound=75)
 flags.DEFINE_string('source_dir', None, 'A folder of class subfolders to use instead.')
 flags.DEFINE_string('num_workers', 'auto', "input.num_workers: 'auto', 0 or >= 2 processes.")
-flags.DEFINE_list('modes', ['head-only', 'full'], 'Which of head-only, full to time.')
+flags.DEFINE_list('modes', ['head-only', 'full'], 'Which of head-only, top, full to time.')
 flags.DEFINE_list('workers_sweep', [], 'Also time the pipeline alone with these num_workers.')
 flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'model.dtype.')
 flags.DEFINE_enum('reference', None, ['keras'], 'Also time Keras 3 (TensorFlow backend).')
 
-MODES = {'head-only': 'Logits,AuxLogits', 'full': '.*'}  # trainable_scopes
+# trainable_scopes; 'top' is configs/two_phase.py's second phase (cached at Mixed_6d).
+MODES = {'head-only': 'Logits,AuxLogits', 'top': 'Mixed_6e,Mixed_7,Logits,AuxLogits', 'full': '.*'}
 
 
 def main(argv: list[str]) -> None:
@@ -77,13 +78,13 @@ def main(argv: list[str]) -> None:
         (mode, 'model step', model, ''),
         (mode, 'end to end', ours, f'{ours / model:.2f} of model step'),
       ]
-      if mode == 'head-only':
-        cached, per_view = end_to_end_rate(config, os.path.join(tmp, 'cached'), cache=True)
+      if mode != 'full':
+        cached, per_view = end_to_end_rate(config, os.path.join(tmp, f'{mode}-cached'), cache=True)
         rows += [
           (mode, 'cache build', 1 / per_view, 'image views/s, once per image and view'),
           (mode, 'from cache', cached, f'{cached / model:.1f}× model step'),
         ]
-      if FLAGS.reference == 'keras':
+      if FLAGS.reference == 'keras' and mode != 'top':
         ref = keras_rate(config, source, num_classes, head_only=mode == 'head-only')
         rows.append((mode, 'keras (TF)', ref, f'end to end = {ours / ref:.2f}× keras'))
         if mode == 'head-only':

@@ -1,14 +1,18 @@
-"""Feature cache: heads learn what the uncached path teaches them; no stale cache is reused."""
+"""Feature cache: trained layers learn what the uncached path teaches them; no stale cache is
+reused; a cache that would not fit is not built."""
 
 import os
+import shutil
 import signal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pneumo_jax import checkpoints, scopes
 from pneumo_jax.data import dataset_for
+from pneumo_jax.models import build_model
 from pneumo_jax.models.inception_v3 import BACKBONE
 from pneumo_jax.training import feature_cache, interrupt, loop
 
@@ -16,7 +20,8 @@ HEADS = 'Logits,AuxLogits'
 
 
 def _config(tiny_config, cache: bool):
-  """Two phases: heads only (cacheable: flips only), then a top block too (uncached)."""
+  """Two phases, both cacheable (flips only): heads only (cut at their pools), then a top block
+  too (cut at Mixed_7b, plus the aux head's pool, as Mixed_6e stays frozen)."""
   c = tiny_config(
     **{
       'input.random_crop': False,
@@ -42,11 +47,17 @@ def runs(tiny_config, tmp_path_factory):
   return out
 
 
-def test_cached_heads_learn_the_uncached_numbers(runs):
-  """Same batches, flips and dropout: only float rounding differs (the backbone's features are
-  computed in other batches), so parameters agree to ~1e-5 relative after 3 + 1 steps."""
+def test_cached_phases_learn_the_uncached_numbers(runs):
+  """Same batches, flips and dropout: only float rounding differs (the frozen layers' outputs
+  are computed in other batches), so parameters agree to ~1e-5 relative after 3 + 1 steps."""
   (cached_dir, cached, with_cache), (_, uncached, without) = runs[True], runs[False]
-  assert os.listdir(os.path.join(cached_dir, feature_cache.CACHE_DIR))  # It was used.
+  (key,) = os.listdir(os.path.join(cached_dir, feature_cache.CACHE_DIR))  # The top phase's.
+  assert sorted(os.listdir(os.path.join(cached_dir, feature_cache.CACHE_DIR, key))) == [
+    'done.json',
+    'train_AuxLogits.npy',
+    'train_Mixed_7b.npy',
+    'validation_Mixed_7b.npy',
+  ]
   moved = [k for k in with_cache if k.startswith(('Logits/', 'AuxLogits/', 'Mixed_7c/'))]
   assert moved
   for k in with_cache:
@@ -55,18 +66,40 @@ def test_cached_heads_learn_the_uncached_numbers(runs):
     assert cached['final'][metric] == pytest.approx(value, rel=1e-4, abs=1e-5), metric
 
 
-def test_why_not(tiny_config):
-  def reason(trainable=('Logits/Conv2d_1c_1x1/weights',), **overrides):
+def test_plan(tiny_config):
+  def plan(*trainable, **overrides):
     cfg = tiny_config(**{'input.random_crop': False, 'input.color_distortion': False, **overrides})
-    return feature_cache.why_not(cfg, BACKBONE, trainable)
+    cut = feature_cache.plan(cfg, BACKBONE, [f'{s}/w' for s in trainable or ('Logits',)])
+    return cut if isinstance(cut, str) else (sorted(cut.taps), cut.frozen[-1])
 
-  assert reason() is None
-  assert reason(('Logits/b', 'AuxLogits/Conv2d_1b_1x1/weights')) is None
-  assert 'random_crop' in reason(**{'input.random_crop': True})
-  assert 'color_distortion' in reason(**{'input.color_distortion': True})
-  assert 'batch statistics' in reason(batch_norm='all')
-  assert 'feature_cache is off' in reason(feature_cache=False)
-  assert reason(('Mixed_7c/Branch_0/Conv2d_0a_1x1/weights',)).startswith('Mixed_7c/')
+  taps = BACKBONE.feature_taps
+  assert plan() == (['Logits'], 'Mixed_7c')
+  assert plan('Logits', 'AuxLogits') == (['AuxLogits', 'Logits'], 'Mixed_7c')
+  # A block trains: the block below it, and the aux head's input while Mixed_6e stays frozen.
+  assert plan('Mixed_7c', 'Logits', 'AuxLogits') == (['AuxLogits', 'Mixed_7b'], 'Mixed_7b')
+  assert plan('Mixed_7c', 'Logits') == (['Mixed_7b'], 'Mixed_7b')
+  assert plan('Mixed_6e', 'Mixed_7a', 'Logits', 'AuxLogits') == (['Mixed_6d'], 'Mixed_6d')
+  cfg = tiny_config(**{'input.random_crop': False, 'input.color_distortion': False})
+  cut = feature_cache.plan(cfg, BACKBONE, ['Mixed_7c/w', 'AuxLogits/w'])
+  assert cut.taps == {'AuxLogits': taps['AuxLogits'], 'Mixed_7b': 'Mixed_7b'}
+  assert 'no frozen layer' in plan('Conv2d_1a_3x3', 'Logits')
+  assert 'random_crop' in plan(**{'input.random_crop': True})
+  assert 'color_distortion' in plan(**{'input.color_distortion': True})
+  assert 'batch statistics' in plan(batch_norm='all')
+  assert 'feature_cache is off' in plan(feature_cache=False)
+
+
+def test_a_cache_that_would_not_fit_is_not_built(tiny_config, tmp_path):
+  cfg = _config(tiny_config, True)
+  builder = dataset_for(cfg, str(tmp_path))
+  model = build_model(cfg, 4)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 75, 75, 3))))
+  cut = feature_cache.plan(cfg, BACKBONE, ['Mixed_7c/w', 'Logits/w'])
+  assert feature_cache.room(str(tmp_path), builder, cfg, cut, model, variables) is None
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(shutil, 'disk_usage', lambda _: shutil._ntuple_diskusage(1, 0, 2**29))
+    why = feature_cache.room(str(tmp_path), builder, cfg, cut, model, variables)
+  assert why.startswith('its 0.0 GiB (and 1 GiB to spare) would not fit in the 0.5 GiB free')
 
 
 def test_key_changes_with_what_the_features_depend_on(tiny_config, tmp_path):
@@ -80,12 +113,13 @@ def test_key_changes_with_what_the_features_depend_on(tiny_config, tmp_path):
   def key(variables=variables, **overrides):
     c = cfg.copy_and_resolve_references()
     c.update_from_flattened_dict(overrides)
-    return feature_cache._key(builder, c, BACKBONE, ('AuxLogits', 'Logits'), True, variables)
+    cut = feature_cache.plan(c, BACKBONE, ['Logits/w', 'AuxLogits/w'])
+    return feature_cache._key(builder, c, BACKBONE, cut, True, variables)
 
   base = key()
   assert key() == base
   head_moved = {**variables, 'params': {**variables['params'], 'Logits': {'w': jnp.zeros(2)}}}
-  assert key(head_moved) == base  # The heads' own weights do not shape the features.
+  assert key(head_moved) == base  # The trained layers' own weights do not shape the features.
   frozen_moved = {**variables, 'batch_stats': {'Mixed_7c': {'mean': jnp.ones(3)}}}
   assert key(frozen_moved) != base  # Another checkpoint.
   assert key(**{'input.image_size': 80}) != base

@@ -49,6 +49,11 @@ class Backbone:
     feature_taps: per head (a top-level scope such as 'Logits'), the path regex of the layer
       whose output is that head's whole input and is computed by frozen layers only (a pool
       before any dropout): what a feature cache stores when only heads train (models.taps).
+    blocks: the top-level scopes below the heads in the order the input flows through them, each
+      reading only the one before (parameter-free functions may sit between): when the lowest
+      trainable block is blocks[k], a feature cache stores blocks[k − 1]'s output.
+    head_inputs: per head scope, the block whose output it reads (InceptionV3's aux head reads
+      Mixed_6e, below the last block), so a cache cut above it also stores the head's input.
     load_weights: a raw weights file this backbone reads (its formats: see `weight_formats`) →
       {'params', 'batch_stats'} as numpy arrays keyed like the module's variables.
     weight_formats: a short description of the files `load_weights` reads, for messages.
@@ -67,6 +72,8 @@ class Backbone:
   gradcam_layers: tuple[str, ...]
   cell_centres: Mapping[str, tuple[float, float]]
   feature_taps: Mapping[str, str]
+  blocks: tuple[str, ...]
+  head_inputs: Mapping[str, str]
   load_weights: Callable[[str], dict[str, Any]]
   weight_formats: str
   recognise: Callable[[str], bool]

@@ -1,11 +1,12 @@
 """Cut points in a network: read a layer's output, or feed a stored one in its place.
 
 A backbone names, per head scope, the parameter-free layer whose output is that head's whole input
-(`Backbone.feature_taps`, e.g. InceptionV3's `Logits` → its average pool). When only heads train,
-the layers below those outputs compute the same thing every time an image is seen in the same
-view, so a feature cache (`pneumo_jax.training.feature_cache`) computes them once with `capture`,
-and the step then runs the model under `substitute`: the tapped layers return the cached values,
-nothing reads the input images, and XLA removes every layer below.
+(`Backbone.feature_taps`, e.g. InceptionV3's `Logits` → its average pool), and its blocks in order
+(`Backbone.blocks`). When a phase trains only the layers above such outputs, the layers below
+compute the same thing every time an image is seen in the same view, so a feature cache
+(`pneumo_jax.training.feature_cache`) computes them once with `capture`, and the step then runs
+the model under `substitute`: the tapped layers return the cached values, nothing reads the input
+images, and XLA removes every layer below.
 """
 
 import contextlib

@@ -1,27 +1,33 @@
-"""Feature cache: when only the heads train, the frozen backbone runs once per image and view.
+"""Feature cache: the frozen part of a network runs once per image and view, not every step.
 
 The seed's recipe trains a new head on a frozen InceptionV3 for 6,000 steps of 16 images: the
 backbone runs 96,000 times over ~2,000 images, computing the same features again and again. When
-a phase trains nothing below the heads' inputs (`Backbone.feature_taps`: the pools before the
-logits), no batch norm below them uses batch statistics, and the training augmentation reduces
-to a finite set of views (no random crop, no colour distortion; a flip gives two), those inputs
-are a function of (image, view) alone. So they are computed once per training image and view,
-and once per validation image in the evaluation view, and the phase trains and evaluates the
-heads from them (`models.taps.substitute`). The batches are the uncached path's (same records,
-same flips, same dropout), so the heads learn the same numbers up to float rounding.
+no batch norm below a phase's trainable layers uses batch statistics and the training
+augmentation reduces to a finite set of views (no random crop, no colour distortion; a flip
+gives two), the outputs of its frozen layers are a function of (image, view) alone. So they are
+computed once per training image and view, and once per validation image in the evaluation view,
+and the phase trains and evaluates from them (`models.taps.substitute`). Where the cut lies
+(`plan`): a phase training only heads caches the heads' inputs (`Backbone.feature_taps`, the
+pools before the logits: 8 KB per view); one that also trains top blocks (configs/two_phase.py's
+`top`) caches the last frozen block's output (`Backbone.blocks`), when it fits on disk (`room`).
+The batches are the uncached path's (same records, same flips, same dropout), so the trained
+layers learn the same numbers up to float rounding.
 
 The cache lives on disk, memory-mapped, under WORKDIR/features/<key>/: sets larger than memory
 still work (the OS pages them in), and a resumed run reuses it. The key hashes everything the
-features depend on (the dataset build, image and stored size, views, the tapped heads, dtype and
-every frozen variable's value), so a changed dataset, checkpoint or size never reuses a stale
-cache; building a new one removes the run's old ones.
+features depend on (the dataset build, image and stored size, views, the cut, dtype and every
+frozen variable's value), so a changed dataset, checkpoint or size never reuses a stale cache;
+building a new one removes the run's old ones.
 """
 
 import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
+import pathlib
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -43,13 +49,26 @@ from pneumo_jax.models import Backbone, taps
 
 CACHE_DIR = 'features'
 _VERSION = 1  # Bump when what is stored changes for the same key.
+_SPARE = 2**30  # Disk a cache must leave free (checkpoints, reports).
 
 
-def why_not(
-  cfg: ml_collections.ConfigDict, backbone: Backbone, trainable: Iterable[str]
-) -> str | None:
-  """None when a phase (its config `cfg`, its trainable parameter paths) can train from the
-  cache; else why not, for one log line. Decided from the config alone, before any state."""
+@dataclasses.dataclass(frozen=True)
+class Cut:
+  """Where a phase's frozen part ends: the layers whose outputs the cache holds (name → path
+  regex, as `Backbone.feature_taps`) and the top-level scopes whose variables compute them."""
+
+  taps: dict[str, str]
+  frozen: tuple[str, ...]
+
+
+def plan(cfg: ml_collections.ConfigDict, backbone: Backbone, trainable: Iterable[str]) -> Cut | str:
+  """Where a phase (its config `cfg`, its trainable parameter paths) can train from a cache,
+  or why it cannot, for one log line. Decided from the config alone, before any state.
+
+  Only heads train: the heads' inputs (`feature_taps`). Blocks train too, the lowest being
+  blocks[k]: blocks[k − 1]'s output, plus the input of any trainable head that reads a frozen
+  block (InceptionV3's aux head on Mixed_6e when only Mixed_7* train).
+  """
   if not cfg.feature_cache:
     return 'feature_cache is off'
   if cfg.input.random_crop:
@@ -60,22 +79,63 @@ def why_not(
     return "batch_norm='all' normalises frozen layers with batch statistics"
   if jax.process_count() > 1:
     return 'it is built by one process (multi-process runs train uncached)'
-  below = [p for p in trainable if p.split('/')[0] not in backbone.feature_taps]
-  if below:
-    return f'{below[0]} trains, below the heads ({", ".join(backbone.feature_taps)})'
-  return None
+  trained = {p.split('/')[0] for p in trainable}
+  blocks = backbone.blocks
+  if unknown := sorted(trained - set(blocks) - set(backbone.feature_taps)):
+    return f"{unknown[0]} trains and is neither a head nor one of the backbone's blocks"
+  k = min((blocks.index(s) for s in trained if s in blocks), default=len(blocks))
+  if k == 0:
+    return f'{blocks[0]} trains: no frozen layer is left to cache'
+  cut = {
+    h: backbone.feature_taps[h]
+    for h in sorted(trained & set(backbone.feature_taps))
+    if blocks.index(backbone.head_inputs[h]) < k
+  }
+  if k < len(blocks):
+    cut[blocks[k - 1]] = re.escape(blocks[k - 1])
+  return Cut(cut, blocks[:k])
 
 
-def heads(trainable: Iterable[str]) -> tuple[str, ...]:
-  """The heads a cached phase trains (and whose inputs the cache holds)."""
-  return tuple(sorted({p.split('/')[0] for p in trainable}))
+def room(
+  workdir: str,
+  builder: tfds.core.DatasetBuilder,
+  cfg: ml_collections.ConfigDict,
+  cut: Cut,
+  model: nn.Module,
+  variables: dict[str, Any],
+) -> str | None:
+  """Why `cut`'s cache would not fit on WORKDIR's disk beside `_SPARE` bytes for checkpoints
+  and reports, or None. A top-block cut is large (InceptionV3's Mixed_6d at 299: 0.9 MB per
+  image and view), a heads' cut small (PreLogits: 8 KB)."""
+  size = cfg.input.image_size
+  shapes = jax.eval_shape(
+    lambda v: taps.capture(
+      model, v, jnp.zeros((1, size, size, 3)), cut.taps, tuple(cut.taps), train=False
+    ),
+    variables,
+  )
+  per_view = sum(4 * math.prod(s.shape[1:]) for s in shapes.values())  # float32
+  views = 1 + bool(cfg.input.random_flip)
+  rows = views * len(folder_builder.split_labels(builder, 'train'))
+  rows += len(folder_builder.split_labels(builder, 'validation'))
+  root = os.path.join(workdir, CACHE_DIR)
+  # A new build first removes the run's old caches, so their space counts as free.
+  old = sum(f.stat().st_size for f in pathlib.Path(root).rglob('*') if f.is_file())
+  free = shutil.disk_usage(workdir).free + old
+  if rows * per_view + _SPARE <= free:
+    return None
+  return (
+    f'its {rows * per_view / 2**30:.1f} GiB (and {_SPARE / 2**30:.0f} GiB to spare) would not '
+    f'fit in the {free / 2**30:.1f} GiB free under {workdir}'
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class Cache:
-  """Memory-mapped features: train[head] [N, views, ...], validation[head] [M, ...]."""
+  """Memory-mapped features of `taps`: train[tap] [N, views, ...], validation[tap] [M, ...]."""
 
   directory: str
+  taps: dict[str, str]
   train: dict[str, np.ndarray]
   validation: dict[str, np.ndarray]
 
@@ -113,7 +173,7 @@ def load_or_build(
   backbone: Backbone,
   model: nn.Module,
   variables: dict[str, Any],
-  trainable: Sequence[str],
+  cut: Cut,
   mesh: Mesh,
   interrupted: Callable[[], None] = lambda: None,
 ) -> Cache:
@@ -122,12 +182,12 @@ def load_or_build(
 
   `interrupted` is called between batches of a build and may raise to abandon it (Ctrl-C): the
   unfinished folder is removed by the next build."""
-  tapped = heads(trainable)
+  tapped = tuple(cut.taps)
   # Evaluation runs the inference model, which has no auxiliary head.
   evaluated = tuple(h for h in tapped if h != backbone.aux_logits)
   flips = bool(cfg.input.random_flip)
   size = cfg.input.image_size
-  key = _key(builder, cfg, backbone, tapped, flips, variables)
+  key = _key(builder, cfg, backbone, cut, flips, variables)
   root = os.path.join(workdir, CACHE_DIR)
   path = os.path.join(root, key)
   if not os.path.exists(os.path.join(path, 'done.json')):
@@ -141,7 +201,7 @@ def load_or_build(
         model,
         v,
         taps.inputs({**inputs, 'flip': jnp.full_like(inputs['flip'], flip)}, size),
-        backbone.feature_taps,
+        cut.taps,
         tapped,
         train=False,
       ),
@@ -170,6 +230,7 @@ def load_or_build(
     what = 'Reusing'
   cache = Cache(
     path,
+    cut.taps,
     {h: np.load(os.path.join(path, f'train_{h}.npy'), mmap_mode='r') for h in tapped},
     {h: np.load(os.path.join(path, f'validation_{h}.npy'), mmap_mode='r') for h in evaluated},
   )
@@ -242,7 +303,7 @@ def _key(
   builder: tfds.core.DatasetBuilder,
   cfg: ml_collections.ConfigDict,
   backbone: Backbone,
-  tapped: Sequence[str],
+  cut: Cut,
   flips: bool,
   variables: dict[str, Any],
 ) -> str:
@@ -256,13 +317,13 @@ def _key(
     pipeline.side(builder, cfg.input),
     preprocess.eval_central_fraction(cfg.input),
     flips,
-    list(tapped),
+    sorted(cut.taps.items()),
     cfg.model.to_dict(),
   ]
   digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
   for collection in ('params', 'batch_stats'):
     for path, value in sorted(scopes.flatten(variables[collection]).items()):
-      if path.split('/')[0] not in tapped:  # The heads' own variables do not shape the features.
+      if path.split('/')[0] in cut.frozen:  # Trainable layers' variables do not shape them.
         digest.update(path.encode())
         digest.update(np.asarray(jax.device_get(value)).tobytes())
   return digest.hexdigest()[:16]

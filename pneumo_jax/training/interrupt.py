@@ -47,8 +47,8 @@ class StopOnSignal:
     if self.signum is None:
       self.signum = signum
       print(
-        f'\n{signal.Signals(signum).name}: saving a checkpoint after this step '
-        '(press Ctrl-C again to abort without saving).',
+        f'\n{signal.Signals(signum).name}: stopping after this step or batch, with a checkpoint '
+        'of the steps done (press Ctrl-C again to abort without saving).',
         file=sys.stderr,
         flush=True,
       )

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -27,6 +27,7 @@ from pneumo_jax.errors import ConfigError
 from pneumo_jax.evaluation import inference, metrics
 from pneumo_jax.models import backbone_of, build_model
 from pneumo_jax.training import feature_cache, interrupt, optim
+from pneumo_jax.training.feature_cache import Cut
 from pneumo_jax.training.monitor import Monitor, read_records
 from pneumo_jax.training.step import TrainState, make_train_step
 
@@ -126,9 +127,11 @@ def train_step_for(
   *,
   class_weights: np.ndarray | None = None,
   ema_mask: Any = None,
+  feature_taps: Mapping[str, str] | None = None,
 ) -> Callable:
   """The loop's (unjitted) train step for `model`, with the config's loss, EMA and input size
-  and its backbone's aux head and feature taps; benchmarks time this same step."""
+  and its backbone's aux head; `feature_taps`: a feature cache's (`Cache.taps`), for batches of
+  cached features. Benchmarks time this same step."""
   backbone = backbone_of(config)
   return make_train_step(
     model,
@@ -141,7 +144,7 @@ def train_step_for(
     ema_mask=ema_mask,
     aux_logits=backbone.aux_logits,
     image_size=config.input.image_size,
-    feature_taps=backbone.feature_taps,
+    feature_taps=feature_taps,
   )
 
 
@@ -229,7 +232,7 @@ class _Run:
       batches,
       self.mesh,
       image_size=self.config.input.image_size,
-      feature_taps=self.backbone.feature_taps,
+      feature_taps=cache.taps if cache else None,
     )
     result = metrics.compute(out['label'], out['probs'], self.names)
     self.last_eval = {k: result[k] for k in metrics.HIGHER_IS_BETTER}
@@ -271,10 +274,10 @@ def _train(
   cleanup: contextlib.ExitStack,
 ) -> dict[str, Any]:
   t_start = time.time()
+  run = _Run(config, workdir)  # Builds the dataset: a wrong source_dir fails before any write.
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
-  run = _Run(config, workdir)
   total = phases[-1].end
 
   rng = jax.random.key(config.seed)
@@ -289,10 +292,10 @@ def _train(
   mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints, cleanup=True)
   best_mngr = checkpoints.manager(workdir, checkpoints.BEST_DIR, keep=1, cleanup=True)
   step = mngr.latest_step() or 0
-  uncached = {p.name: _why_uncached(run, p, variables) for p in phases}
+  cuts = {p.name: _cut(run, p, variables, workdir) for p in phases}
   stream = cleanup.enter_context(_Stream(run))  # Closing it stops grain's worker processes.
   train_iter = stream.get(
-    uncached[next((p for p in phases if step < p.end), phases[-1]).name] is None
+    isinstance(cuts[next((p for p in phases if step < p.end), phases[-1]).name], Cut)
   )
   if not step and not config.init_checkpoint:
     logging.warning(
@@ -385,14 +388,15 @@ def _train(
         phase.cfg.trainable_scopes,
         phase.cfg.batch_norm,
       )
-      cached = uncached[phase.name] is None
+      cut = cuts[phase.name]
+      cached = isinstance(cut, Cut)
       model = build_model(
         config,
         len(run.names),
         batch_norm_train=batch_norm_train(phase.cfg),
         # A cached phase runs only the heads that train (a frozen aux head adds no gradient).
         **(
-          {'create_aux_logits': run.backbone.aux_logits in _trained_heads(trainable)}
+          {'create_aux_logits': run.backbone.aux_logits in _trained_scopes(trainable)}
           if cached and run.backbone.aux_logits
           else {}
         ),
@@ -406,7 +410,7 @@ def _train(
           run.backbone,
           model,
           {'params': state.params, 'batch_stats': state.batch_stats},
-          _trained_heads(trainable),
+          cut,
           run.mesh,
           # Nothing changed since the last checkpoint (or the start): a signal stops the build.
           interrupted=stop_if_asked,
@@ -415,12 +419,18 @@ def _train(
         logging.info(
           'Phase %r runs the whole network: no feature cache, as %s.',
           phase.name,
-          uncached[phase.name],
+          cut,
         )
       train_iter = stream.get(cached)
       train_step = jax.jit(
         train_step_for(
-          config, model, tx, trainable, class_weights=run.class_weights, ema_mask=ema_mask
+          config,
+          model,
+          tx,
+          trainable,
+          class_weights=run.class_weights,
+          ema_mask=ema_mask,
+          feature_taps=cache.taps if cache else None,
         ),
         in_shardings=(repl, None, repl),  # Batches arrive on the mesh (pipeline's `put`).
         out_shardings=(repl, repl),
@@ -522,14 +532,17 @@ class _Stream:
       self.it.close()
 
 
-def _trained_heads(trainable: Any) -> tuple[str, ...]:
-  return feature_cache.heads(k for k, t in scopes.flatten(trainable).items() if t)
+def _trained_scopes(trainable: Any) -> set[str]:
+  return {k.split('/')[0] for k, t in scopes.flatten(trainable).items() if t}
 
 
-def _why_uncached(run: _Run, phase: Phase, variables: dict[str, Any]) -> str | None:
-  """None when `phase` trains from a feature cache, else why it does not."""
+def _cut(run: _Run, phase: Phase, variables: dict[str, Any], workdir: str) -> Cut | str:
+  """Where `phase` trains from a feature cache, else why it does not."""
   trainable = scopes.flatten(scopes.mask(variables['params'], phase.cfg.trainable_scopes))
-  return feature_cache.why_not(phase.cfg, run.backbone, [k for k, t in trainable.items() if t])
+  cut = feature_cache.plan(phase.cfg, run.backbone, [k for k, t in trainable.items() if t])
+  if isinstance(cut, str):
+    return cut
+  return feature_cache.room(workdir, run.builder, phase.cfg, cut, run.eval_model, variables) or cut
 
 
 def _first_images(batch: dict[str, Any], size: int) -> np.ndarray:

@@ -70,7 +70,7 @@ def make_train_step(
     aux_logits: the end_points key of the backbone's auxiliary classifier (its loss is weighted
       by `aux_loss_weight`); None or absent from the outputs → no aux loss.
     image_size: the side of the model's input images.
-    feature_taps: the backbone's `feature_taps`, for batches that carry cached 'features'.
+    feature_taps: a feature cache's taps (`Cache.taps`), for batches that carry its 'features'.
   """
   is_trainable = scopes.flatten(trainable)
   ema_follows = is_trainable if ema_mask is None else scopes.flatten(ema_mask)

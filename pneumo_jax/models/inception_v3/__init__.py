@@ -11,7 +11,7 @@ import numpy as np
 
 from pneumo_jax.models import weights
 from pneumo_jax.models.backbone import Backbone
-from pneumo_jax.models.inception_v3.net import MIN_SIZE, InceptionV3
+from pneumo_jax.models.inception_v3.net import BLOCKS, MIN_SIZE, InceptionV3
 
 __all__ = ['BACKBONE', 'InceptionV3']
 
@@ -92,6 +92,8 @@ BACKBONE = Backbone(
   cell_centres=_CELL_CENTRES,
   # The heads' average pools (named after their kernel, which shrinks for small inputs).
   feature_taps={'Logits': r'Logits/AvgPool_1a_\w+', 'AuxLogits': r'AuxLogits/AvgPool_1a_\w+'},
+  blocks=BLOCKS,
+  head_inputs={'Logits': 'Mixed_7c', 'AuxLogits': 'Mixed_6e'},
   load_weights=_load_weights,
   weight_formats='a TF-Slim InceptionV3 .ckpt or a Keras InceptionV3 .h5',
   recognise=_recognise,

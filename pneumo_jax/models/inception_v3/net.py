@@ -156,6 +156,10 @@ def _architecture(depth: Callable[[int], int]) -> list[ConvSpec | PoolSpec | Mix
   ]
 
 
+# The body's top-level scopes in order, Conv2d_1a_3x3 … Mixed_7c (the names do not depend on depth).
+BLOCKS = tuple(spec.name for spec in _architecture(lambda d: d))
+
+
 def _reduced_kernel(x: jax.Array, kernel: tuple[int, int]) -> tuple[int, int]:
   """slim's `_reduced_kernel_size_for_small_input`: clip a window to the feature map."""
   return min(x.shape[1], kernel[0]), min(x.shape[2], kernel[1])

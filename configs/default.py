@@ -38,6 +38,22 @@ def get_config() -> ml_collections.ConfigDict:
   c.dataset.stored_size = ml_collections.FieldReference(None, field_type=int)
   c.dataset.full_resolution = False  # True: store files at full resolution (PNG) and resize on
   #   every read: slower, but one build serves several input.image_size values.
+  # How grey images deeper than 8 bits (DICOM, 16-bit PNG/TIFF) become 8-bit, i.e. which values
+  # map to black and white (linearly between; DICOM's rescale slope/intercept applied first,
+  # MONOCHROME1 inverted last). 8-bit files are read as they are, whatever this says.
+  #   'file': a DICOM's own VOI LUT or window centre/width when it has one; otherwise the range
+  #     of the stored bits: a DICOM's BitsStored, a 16-bit PNG/TIFF's smallest depth of 8–16
+  #     bits that holds its brightest pixel (12-bit data, 0–4095: 4095 → white).
+  #   'percentile': each image's own 0.5th to 99.5th percentile (robust to a few extreme pixels,
+  #     but the same tissue may differ in grey from film to film).
+  #   'fixed': grey_window_range below, for every image.
+  #   'full_range': the whole range of the sample type (16-bit PNG/TIFF: 65535 → white, as
+  #     builds before DICOM support stored them; DICOM: BitsAllocated).
+  # Part of the build's fingerprint; predict and explain read files with it too.
+  c.dataset.grey_window = 'file'
+  # 'fixed' only: (low, high) in the images' values (DICOM: after rescale slope/intercept), e.g.
+  # --config.dataset.grey_window_range='(0, 4095)'.
+  c.dataset.grey_window_range = ml_collections.FieldReference(None, field_type=tuple)
 
   # --- Input pipeline (grain; TF-Slim inception preprocessing). ---
   c.input = ml_collections.ConfigDict()
@@ -83,10 +99,12 @@ def get_config() -> ml_collections.ConfigDict:
   # run in inference mode (the Keras rule); 'frozen' → all BN in inference mode; 'all' → every
   # BN uses batch statistics and updates its moving averages (what the seed's slim run did).
   c.batch_norm = 'trainable'
-  # When a phase trains only heads (Logits, AuxLogits; DenseNet's classifier) on frozen layers
-  # and its augmentation is a finite set of views (random_crop and color_distortion off; a flip
-  # makes two), run the backbone once per image and view and train the heads from the stored
-  # features (WORKDIR/features): same numbers, hundreds of times fewer backbone passes. False:
+  # When a phase's augmentation is a finite set of views (random_crop and color_distortion off;
+  # a flip makes two) and batch norm below its trainable layers is frozen, run the frozen layers
+  # once per image and view and train from their stored outputs (WORKDIR/features): the heads'
+  # inputs when only heads train (Logits, AuxLogits; DenseNet's classifier), the last frozen
+  # block's output when top blocks train too (two_phase.py's `top`: Mixed_6d, 0.9 MB per image
+  # and view at 299, built only if it fits on disk). Same numbers, far fewer passes. False:
   # always run the whole network. A phase may override it; the log says when and why a phase
   # runs uncached.
   c.feature_cache = True

@@ -1,8 +1,8 @@
 """The whole config checked at start-up, before any dataset build or compile.
 
 Each rule names the field and the values it accepts. Where a later stage already knows what it
-accepts (optimizer and schedule names, phases, batch-norm rules, split settings, metrics), the
-check asks that stage on the config instead of keeping a second list.
+accepts (optimizer and schedule names, phases, batch-norm rules, split and grey window settings,
+metrics), the check asks that stage on the config instead of keeping a second list.
 """
 
 import ml_collections

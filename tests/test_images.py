@@ -1,5 +1,6 @@
 """load_stored: every accepted format becomes the same 8-bit RGB (one channel when
-grey), resized antialiased by fit; unreadable files fail clearly."""
+grey), resized antialiased by fit; 16-bit grey is windowed by dataset.grey_window's rule while
+8-bit files ignore it; unreadable files fail clearly. (DICOM: test_dicom.py.)"""
 
 import re
 
@@ -26,6 +27,8 @@ def _grey3(grey: np.ndarray) -> np.ndarray:
     ('rgba.png', lambda p: Image.fromarray(np.dstack([RGB, np.full_like(GREY, 9)])).save(p), RGB),
     ('palette.png', lambda p: Image.fromarray(RGB).quantize(256).save(p), RGB),
     ('grey16.png', lambda p: Image.fromarray(GREY.astype(np.uint16) * 257).save(p), _grey3(GREY)),
+    ('grey16.tif', lambda p: Image.fromarray(GREY.astype(np.uint16) * 257).save(p), _grey3(GREY)),
+    ('rgb.TIFF', lambda p: Image.fromarray(RGB).save(p), RGB),
     ('binary.png', lambda p: Image.fromarray(GREY > 100).save(p), _grey3((GREY > 100) * 255)),
   ],
 )
@@ -43,6 +46,55 @@ def test_16_bit_is_scaled_not_clipped(tmp_path):
   np.testing.assert_array_equal(
     images.load_stored(tmp_path / 'a.png', None, channels=3)[0, :, 0], [0, 1, 128, 255]
   )
+
+
+# A 12-bit film in a 16-bit file (0–4095), as most X-ray exports are.
+FILM12 = np.random.default_rng(3).integers(0, 4096, (20, 30), dtype=np.uint16)
+FILM12[0, 0] = 4095
+
+
+def _onto8(x: np.ndarray, low: float, high: float) -> np.ndarray:
+  return np.clip(np.rint((x.astype(float) - low) / (high - low) * 255), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize('name', ['film.png', 'film.tif', 'film.TIFF'])
+@pytest.mark.parametrize(
+  'rule, fixed, expected',
+  [
+    # The smallest depth that holds 4095 is 12 bits: 4095 → 255.
+    ('file', None, lambda x: _onto8(x, 0, 4095)),
+    ('full_range', None, lambda x: _onto8(x, 0, 65535)),  # The old rule: nearly black.
+    ('fixed', (1000.0, 2999.0), lambda x: _onto8(x, 1000, 2999)),  # No rounding ties.
+    ('percentile', None, lambda x: _onto8(x, *np.percentile(x, [0.5, 99.5]))),
+  ],
+)
+def test_16_bit_grey_window(tmp_path, name, rule, fixed, expected):
+  Image.fromarray(FILM12).save(tmp_path / name)
+  window = images.GreyWindow(rule, fixed)
+  out = images.load_stored(tmp_path / name, None, window=window)
+  assert out.dtype == np.uint8 and out.shape == (20, 30, 1)
+  np.testing.assert_array_equal(out[..., 0], expected(FILM12))
+
+
+@pytest.mark.parametrize('brightest, bits', [(200, 8), (255, 8), (256, 9), (1023, 10), (16383, 14)])
+def test_16_bit_file_rule_finds_the_used_bits(tmp_path, brightest, bits):
+  values = np.array([[0, 1, brightest // 2, brightest]], np.uint16)
+  Image.fromarray(values).save(tmp_path / 'a.png')
+  out = images.load_stored(tmp_path / 'a.png', None)[0, :, 0]
+  np.testing.assert_array_equal(out, _onto8(values[0], 0, 2**bits - 1))
+
+
+@pytest.mark.parametrize('rule, fixed', [('percentile', None), ('fixed', (10.0, 20.0))])
+def test_8_bit_files_ignore_the_window(tmp_path, rule, fixed):
+  Image.fromarray(GREY).save(tmp_path / 'grey.png')
+  Image.fromarray(GREY).save(tmp_path / 'grey.tif')
+  Image.fromarray(RGB).save(tmp_path / 'rgb.jpg', quality=90)
+  window = images.GreyWindow(rule, fixed)
+  for name in ('grey.png', 'grey.tif', 'rgb.jpg'):
+    path = tmp_path / name
+    np.testing.assert_array_equal(
+      images.load_stored(path, 16, window=window), images.load_stored(path, 16), err_msg=name
+    )
 
 
 def test_jpeg_any_case(tmp_path):
@@ -74,6 +126,12 @@ def test_unreadable_names_the_path(tmp_path, name, content):
   assert 'skip_corrupt' not in str(e.value)
 
 
+def test_floating_point_tiff_is_refused(tmp_path):
+  Image.fromarray(np.linspace(0, 1, 24, dtype=np.float32).reshape(4, 6)).save(tmp_path / 'f.tif')
+  with pytest.raises(images.DatasetError, match=r"f\.tif' .*floating-point pixels are not read"):
+    images.load_stored(tmp_path / 'f.tif', None)
+
+
 def test_missing_file_names_the_path(tmp_path):
   with pytest.raises(images.DatasetError, match=r'nope\.png'):
     images.load_stored(tmp_path / 'nope.png', None, channels=3)
@@ -86,9 +144,14 @@ def test_missing_file_names_the_path(tmp_path):
     ('b.JPEG', True),
     ('c.Jpg', True),
     ('d.bmp', True),
+    ('e.tif', True),
+    ('f.TIFF', True),
+    ('g.dcm', True),
+    ('h.DICOM', True),
     ('.hidden.png', False),
+    ('.hidden.dcm', False),
     ('README.txt', False),
-    ('e.tif', False),
+    ('IM0001', False),  # Named only (no such file): an extensionless file needs its header.
     ('.DS_Store', False),
   ],
 )
@@ -137,8 +200,8 @@ def test_load_stored_keeps_one_channel_for_grey(tmp_path, name, save, channels):
   native = images.load_stored(path, None)
   assert native.dtype == np.uint8 and native.shape == (12, 24, channels)
   # The same pixels as the file read as RGB, one channel when the three are equal.
-  with Image.open(path) as image:
-    rgb = images._to_rgb8(image)
+  with Image.open(path) as image:  # 16-bit grey ('I;16') is windowed, not converted.
+    rgb = _grey3(GREY) if image.mode.startswith('I') else images._to_rgb8(image)
   np.testing.assert_array_equal(np.broadcast_to(native, (12, 24, 3)), rgb)
   stored = images.load_stored(path, 16)
   assert stored.shape == (16, 16, channels)

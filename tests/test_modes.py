@@ -17,7 +17,7 @@ from PIL import Image
 
 from pneumo_jax import checkpoints
 from pneumo_jax.data import dataset_for, folder_builder
-from pneumo_jax.evaluation import metrics
+from pneumo_jax.evaluation import metrics, model_card
 from pneumo_jax.models import build_model
 from pneumo_jax.modes import evaluate, explain, predict
 from tests import reference
@@ -242,3 +242,41 @@ def test_predict_needs_only_the_workdir(run, inputs, tmp_path):
   moved.dataset.source_dir = str(tmp_path / 'gone')
   rows = _rows(predict.run(moved, workdir, inputs[1:2]))
   assert list(rows[0]) == ['path', 'prediction', *names, 'error'] and len(rows) == 2
+
+
+def test_eval_writes_a_model_card_from_its_report(run):
+  """The card's facts match the build, the report and a bootstrap of the predictions CSV."""
+  config, workdir, names = run
+  result = evaluate.run(config, workdir)
+  stem = os.path.join(workdir, 'eval', f'validation_{STEP}')
+  card = pathlib.Path(workdir, model_card.CARD_FILE).read_text()
+  assert pathlib.Path(f'{stem}_model_card.md').read_text() == card
+  rows = _rows(f'{stem}_predictions.csv')
+  labels = np.array([names.index(r['label']) for r in rows])
+  probs = np.array([[float(r[n]) for n in names] for r in rows])
+  with open(f'{stem}.json') as f:
+    intervals = json.load(f)[model_card.INTERVALS]
+  assert intervals == result[model_card.INTERVALS]
+  again = metrics.bootstrap_ci(labels, probs, names)  # Seeded: the same intervals.
+  for key in metrics.BOOTSTRAPPED:
+    assert intervals[key] == pytest.approx(again[key]), key
+  builder = dataset_for(config, workdir)
+  for name, train, validation in zip(
+    names,
+    np.bincount(folder_builder.split_labels(builder, 'train')),
+    np.bincount(folder_builder.split_labels(builder, 'validation')),
+    strict=True,
+  ):
+    assert f'| {name} | {train} | {validation} | {train + validation} |' in card
+  accuracy = intervals['accuracy']
+  assert accuracy['low'] <= result['accuracy'] <= accuracy['high']
+  assert f'| accuracy | {result["accuracy"]:.3f} | {accuracy["low"]:.3f} – ' in card
+  for text in (
+    f'## Metrics: validation split, {len(rows)} images',
+    '| main | 1–4 | `Logits,AuxLogits` | trainable | rmsprop, weight decay 4e-05 | fixed | 0.01 |',
+    'random init',
+    f'step {STEP} (`--checkpoint=latest`)',
+    'Optimistic: training evaluates the validation split',
+    'Not a medical device',
+  ):
+    assert text in card, text

@@ -1,6 +1,9 @@
 """A TFDS builder over a folder whose subfolders are the classes (TF-Slim's flowers layout).
 
-    source_dir/stage_0/a.png, source_dir/stage_1/b.jpg, ...  (nested folders count for their class)
+    source_dir/stage_0/a.png, source_dir/stage_1/b.dcm, ...  (nested folders count for their class)
+
+Images are the files `images.is_candidate` takes: by extension (.jpg .jpeg .png .bmp .tif .tiff
+.dcm .dicom) or, for DICOM, by content, so that extensionless PACS exports count too.
 
 Labels are the sorted subfolder names, numbered from 0 as slim numbers them; `labels.txt` in the
 built directory holds them in slim's `0:name` format (one per line), so slim's `read_label_file`
@@ -24,9 +27,9 @@ Records store each image as `images.load_stored` reads it at the stored size S (
 build time, so that training decodes small images, not 2,000–3,000 px X-rays. A build is grey
 (C = 1) when every readable image is grey, else RGB (C = 3; grey images repeated), decided in the
 read pass that checks every file; `stored_shape(builder)` gives (S, S, C), also kept in the
-metadata with the encoding. Stored size, channel rule, resize filter and encoding are in the
-fingerprint. With S = None (full resolution) records are PNG at the files' own shapes, resized on
-every read.
+metadata with the encoding. Stored size, channel rule, resize filter, encoding and the grey
+window (dataset.grey_window, how DICOM and 16-bit images become 8-bit) are in the fingerprint.
+With S = None (full resolution) records are PNG at the files' own shapes, resized on every read.
 
 Encoding, measured with benchmarks/encoding.py (200 grey 1024² X-ray-like images stored at 342,
 2 CPUs, PIL decoding; ArrayRecord already zstd-compresses every record, so "raw" is not):
@@ -68,7 +71,14 @@ from etils import epath
 from PIL import Image
 
 from pneumo_jax import locks
-from pneumo_jax.data.images import RESIZE_FILTER, DatasetError, is_candidate, load_stored
+from pneumo_jax.data.images import (
+  DEFAULT_WINDOW,
+  RESIZE_FILTER,
+  DatasetError,
+  GreyWindow,
+  is_candidate,
+  load_stored,
+)
 
 __all__ = [
   'ENCODING',
@@ -83,7 +93,7 @@ __all__ = [
 ]
 
 # Bump when the stored records change for the same input, so that old builds are not reused.
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3  # 3: 16-bit PNGs windowed by their used bits (dataset.grey_window).
 # How a build chooses its channel count (see the module doc); part of the fingerprint.
 _CHANNEL_RULE = 'one-if-all-grey'
 # Encodings of a stored-size record: uint8 tensors as TFDS stores them ('int64': one varint per
@@ -129,6 +139,7 @@ class _FolderConfig(tfds.core.BuilderConfig):
   stored_size: int | None = None  # None: full resolution.
   encoding: str = ENCODING  # Of stored-size records; full resolution is always PNG.
   channels: int = 3
+  grey_window: GreyWindow = DEFAULT_WINDOW
   # From the read pass before a build (None when reusing one): readable files per class, and
   # the unreadable ones skipped.
   readable: tuple[tuple[str, ...], ...] | None = dataclasses.field(default=None, repr=False)
@@ -216,7 +227,8 @@ def build(
   """Returns the prepared builder for `dataset_cfg.source_dir`, building it unless up to date.
 
   Records hold each image as `images.load_stored(file, stored_size)` gives it (None: full
-  resolution), with the dataset's channel count (`stored_shape`). `encoding` (one of
+  resolution), with the dataset's channel count (`stored_shape`) and grey window
+  (`GreyWindow.from_config(dataset_cfg)`). `encoding` (one of
   ENCODINGS) is for benchmarks; the default is the measured choice.
 
   Read with `builder.as_data_source(split)` (no TensorFlow needed). Settings and the folder are
@@ -224,8 +236,10 @@ def build(
 
   Raises:
     DatasetError: bad settings or bad input; the message names the field or path and the fix.
+    ConfigError: a bad grey window (`check_settings`).
   """
   check_settings(dataset_cfg)
+  window = GreyWindow.from_config(dataset_cfg)
   if stored_size is not None and stored_size < 1:
     raise DatasetError(f'stored size {stored_size} must be at least 1, or None (full resolution)')
   if encoding not in ENCODINGS:
@@ -244,7 +258,7 @@ def build(
     'stored_size': None if stored_size is None else int(stored_size),
     'encoding': encoding if stored_size is not None else 'png',
   }
-  record_format = [stored, _CHANNEL_RULE, RESIZE_FILTER.name]
+  record_format = [stored, _CHANNEL_RULE, RESIZE_FILTER.name, window]
   fingerprint = hashlib.sha256(
     json.dumps(
       [_FORMAT_VERSION, scan.root, scan.classes, scan.stats, settings, num_shards, record_format]
@@ -262,9 +276,11 @@ def build(
         with open(os.path.join(done, 'metadata.json')) as f:
           prepared = {'channels': json.load(f)['channels']}
       else:
-        readable, skipped, channels = _drop_corrupt(scan, settings['skip_corrupt'])
+        readable, skipped, channels = _drop_corrupt(scan, settings['skip_corrupt'], window)
         prepared = {'channels': channels, 'readable': readable, 'skipped': tuple(skipped)}
-      config = _FolderConfig(name=name, scan=scan, **settings, **stored, **prepared)
+      config = _FolderConfig(
+        name=name, scan=scan, **settings, **stored, grey_window=window, **prepared
+      )
       builder = ClassFolder(config=config, data_dir=data_dir)
       builder.download_and_prepare(
         file_format='array_record',
@@ -317,10 +333,12 @@ def _split_metadata(builder: tfds.core.DatasetBuilder, split: str) -> dict:
 
 
 def check_settings(cfg: ml_collections.ConfigDict) -> None:
-  """Rejects split settings that cannot describe a split, naming the config field.
+  """Rejects split settings that cannot describe a split (DatasetError) and a bad grey window
+  (ConfigError), naming the config field.
 
   Public so that callers can check before writing anything (e.g. before generating images).
   """
+  GreyWindow.from_config(cfg)
   val, test, folds = cfg.validation_fraction, cfg.test_fraction, cfg.num_folds
   if not 0.0 <= test < 1.0:
     raise DatasetError(f'dataset.test_fraction={test} must be in [0, 1); 0 means no test split')
@@ -392,7 +410,7 @@ def _scan(source_dir: str, data_dir: str) -> _Scan:
       dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
       for file in sorted(names):
         rel = os.path.relpath(os.path.join(folder, file), root)
-        if not is_candidate(file):
+        if not is_candidate(os.path.join(folder, file)):
           skipped.append(rel)
           continue
         st = os.stat(os.path.join(root, rel))
@@ -403,7 +421,7 @@ def _scan(source_dir: str, data_dir: str) -> _Scan:
     files.append(tuple(found))
   if empty:
     raise DatasetError(
-      f'class folder(s) {empty} hold no images (.jpg .jpeg .png .bmp); add '
+      f'class folder(s) {empty} hold no images (.jpg .jpeg .png .bmp .tif .tiff or DICOM); add '
       'images or remove the folder(s)'
     )
   if skipped:
@@ -418,27 +436,31 @@ def _scan(source_dir: str, data_dir: str) -> _Scan:
   return _Scan(root=root, classes=classes, files=tuple(files), stats=tuple(stats))
 
 
-def _inspect(path: str) -> tuple[str | None, bool]:
-  """(None, whether it is grey) when `path` reads as an image, else (the reason, False)."""
+def _inspect(path: str, window: GreyWindow) -> tuple[str | None, bool]:
+  """(None, whether it is grey) when `path` reads as an image, else (the reader's message, which
+  names the path and why, False)."""
   try:
-    return None, load_stored(path, None).shape[-1] == 1
+    return None, load_stored(path, None, window=window).shape[-1] == 1
   except DatasetError as e:
-    return f'{type(e.__cause__).__name__}: {e.__cause__}', False
+    return str(e), False
 
 
-def _drop_corrupt(scan: _Scan, skip: bool) -> tuple[tuple[tuple[str, ...], ...], list[str], int]:
-  """Reads every image once; fails listing all unreadable ones, or drops them when `skip`.
+def _drop_corrupt(
+  scan: _Scan, skip: bool, window: GreyWindow
+) -> tuple[tuple[tuple[str, ...], ...], list[str], int]:
+  """Reads every image once; fails listing all unreadable ones (broken files, and DICOM files
+  that hold no single image: multi-frame, reports...), or drops them when `skip`.
 
   Returns the readable files per class, the skipped ones, and the channel count: 1 when every
   readable image is grey, else 3.
   """
   paths = [p for per_class in scan.files for p in per_class]
   with concurrent.futures.ThreadPoolExecutor(_WORKERS) as pool:
-    found = list(pool.map(lambda p: _inspect(os.path.join(scan.root, p)), paths))
+    found = list(pool.map(lambda p: _inspect(os.path.join(scan.root, p), window), paths))
   bad = {p: r for p, (r, _) in zip(paths, found, strict=True) if r}
   channels = 1 if all(grey for r, grey in found if not r) else 3
   if bad and not skip:
-    listing = '\n'.join(f'  {os.path.join(scan.root, p)}: {r}' for p, r in bad.items())
+    listing = '\n'.join(f'  {r}' for r in bad.values())
     raise DatasetError(
       f'{len(bad)} unreadable image(s) in {scan.root}:\n{listing}\nreplace or '
       'delete them, or set --config.dataset.skip_corrupt=True to skip them'
@@ -535,8 +557,9 @@ def _record_image(path: str, config: _FolderConfig) -> np.ndarray | bytes:
     # An 8-bit PNG with the dataset's channels already decodes to the stored array: keep it.
     if data[:8] == _PNG_HEADER and tuple(data[24:26]) == (8, _PNG8_COLOUR_TYPE[config.channels]):
       return data
-    return _encode(load_stored(path, None, channels=config.channels), 'PNG', compress_level=1)
-  image = load_stored(path, config.stored_size, channels=config.channels)
+    stored = load_stored(path, None, channels=config.channels, window=config.grey_window)
+    return _encode(stored, 'PNG', compress_level=1)
+  image = load_stored(path, config.stored_size, channels=config.channels, window=config.grey_window)
   if config.encoding in _TENSOR_ENCODINGS:
     return image
   if config.encoding == 'jpeg':

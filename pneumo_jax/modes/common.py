@@ -78,7 +78,7 @@ def view(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def example(path: str, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
   """A file as the model sees it in evaluation: stored as the builder stores it
-  (images.load_stored at the run's stored size), with the evaluation view
+  (images.load_stored at the run's stored size and grey window), with the evaluation view
   (preprocess.eval_central_fraction). Grey files are repeated to 3 channels (the device's
   augmentation does the same to grey records), so files of both kinds batch together.
 
@@ -86,7 +86,8 @@ def example(path: str, config: ml_collections.ConfigDict) -> dict[str, np.ndarra
     DatasetError: the file cannot be read; names it.
   """
   side = stored_side(config)
-  image = images.load_stored(path, side)
+  window = images.GreyWindow.from_config(config.dataset)
+  image = images.load_stored(path, side, window=window)
   return {
     'image': np.broadcast_to(image, (side, side, 3)),
     **preprocess.central_view(side, side, preprocess.eval_central_fraction(config.input)),

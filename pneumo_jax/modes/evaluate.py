@@ -1,5 +1,7 @@
 """--mode eval: metrics and reports of a checkpoint on a split of the run's dataset."""
 
+import json
+import os
 from typing import Any
 
 import jax
@@ -8,7 +10,7 @@ import numpy as np
 
 from pneumo_jax import checkpoints
 from pneumo_jax.data import dataset_for, folder_builder, pipeline
-from pneumo_jax.evaluation import inference, metrics, reports
+from pneumo_jax.evaluation import inference, metrics, model_card, reports
 from pneumo_jax.modes import common
 
 
@@ -20,10 +22,13 @@ def run(
   checkpoint: str = 'latest',
 ) -> dict[str, Any]:
   """Evaluates a checkpoint on a split; writes WORKDIR/eval/<split>_<step>{.json,_*.png,
-  _predictions.csv} (see reports) and prints the metrics table. Returns the metrics.
+  _predictions.csv,_model_card.md} (see reports) and prints the metrics table. Returns the
+  metrics (metrics.compute's, with metrics.bootstrap_ci's under model_card.INTERVALS).
 
-  The checkpoint is found before the dataset is built, so a workdir without a run is refused
-  before anything is written.
+  The model card is also written to WORKDIR/model_card.md, where the latest evaluation's card
+  replaces the previous one: one fixed place for "the card of this run", while each report keeps
+  its own beside it. The checkpoint is found before the dataset is built, so a workdir without a
+  run is refused before anything is written.
   """
   variables, step = checkpoints.load_for_inference(workdir, checkpoint)
   builder = dataset_for(config, workdir)
@@ -38,7 +43,10 @@ def run(
     builder, split, input_cfg, process_index=jax.process_index(), process_count=jax.process_count()
   )
   out = inference.predict(model, variables, batches, image_size=config.input.image_size)
-  result = metrics.compute(out['label'], out['probs'], names)
+  result = {
+    **metrics.compute(out['label'], out['probs'], names),
+    model_card.INTERVALS: metrics.bootstrap_ci(out['label'], out['probs'], names),
+  }
   if jax.process_index() == 0:
     files = list(np.asarray(folder_builder.split_filenames(builder, split))[out['index']])
     provenance = {
@@ -65,6 +73,17 @@ def run(
         true_labels=[names[i] for i in out['label']],
       ),
     )
+    with open(path) as f:  # The card is rendered from the report as written, as export can.
+      card = model_card.render(
+        config,
+        model_card.data_of(builder),
+        json.load(f),
+        checkpoint=checkpoint,
+        report_path=path,
+      )
+    model_card.write(f'{path.removesuffix(".json")}_model_card.md', card)
+    model_card.write(os.path.join(workdir, model_card.CARD_FILE), card)
     print(f'{split} split, checkpoint step {step} ({len(files)} images); report in {path}')
     print(metrics.format_table(result, names))
+    print(f'model card: {os.path.join(workdir, model_card.CARD_FILE)}')
   return result

@@ -221,7 +221,7 @@ def keras_rate(
 
   size, n = config.input.image_size, config.input.batch_size
   root = Path(source_dir)
-  paths = sorted(str(p) for p in root.rglob('*') if p.is_file() and images.is_candidate(p.name))
+  paths = sorted(str(p) for p in root.rglob('*') if p.is_file() and images.is_candidate(p))
   classes = sorted({Path(p).relative_to(root).parts[0] for p in paths})
   labels = [classes.index(Path(p).relative_to(root).parts[0]) for p in paths]
 

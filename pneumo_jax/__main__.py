@@ -18,10 +18,10 @@ import tensorflow_datasets as tfds
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pneumo_jax import validate
+from pneumo_jax import distributed, validate
 from pneumo_jax.data import preprocess
 from pneumo_jax.errors import ConfigError, UserError
-from pneumo_jax.modes import evaluate, explain, imagenet, predict, sweep, train
+from pneumo_jax.modes import evaluate, explain, export, imagenet, predict, sweep, train
 from pneumo_jax.training import interrupt
 
 FLAGS = flags.FLAGS
@@ -37,12 +37,13 @@ flags.DEFINE_string(
 flags.DEFINE_enum(
   'mode',
   'train',
-  ['train', 'eval', 'predict', 'explain', 'imagenet'],
-  'train (or sweep, for a config with get_sweep()), eval, predict, explain, or '
+  ['train', 'eval', 'predict', 'explain', 'export', 'imagenet'],
+  'train (or sweep, for a config with get_sweep()), eval, predict, explain, export (a '
+  'jax.export artefact and a TensorFlow SavedModel, see docs/serving.md), or '
   'imagenet (top-5 ImageNet classes with config.init_checkpoint).',
 )
 flags.DEFINE_string('split', 'validation', 'eval: split to evaluate (train|validation|test).')
-flags.DEFINE_string('checkpoint', 'latest', 'eval/predict/explain: latest, best or a step.')
+flags.DEFINE_string('checkpoint', 'latest', 'eval/predict/explain/export: latest, best or a step.')
 flags.DEFINE_multi_string(
   'inputs',
   [],
@@ -57,8 +58,18 @@ flags.DEFINE_string(
   "backbone's last Grad-CAM layer, e.g. InceptionV3's Mixed_7c).",
 )
 flags.DEFINE_integer('target_class', None, 'explain: class to explain (default: predicted).')
+flags.DEFINE_string(
+  'export_dir', None, 'export: where the export goes (default: WORKDIR/export), replaced whole.'
+)
 flags.DEFINE_bool('sweep', True, 'Run the sweep when the config file defines get_sweep().')
 flags.DEFINE_integer('sweep_parallel', 1, 'Sweep trials run at once, as separate processes.')
+flags.DEFINE_string(
+  'coordinator_address',
+  None,
+  'Multi-process runs (docs/multihost.md): host:port of process 0, the same on every process.',
+)
+flags.DEFINE_integer('num_processes', None, 'Multi-process runs: how many processes take part.')
+flags.DEFINE_integer('process_id', None, "Multi-process runs: this process's id, 0 … N-1.")
 flags.DEFINE_bool('verbose', False, "Show tracebacks for user errors, and libraries' info logs.")
 flags.mark_flags_as_required(['config'])
 
@@ -66,11 +77,12 @@ flags.mark_flags_as_required(['config'])
 # --nosweep is accepted everywhere, as a sweep's trial programs pass it).
 _MODE_FLAGS = {
   'split': ('eval',),
-  'checkpoint': ('eval', 'predict', 'explain'),
+  'checkpoint': ('eval', 'predict', 'explain', 'export'),
   'inputs': ('predict', 'explain', 'imagenet'),
   'tta': ('predict',),
   'layer': ('explain',),
   'target_class': ('explain',),
+  'export_dir': ('export',),
   'sweep_parallel': ('train',),
 }
 
@@ -81,11 +93,13 @@ _CACHE_MAX_BYTES = 2 << 30  # Least recently used programs are evicted past this
 
 
 class _QuietLibraries(logging_lib.Filter):
-  """Drops the INFO chatter of JAX, orbax, grain and TFDS (every save logs a dozen lines)."""
+  """Drops the INFO chatter of JAX, orbax, grain, TFDS (every save logs a dozen lines) and
+  TensorFlow (an export's SavedModel writer)."""
 
   def filter(self, record: logging_lib.LogRecord) -> bool:
     return record.levelno >= logging_lib.WARNING or not any(
-      f'/{lib}/' in record.pathname for lib in ('jax', 'orbax', 'grain', 'tensorflow_datasets')
+      f'/{lib}/' in record.pathname
+      for lib in ('jax', 'orbax', 'grain', 'tensorflow_datasets', 'tensorflow')
     )
 
 
@@ -138,7 +152,7 @@ def _check_flags(positional: list[str]) -> list[str]:
   return [*FLAGS.inputs, *positional]
 
 
-def _run(workdir: str, inputs: list[str]) -> None:
+def _run(workdir: str, inputs: list[str], joined: bool) -> None:
   path = config_flags.get_config_filename(FLAGS['config'])
   if not os.path.isfile(path):
     raise ConfigError(
@@ -150,6 +164,11 @@ def _run(workdir: str, inputs: list[str]) -> None:
   if mismatch := preprocess.view_mismatch(config.input):
     logging.warning(mismatch)
   if FLAGS.mode == 'train' and FLAGS.sweep and sweep.is_sweep(path):
+    if joined:  # (jax.process_count() would claim the accelerator.)
+      raise ConfigError(
+        'a sweep runs each trial as a program of its own; in a multi-process run, launch each '
+        'trial as its own run with --nosweep and its overrides (docs/multihost.md)'
+      )
     # Trials run as separate processes; this one never touches the accelerator.
     sweep.run(
       config_file=path,
@@ -169,6 +188,9 @@ def _run(workdir: str, inputs: list[str]) -> None:
     evaluate.run(config, workdir, split=FLAGS.split, checkpoint=FLAGS.checkpoint)
   elif FLAGS.mode == 'predict':
     predict.run(config, workdir, inputs, checkpoint=FLAGS.checkpoint, tta=FLAGS.tta)
+  elif FLAGS.mode == 'export':
+    if jax.process_index() == 0:  # One writer; the export runs on one device.
+      export.run(config, workdir, checkpoint=FLAGS.checkpoint, export_dir=FLAGS.export_dir)
   else:
     explain.run(
       config,
@@ -188,7 +210,10 @@ def main(argv: list[str]) -> None:
     jax.config.update('jax_compilation_cache_dir', _CACHE_DIR)
   jax.config.update('jax_compilation_cache_max_size', _CACHE_MAX_BYTES)
   try:
-    _run(FLAGS.workdir, _check_flags(argv[1:]))
+    joined = distributed.initialize(
+      FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+    )
+    _run(FLAGS.workdir, _check_flags(argv[1:]), joined)
   except interrupt.Stopped as e:
     print(e, file=sys.stderr)
     sys.exit(128 + e.signum)

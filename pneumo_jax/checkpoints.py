@@ -19,6 +19,7 @@ Checkpoints without `base_ref`, written before base/ existed, hold the full stat
 import glob
 import hashlib
 import os
+import re
 import shutil
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, NamedTuple
@@ -112,8 +113,9 @@ def write_base(
   Always written anew (a second or so), so nothing an earlier run left in this workdir
   can leak in. Called by the training run only, before any save.
   """
-  for tmp in glob.glob(os.path.join(workdir, BASE_DIR + ocp.utils.TMP_DIR_SUFFIX + '*')):
-    shutil.rmtree(tmp)  # What a run killed while writing its base left.
+  if jax.process_index() == 0:
+    for tmp in glob.glob(os.path.join(workdir, BASE_DIR + ocp.utils.TMP_DIR_SUFFIX + '*')):
+      shutil.rmtree(tmp)  # What a run killed while writing its base left.
   if not any(frozen.values()):
     return None
   tree = {
@@ -248,6 +250,7 @@ def restore(
     )
   }
   if data_iterator is not None:
+    check_process_count(mngr, step)
     items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
   stored = mngr.restore(step, args=ocp.args.Composite(**items))['state']
   if not any(paths.values()):
@@ -257,6 +260,25 @@ def restore(
   flat_target = {e: scopes.flatten(target[e]) for e in _FROM_BASE if e in target}
   place = lambda entry, path, a: jax.device_put(a, flat_target[entry][path].sharding)
   return _merge(stored, base, paths, place), Base(ref['sha256'], paths)
+
+
+def check_process_count(mngr: ocp.CheckpointManager, step: int) -> None:
+  """Refuses to resume with another number of processes than saved checkpoint `step`: each saved
+  its own data iterator's position (grain's data/process_<i>-of-<n>.json), and a different
+  count would read other slices of the stream."""
+  saved = {
+    int(m[1])
+    for p in (epath.Path(mngr.directory) / str(step) / 'data').glob('process_*-of-*.json')
+    if (m := re.fullmatch(r'process_\d+-of-(\d+)\.json', p.name))
+  }
+  if saved and saved != {jax.process_count()}:
+    raise errors.ConfigError(
+      f'checkpoint {step} in {mngr.directory} was written by a run of {min(saved)} process(es); '
+      f'this one has {jax.process_count()}. Training resumes only with the same number (each '
+      'process saved its own place in the data stream): relaunch with that many, or start a '
+      'new --workdir. --mode eval, predict, explain and export read only the weights and work '
+      'with any number of processes'
+    )
 
 
 def _reader(workdir: str, subdir: str) -> ocp.CheckpointManager | None:
@@ -312,7 +334,14 @@ def read(workdir: str, checkpoint: str = 'latest') -> tuple[dict[str, Any], int]
   subdir, step = found
   with _reader(workdir, subdir) as mngr:
     ref = _read_ref(mngr, step)
-    stored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+    # Into host arrays: a checkpoint saved on other devices (8 GPUs, or 2 processes) restores
+    # on any machine.
+    saved = ocp.StandardCheckpointHandler().metadata(
+      epath.Path(mngr.directory) / str(step) / 'state'
+    )
+    target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), saved.tree)
+    stored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    stored = stored['state']
   paths = _paths(ref)
   if not any(paths.values()):
     return stored, step

@@ -33,8 +33,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+import jax
 from absl import logging
 
+from pneumo_jax import distributed
 from pneumo_jax.errors import BusyError, UserError
 
 WORKDIR_LOCK = '.lock'
@@ -58,7 +60,8 @@ os.register_at_fork(after_in_child=_close_in_child)
 
 @contextlib.contextmanager
 def workdir_lock(workdir: str) -> Iterator[None]:
-  """Holds WORKDIR/.lock for the block, creating the workdir if needed; never waits.
+  """Holds WORKDIR/.lock for the block, creating the workdir if needed; never waits. In a
+  multi-process run process 0 holds it, and the others stop with it when it is taken.
 
   Raises:
     BusyError: another live process holds it; the message names that process.
@@ -70,7 +73,18 @@ def workdir_lock(workdir: str) -> Iterator[None]:
       'or use another --workdir'
     )
 
-  with _locked(workdir, WORKDIR_LOCK, '--workdir', busy=busy):
+  if not jax.distributed.is_initialized():
+    with _locked(workdir, WORKDIR_LOCK, '--workdir', busy=busy):
+      yield
+    return
+  with contextlib.ExitStack() as held:  # Process 0 holds it for all the run's processes.
+    distributed.lead_first(
+      'to lock the workdir',
+      lambda: (
+        jax.process_index() == 0
+        and held.enter_context(_locked(workdir, WORKDIR_LOCK, '--workdir', busy=busy))
+      ),
+    )
     yield
 
 

@@ -44,6 +44,12 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
   return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, v), batch)
 
 
+def local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-split global array (all of them with one process)."""
+  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+  return np.concatenate([np.asarray(s.data) for s in shards])
+
+
 def replicate(tree: Any, mesh: Mesh) -> Any:
   """Places a pytree of arrays on every device of the mesh."""
   return jax.device_put(tree, replicated(mesh))

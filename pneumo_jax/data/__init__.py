@@ -2,11 +2,13 @@
 
 import os
 
+import jax
 import ml_collections
 import tensorflow_datasets as tfds
 
-from pneumo_jax import locks
+from pneumo_jax import distributed, locks
 from pneumo_jax.data import folder_builder, preprocess, synthetic
+from pneumo_jax.errors import DatasetError
 
 
 def dataset_for(config: ml_collections.ConfigDict, workdir: str) -> tfds.core.DatasetBuilder:
@@ -17,9 +19,24 @@ def dataset_for(config: ml_collections.ConfigDict, workdir: str) -> tfds.core.Da
   checked before anything is written. Generation and build hold the data dir's build lock, so
   runs sharing it generate and build once (the others wait, then reuse), and under it what
   killed runs left (temporary synthetic folders, incomplete TFDS builds) is removed first.
+  With several processes, process 0 builds and the others then find its build, in a data dir
+  they all must see.
   """
+  data_dir = config.dataset.data_dir or os.path.join(workdir, 'data')
+  distributed.check_shared(data_dir, 'dataset.data_dir' if config.dataset.data_dir else 'WORKDIR')
+  builder = distributed.lead_first('to build the dataset', lambda: _prepare(config, data_dir))
+  if jax.process_count() > 1 and distributed.share_text(str(builder.data_dir)) != str(
+    builder.data_dir
+  ):
+    raise DatasetError(
+      f'process {jax.process_index()} found another dataset ({builder.data_dir}) than process 0: '
+      'its dataset.source_dir holds other files; every host must see the same folder'
+    )
+  return builder
+
+
+def _prepare(config: ml_collections.ConfigDict, data_dir: str) -> tfds.core.DatasetBuilder:
   cfg = config.dataset
-  data_dir = cfg.data_dir or os.path.join(workdir, 'data')
   size = None if cfg.full_resolution else stored_side(config)
   if not cfg.synthetic:
     return folder_builder.build(cfg, data_dir, size)  # Checks first, then builds under the lock.

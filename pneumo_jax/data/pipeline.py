@@ -1,5 +1,6 @@
-"""grain loaders over a built dataset: shuffled, per-process training batches and padded, masked
-evaluation batches, both as stored uint8 images plus the view to take of each.
+"""grain loaders over a built dataset: shuffled training batches (each process its slice of every
+global batch) and padded, masked evaluation batches, both as stored uint8 images plus the view
+to take of each.
 
 The host only reads records (already at their stored size) and draws each example's view
 (preprocess.draw: crop box, flip, colour factors); `augment.apply` crops, resizes, flips and
@@ -119,7 +120,8 @@ def train_iterator(
   `read_images` off, 'index' (record indices) instead of 'image'. `put` (e.g. placing a batch on
   the devices) runs in a background thread that keeps two batches ahead, so the accelerator
   never waits for the host's transfer. Iterators that differ only in `read_images` and `put`
-  have interchangeable states (`get_state` / `set_state`). Processes read disjoint records. With
+  have interchangeable states (`get_state` / `set_state`). The processes' batches are slices of
+  one global stream (`_Share`), the same for any process count. With
   input.class_balanced, each batch cycles through the classes in turn (each class reshuffled
   per pass over it), so classes are seen equally often however unequal their counts.
   Save and restore the position with `grain.checkpoint.CheckpointSave/CheckpointRestore`.
@@ -131,19 +133,11 @@ def train_iterator(
   labels = folder_builder.split_labels(builder, 'train')
   num_classes = len(folder_builder.label_names(builder))
   # Independent random streams: [0] augmentation, [1:] the shuffle of each index stream.
-  seeds = [
-    int(s) for s in np.random.SeedSequence([seed, process_index]).generate_state(1 + num_classes)
-  ]
+  seeds = [int(s) for s in np.random.SeedSequence(seed).generate_state(1 + num_classes)]
   if input_cfg.class_balanced:
-    shards = [np.flatnonzero(labels == c)[process_index::process_count] for c in range(num_classes)]
+    shards = [np.flatnonzero(labels == c) for c in range(num_classes)]
   else:
-    shards = [np.arange(len(labels))[process_index::process_count]]
-  if not all(len(shard) for shard in shards):
-    raise folder_builder.DatasetError(
-      f'process {process_index} of {process_count} gets no training records from '
-      f'{builder.data_dir}: the train split (or, with input.class_balanced, one of its classes) '
-      'has fewer records than there are processes'
-    )
+    shards = [np.arange(len(labels))]
   streams = [
     grain.MapDataset.source(shard).shuffle(seed=s).repeat()  # New order each epoch.
     for shard, s in zip(shards, seeds[1:], strict=False)
@@ -158,8 +152,9 @@ def train_iterator(
     input_cfg.color_distortion,
     read_images,
   )
+  stream = indices.random_map(example, seed=seeds[0])  # Views drawn by global position.
   ds = (
-    indices.random_map(example, seed=seeds[0])
+    grain.MapDataset.source(_Share(stream, batch, process_index, process_count))
     .to_iter_dataset(_read_options(batch))
     .batch(batch, drop_remainder=True)
   )
@@ -169,6 +164,23 @@ def train_iterator(
       grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=_ignore_interrupt
     )
   return iter(_prefetch(ds, put))
+
+
+class _Share(Sequence):
+  """Process `index`'s share of a global stream of examples: of each global batch (`count` ×
+  `batch` consecutive elements), the `batch` from index × batch on. So the global batches, and
+  each example's view, are the same for any number of processes (a run on two hosts trains on
+  what one host would), and processes read disjoint records within an epoch."""
+
+  def __init__(self, stream: grain.MapDataset, batch: int, index: int, count: int) -> None:
+    self.stream, self.batch, self.index, self.count = stream, batch, index, count
+
+  def __len__(self) -> int:
+    return len(self.stream) // (self.batch * self.count) * self.batch
+
+  def __getitem__(self, position: int) -> Any:
+    step, row = divmod(position, self.batch)
+    return self.stream[(step * self.count + self.index) * self.batch + row]
 
 
 def eval_batches(

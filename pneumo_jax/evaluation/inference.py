@@ -7,6 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from pneumo_jax import sharding
@@ -59,28 +60,50 @@ def predict(
   *,
   image_size: int,
   feature_taps: Mapping[str, str] | None = None,
+  whole_batches: bool = False,
 ) -> dict[str, np.ndarray]:
   """Runs the model over padded batches, dropping padding rows (`mask` False).
 
   A batch holds the model's inputs (MODEL_INPUTS: uint8 images with their views, or cached
   'features' of `feature_taps`), as numpy arrays or already on the mesh, and per-example fields
-  ('mask', 'label', 'index', …). Returns {'probs': [N, C]} plus every per-example field but
-  'mask', concatenated in order.
+  ('mask', 'label', 'index', …): this process's rows of each global batch
+  (pipeline.eval_batches), or, with `whole_batches`, every process's (a list of files each
+  process reads whole; each then feeds the model its own rows). Returns {'probs': [N, C]} plus
+  every per-example field but 'mask', of every process's rows, in global batch order, the same
+  on every process.
   """
   mesh = mesh or sharding.make_mesh()
   fn = make_probs_fn(model, mesh, image_size, tuple(sorted((feature_taps or {}).items())))
   variables = sharding.replicate(variables, mesh)
-  out: dict[str, list[np.ndarray]] = {}
+  probs, fields = [], {}
   for batch in batches:
     inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+    if whole_batches:
+      inputs = jax.tree.map(own_rows, inputs)
     if not all(isinstance(v, jax.Array) for v in jax.tree.leaves(inputs)):
       inputs = put_inputs(mesh)(inputs)
-    probs = np.asarray(jax.device_get(fn(variables, inputs)))
-    keep = np.asarray(batch['mask'], bool) if 'mask' in batch else slice(None)
-    out.setdefault('probs', []).append(probs[keep])
+    probs.append(np.asarray(jax.device_get(fn(variables, inputs))))  # Replicated: global rows.
     for k, v in batch.items():
-      if k not in MODEL_INPUTS and k != 'mask':
-        out.setdefault(k, []).append(np.asarray(v)[keep])
-  if not out:
+      if k not in MODEL_INPUTS:
+        fields.setdefault(k, []).append(np.asarray(v))
+  if not probs:
     raise DatasetError('predict() got no batches: the split or input list is empty')
-  return {k: np.concatenate(v) for k, v in out.items()}
+  out = {k: np.concatenate(v) for k, v in fields.items()}
+  if not whole_batches and jax.process_count() > 1:
+    out = {k: _gather_rows(v, len(probs)) for k, v in out.items()}
+  keep = out.pop('mask').astype(bool) if 'mask' in out else slice(None)
+  return {'probs': np.concatenate(probs)[keep], **{k: v[keep] for k, v in out.items()}}
+
+
+def own_rows(x: np.ndarray) -> np.ndarray:
+  """This process's rows of a global batch: the block sharding.shard_batch expects from it."""
+  n = len(x) // jax.process_count()
+  return x[jax.process_index() * n : (jax.process_index() + 1) * n]
+
+
+def _gather_rows(local: np.ndarray, num_batches: int) -> np.ndarray:
+  """Every process's rows of each batch ([batches × local rows, ...] here) → [batches × global
+  rows, ...], in the order the global batches hold them (process 0's rows first)."""
+  every = multihost_utils.process_allgather(local)  # [processes, batches × local rows, ...]
+  every = every.reshape(every.shape[0], num_batches, -1, *local.shape[1:])
+  return np.swapaxes(every, 0, 1).reshape(-1, *local.shape[1:])

@@ -6,11 +6,12 @@ from collections.abc import Sequence
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from pneumo_jax import models, sharding
 from pneumo_jax.data import augment, images
 from pneumo_jax.errors import ConfigError
-from pneumo_jax.evaluation import explain
+from pneumo_jax.evaluation import explain, inference
 from pneumo_jax.modes import common
 
 EXPLAIN_DIR = 'explain'
@@ -97,12 +98,14 @@ def run(
   for batch in common.padded_batches(
     common.examples(files, config, errors, readable), common.global_batch(config)
   ):
-    arrays = sharding.shard_batch({k: batch[k] for k in ('image', 'box', 'flip', 'colour')}, mesh)
+    # Every process reads every file and feeds its own rows; process 0 writes the panels.
+    mine = {k: inference.own_rows(batch[k]) for k in ('image', 'box', 'flip', 'colour')}
+    arrays = sharding.shard_batch(mine, mesh)
     pixels = augment.from_batch(arrays, size)
     target = None
     if target_class is not None:
-      target = sharding.shard_batch(np.full(len(batch['mask']), target_class, np.int32), mesh)
-    result = jax.device_get(
+      target = sharding.shard_batch(np.full(len(mine['flip']), target_class, np.int32), mesh)
+    result = multihost_utils.process_allgather(  # The whole batch, on every process.
       explain.explain(
         model,
         variables,
@@ -110,10 +113,11 @@ def run(
         target,
         layer=layer,
         cells=backbone.cell_centres.get(layer),
-      )
+      ),
+      tiled=True,
     )
-    shown = np.asarray(jax.device_get(pixels))
-    for row in np.flatnonzero(batch['mask']):
+    shown = multihost_utils.process_allgather(pixels, tiled=True)
+    for row in np.flatnonzero(batch['mask']) if jax.process_index() == 0 else ():
       path = readable[batch['index'][row]]
       one = {k: v[row] for k, v in result.items()}
       explain.write_panel(

@@ -66,6 +66,7 @@ def top_k(
     variables,
     common.padded_batches(examples, sharding.round_up(_BATCH)),
     image_size=config.input.image_size,
+    whole_batches=True,
   )['probs']
   best = np.argsort(-probs, axis=-1, kind='stable')[:, :k]
   return [[(names[c], float(p[c])) for c in row] for p, row in zip(probs, best, strict=True)]

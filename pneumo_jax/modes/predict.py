@@ -6,6 +6,7 @@ import json
 import os
 from collections.abc import Sequence
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -35,7 +36,8 @@ def run(
   and gets its error in its row, unless no input at all can be read (an error, nothing written).
   The CSV's provenance (inputs, checkpoint, view) sits in the `.json` beside it; predictions made
   with other inputs or settings get a new name (`..._2.csv`) instead of replacing it.
-  Runs in one process, on all its devices.
+  Every process reads every file and runs its share of each batch; process 0 writes (the
+  others return '').
   """
   files = images.expand_inputs(inputs)
   model, variables, step, names = common.restore(config, workdir, checkpoint)
@@ -48,11 +50,17 @@ def run(
   if first is None:  # Nothing readable: this raises, before anything is written.
     common.report_errors(errors, len(files))
   out = inference.predict(
-    model, variables, itertools.chain([first], batches), image_size=config.input.image_size
+    model,
+    variables,
+    itertools.chain([first], batches),
+    image_size=config.input.image_size,
+    whole_batches=True,  # Every process reads every file.
   )
   probs = np.zeros((len(readable), len(names)))
   np.add.at(probs, out['index'], out['probs'])
   probs /= np.bincount(out['index'], minlength=len(readable))[:, None]
+  if jax.process_index() > 0:
+    return ''  # Process 0 writes the report.
   provenance = {
     'step': step,
     'tta': tta,

@@ -12,6 +12,10 @@ import sys
 import threading
 import types
 
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -41,6 +45,14 @@ class StopOnSignal:
   def __exit__(self, *exc: object) -> None:
     for s, handler in self._previous.items():
       signal.signal(s, handler)
+
+  def agreed(self) -> int | None:
+    """`signum` as the run's processes agree on it now (any process's signal stops them all at
+    the same step); `signum` itself in a single-process run. A collective in a multi-process
+    run: every process calls it at the same point."""
+    if not jax.distributed.is_initialized():
+      return self.signum
+    return int(multihost_utils.process_allgather(np.asarray(self.signum or 0)).max()) or None
 
   def _handle(self, signum: int, frame: types.FrameType | None) -> None:
     del frame

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from pneumo_jax import checkpoints, locks, scopes, sharding
+from pneumo_jax import checkpoints, distributed, locks, scopes, sharding
 from pneumo_jax.data import dataset_for, folder_builder, pipeline, preprocess
 from pneumo_jax.errors import ConfigError
 from pneumo_jax.evaluation import inference, metrics
@@ -274,6 +274,7 @@ def _train(
   cleanup: contextlib.ExitStack,
 ) -> dict[str, Any]:
   t_start = time.time()
+  distributed.check_shared(workdir, 'WORKDIR')
   run = _Run(config, workdir)  # Builds the dataset: a wrong source_dir fails before any write.
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
@@ -366,13 +367,13 @@ def _train(
   stopped_early = False
   with interrupt.StopOnSignal() as stop:
 
-    def stop_if_asked() -> None:
-      """Ends the run at `step` once a signal came (callers have saved everything up to it)."""
-      if stop.signum:
+    def stop_if_asked(signum: int | None) -> None:
+      """Ends the run at `step` when `signum` came (callers have saved everything up to it)."""
+      if signum:
         mngr.wait_until_finished()
         best_mngr.wait_until_finished()
         monitor.close()
-        raise interrupt.Stopped(step, stop.signum)
+        raise interrupt.Stopped(step, signum)
 
     for phase in phases:
       if step >= phase.end or stopped_early:
@@ -413,7 +414,7 @@ def _train(
           cut,
           run.mesh,
           # Nothing changed since the last checkpoint (or the start): a signal stops the build.
-          interrupted=stop_if_asked,
+          interrupted=lambda: stop_if_asked(stop.signum),
         )
       else:
         logging.info(
@@ -441,8 +442,10 @@ def _train(
         batch = next(train_iter)
         if cache:
           batch = sharding.shard_batch(cache.train_batch(batch), run.mesh)
-        elif step == 0:
-          monitor.image_grid(_first_images(batch, size), batch['label'], run.names)
+        elif step == 0 and run.lead:
+          monitor.image_grid(
+            _first_images(batch, size), sharding.local_rows(batch['label'])[:16], run.names
+          )
         state, m = train_step(state, batch, jax.random.fold_in(dropout_rng, step))
         step += 1
         log.add(m)
@@ -457,17 +460,18 @@ def _train(
         if last or _due(step, config.eval_every_steps):
           log.flush(step, float(schedule(step - phase.start)))
           stopped_early = _evaluate_and_keep_best(run, state, monitor, best_mngr, base, cache)
+        asked = stop.agreed()
         if (
           last
           or stopped_early
-          or stop.signum
+          or asked
           or _due(step, config.checkpoint_every_steps)
           or (config.checkpoint_every_secs and now - t_ckpt >= config.checkpoint_every_secs)
         ):
           log.flush(step, float(schedule(step - phase.start)))
           checkpoints.save(mngr, step, _state_dict(state), train_iter, base)
           t_ckpt = now
-        stop_if_asked()  # Saved just above, with the data iterator: resume loses nothing.
+        stop_if_asked(asked)  # Saved just above, with the data iterator: resume loses nothing.
         if stopped_early:
           logging.info(
             'Early stopping at step %d: no %s improvement in %d evaluations.',
@@ -546,9 +550,9 @@ def _cut(run: _Run, phase: Phase, variables: dict[str, Any], workdir: str) -> Cu
 
 
 def _first_images(batch: dict[str, Any], size: int) -> np.ndarray:
-  """Up to 16 images of a batch as the net sees them (the numpy reference of the device's
-  augmentation), for the first batch's image grid."""
-  host = jax.device_get({k: v[:16] for k, v in batch.items() if k != 'label'})
+  """Up to 16 of this process's images of a batch as the net sees them (the numpy reference of
+  the device's augmentation), for the first batch's image grid."""
+  host = {k: sharding.local_rows(v)[:16] for k, v in batch.items() if k != 'label'}
   return np.stack(
     [
       preprocess.apply(host['image'][i], {k: host[k][i] for k in ('box', 'flip', 'colour')}, size)

@@ -163,7 +163,7 @@ def _merge(
       out[entry] = scopes.unflatten(
         {
           **scopes.flatten(out[entry]),
-          **{k: place(entry, k, base[collection][k]) for k in paths[collection]},
+          **{k: place(entry, k, base[collection][k]) for k in sorted(paths[collection])},
         }
       )
   return out
@@ -258,7 +258,11 @@ def restore(
   workdir = os.path.dirname(str(mngr.directory))
   base = _load_base(workdir, ref, f'checkpoint {step} in {mngr.directory}')
   flat_target = {e: scopes.flatten(target[e]) for e in _FROM_BASE if e in target}
-  place = lambda entry, path, a: jax.device_put(a, flat_target[entry][path].sharding)
+  # Each process places its own (identical) copy: device_put would first check, with a collective
+  # per array, that every process holds the same values.
+  place = lambda entry, path, a: jax.make_array_from_callback(
+    a.shape, flat_target[entry][path].sharding, lambda index: a[index]
+  )
   return _merge(stored, base, paths, place), Base(ref['sha256'], paths)
 
 

@@ -1,11 +1,13 @@
 """Two processes on 127.0.0.1 (jax.distributed, gloo collectives) train, resume and evaluate as
 one process with the same global batch does; the dataset is built once, by process 0."""
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -46,27 +48,41 @@ def _main(workdir: str, processes: int, *args: str) -> list[tuple[int, str]]:
     XLA_FLAGS=f'--xla_force_host_platform_device_count={2 // processes}',
   )
   joined = [] if processes == 1 else [f'--coordinator_address=127.0.0.1:{_free_port()}']
-  procs = [
-    subprocess.Popen(
-      [
-        sys.executable,
-        *TINY,
-        '--workdir',
-        workdir,
-        *args,
-        *joined,
-        *([f'--num_processes={processes}', f'--process_id={i}'] if joined else []),
-      ],
-      cwd=REPO,
-      env=env,
-      text=True,
-      stdout=subprocess.DEVNULL,
-      stderr=subprocess.PIPE,
-    )
-    for i in range(processes)
-  ]
-  errs = [p.communicate(timeout=600)[1] for p in procs]
-  return [(p.returncode, err) for p, err in zip(procs, errs, strict=True)]
+  with contextlib.ExitStack() as files:
+    logs = [files.enter_context(tempfile.TemporaryFile('w+')) for _ in range(processes)]
+    procs = [
+      subprocess.Popen(
+        [
+          sys.executable,
+          *TINY,
+          '--workdir',
+          workdir,
+          *args,
+          *joined,
+          *([f'--num_processes={processes}', f'--process_id={i}'] if joined else []),
+        ],
+        cwd=REPO,
+        env=env,
+        text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=log,  # A file, not a pipe: a process never blocks on a full pipe.
+      )
+      for i, log in enumerate(logs)
+    ]
+    codes = [p.wait(timeout=600) for p in procs]
+    for log in logs:
+      log.seek(0)
+    return [(rc, log.read()) for rc, log in zip(codes, logs, strict=True)]
+
+
+def _check(run: list[tuple[int, str]]) -> None:
+  """Every process of `run` ended well; else the end of each one's log."""
+  if any(rc for rc, _ in run):
+    tails = [
+      f'process {i}, exit {rc}:\n' + '\n'.join(line[:300] for line in err.splitlines()[-25:])
+      for i, (rc, err) in enumerate(run)
+    ]
+    pytest.fail('\n\n'.join(tails))
 
 
 def _weights(workdir: str) -> dict[str, np.ndarray]:
@@ -85,12 +101,11 @@ def _summary(workdir: str) -> dict:
 def runs(tmp_path_factory):
   one = str(tmp_path_factory.mktemp('one_process'))
   two = str(tmp_path_factory.mktemp('two_processes'))
-  ((rc, err),) = _main(one, 1, '--config.num_steps=4')
-  assert rc == 0, '\n'.join(line[:300] for line in err.splitlines()[-40:])
+  _check(_main(one, 1, '--config.num_steps=4'))
   first = _main(two, 2, '--config.num_steps=2')  # Stops after its checkpoint at step 2,
+  _check(first)
   resumed = _main(two, 2, '--config.num_steps=4')  # and the same run goes on to step 4.
-  for rc, err in first + resumed:
-    assert rc == 0, '\n'.join(line[:300] for line in err.splitlines()[-40:])
+  _check(resumed)
   return one, two, first, resumed
 
 

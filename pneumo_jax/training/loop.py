@@ -240,6 +240,9 @@ class _Run:
     return result
 
 
+_ONE_SHOT = {'xla_backend_optimization_level': 0}  # XLA options for programs that run once.
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains per `config` in `workdir` (resuming if it holds checkpoints); returns the summary.
 
@@ -285,9 +288,12 @@ def _train(
   init_rng, dropout_rng = jax.random.split(rng)
   size = config.input.image_size
   repl = sharding.replicated(run.mesh)
-  variables = jax.jit(
+  init = jax.jit(
     lambda r: run.eval_model.init(r, jnp.zeros((1, size, size, 3)), train=False), out_shardings=repl
-  )(init_rng)
+  )
+  # Initialisation runs once: compiled without backend optimisation it takes half the time
+  # (6.6 s against 13 s for InceptionV3 on 2 CPU cores) and runs in a second.
+  variables = init.lower(init_rng).compile(compiler_options=_ONE_SHOT)(init_rng)
   variables = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
 
   mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints, cleanup=True)

@@ -4,8 +4,8 @@ The same command runs on every process. With --coordinator_address, --num_proces
 --process_id it joins that run; launched by a cluster manager that starts one task per process
 (`srun` sets SLURM_STEP_NUM_TASKS, `mpirun` OMPI_COMM_WORLD_SIZE), jax.distributed's own
 auto-detection finds the coordinator; otherwise it stays a single process, exactly as before.
-Process 0 leads: it builds the dataset and writes metrics, reports and tables; the others wait
-for it at `barrier`s.
+Process 0 leads: it builds the dataset and writes metrics and reports; the others wait for it
+(`lead_first`).
 """
 
 import os
@@ -69,12 +69,6 @@ def initialize(
   return True
 
 
-def barrier(name: str) -> None:
-  """Returns once every process reached the barrier `name` (at once with one process)."""
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
-
-
 def lead_first(what: str, fn: Callable[[], T]) -> T:
   """`fn()` on process 0, then on the others once it returned there: what process 0 creates
   (a dataset build) the others then find. When it fails on process 0, the others stop too,
@@ -109,8 +103,8 @@ def check_shared(directory: str, what: str) -> None:
     marker = os.path.join(directory, f'.shared-check-{uuid.uuid4().hex}')
     open(marker, 'w').close()
   marker = share_text(marker)
+  # A collective: when it returns, every process has looked, so the marker can go.
   seen = multihost_utils.process_allgather(np.asarray(os.path.exists(marker)))
-  barrier(f'check_shared {marker}')
   if jax.process_index() == 0:
     os.remove(marker)
   if not seen.all():

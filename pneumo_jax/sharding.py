@@ -44,6 +44,13 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
   return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, v), batch)
 
 
+def own_rows(x: np.ndarray) -> np.ndarray:
+  """This process's block of a whole global batch held on every process: what shard_batch
+  expects from it."""
+  n = len(x) // jax.process_count()
+  return x[jax.process_index() * n : (jax.process_index() + 1) * n]
+
+
 def local_rows(x: jax.Array) -> np.ndarray:
   """This process's rows of a batch-split global array (all of them with one process)."""
   shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)

@@ -79,7 +79,7 @@ def predict(
   for batch in batches:
     inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
     if whole_batches:
-      inputs = jax.tree.map(own_rows, inputs)
+      inputs = jax.tree.map(sharding.own_rows, inputs)
     if not all(isinstance(v, jax.Array) for v in jax.tree.leaves(inputs)):
       inputs = put_inputs(mesh)(inputs)
     probs.append(np.asarray(jax.device_get(fn(variables, inputs))))  # Replicated: global rows.
@@ -93,12 +93,6 @@ def predict(
     out = {k: _gather_rows(v, len(probs)) for k, v in out.items()}
   keep = out.pop('mask').astype(bool) if 'mask' in out else slice(None)
   return {'probs': np.concatenate(probs)[keep], **{k: v[keep] for k, v in out.items()}}
-
-
-def own_rows(x: np.ndarray) -> np.ndarray:
-  """This process's rows of a global batch: the block sharding.shard_batch expects from it."""
-  n = len(x) // jax.process_count()
-  return x[jax.process_index() * n : (jax.process_index() + 1) * n]
 
 
 def _gather_rows(local: np.ndarray, num_batches: int) -> np.ndarray:

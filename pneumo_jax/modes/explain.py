@@ -11,7 +11,7 @@ from jax.experimental import multihost_utils
 from pneumo_jax import models, sharding
 from pneumo_jax.data import augment, images
 from pneumo_jax.errors import ConfigError
-from pneumo_jax.evaluation import explain, inference
+from pneumo_jax.evaluation import explain
 from pneumo_jax.modes import common
 
 EXPLAIN_DIR = 'explain'
@@ -99,7 +99,7 @@ def run(
     common.examples(files, config, errors, readable), common.global_batch(config)
   ):
     # Every process reads every file and feeds its own rows; process 0 writes the panels.
-    mine = {k: inference.own_rows(batch[k]) for k in ('image', 'box', 'flip', 'colour')}
+    mine = {k: sharding.own_rows(batch[k]) for k in ('image', 'box', 'flip', 'colour')}
     arrays = sharding.shard_batch(mine, mesh)
     pixels = augment.from_batch(arrays, size)
     target = None

@@ -164,17 +164,14 @@ def _run(workdir: str, inputs: list[str], joined: bool) -> None:
   if mismatch := preprocess.view_mismatch(config.input):
     logging.warning(mismatch)
   if FLAGS.mode == 'train' and FLAGS.sweep and sweep.is_sweep(path):
-    if joined:  # (jax.process_count() would claim the accelerator.)
-      raise ConfigError(
-        'a sweep runs each trial as a program of its own; in a multi-process run, launch each '
-        'trial as its own run with --nosweep and its overrides (docs/multihost.md)'
-      )
-    # Trials run as separate processes; this one never touches the accelerator.
+    # Trials run as separate processes, and this one never touches the accelerator; but the
+    # processes of a multi-process run go through the trials together, inside themselves.
     sweep.run(
       config_file=path,
       workdir=workdir,
       overrides=config_flags.get_override_values(FLAGS['config']),
       parallel=FLAGS.sweep_parallel,
+      in_process=joined,
     )
     return
   logging.info('JAX: %d process(es), local devices %s', jax.process_count(), jax.local_devices())

@@ -86,10 +86,19 @@ def manager(
       exits). Only for the training run, the workdir's one writer: for anyone else such a
       directory may be a live run's save in progress.
   """
+  directory = os.path.abspath(os.path.join(workdir, subdir))
   return ocp.CheckpointManager(
-    os.path.abspath(os.path.join(workdir, subdir)),
+    directory,
     options=ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True, cleanup_tmp_directories=cleanup
+      max_to_keep=keep,
+      create=True,
+      cleanup_tmp_directories=cleanup,
+      # In a multi-process run orbax names its barriers after the step ('async_write_complete.2'):
+      # the latest and the best checkpoint of one step, or the trials of a sweep, would meet at
+      # the same barrier at once and fail. A prefix per directory keeps them apart.
+      multiprocessing_options=ocp.options.MultiprocessingOptions(
+        barrier_sync_key_prefix=hashlib.sha256(directory.encode()).hexdigest()[:12]
+      ),
     ),
   )
 

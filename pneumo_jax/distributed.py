@@ -79,11 +79,11 @@ def lead_first(what: str, fn: Callable[[], T]) -> T:
     try:
       result = fn()
     except BaseException:
-      _tell_others(ok=False)
+      share_flag(False)
       raise
-    _tell_others(ok=True)
+    share_flag(True)
     return result
-  if not _tell_others(ok=None):
+  if not share_flag(False):
     raise UserError(f'process 0 failed {what}; its output says why')
   return fn()
 
@@ -117,6 +117,8 @@ def check_shared(directory: str, what: str) -> None:
 
 def share_text(text: str) -> str:
   """Process 0's `text` (at most _TEXT_BYTES bytes of UTF-8), on every process."""
+  if jax.process_count() == 1:
+    return text
   raw = np.zeros(_TEXT_BYTES, np.uint8)
   encoded = text.encode()[:_TEXT_BYTES]
   raw[: len(encoded)] = np.frombuffer(encoded, np.uint8)
@@ -124,6 +126,8 @@ def share_text(text: str) -> str:
   return shared.tobytes().rstrip(b'\0').decode()
 
 
-def _tell_others(ok: bool | None) -> bool:
-  """Process 0's `ok`, on every process (the others pass None and wait for it)."""
-  return bool(multihost_utils.broadcast_one_to_all(np.asarray(bool(ok))))
+def share_flag(flag: bool) -> bool:
+  """Process 0's `flag`, on every process (a collective: each waits for process 0's)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))

@@ -74,7 +74,9 @@ def _wait_for_training(workdir: str, proc: subprocess.Popen, timeout: float = 30
 @pytest.mark.slow
 def test_busy_workdir_then_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
   workdir = str(tmp_path / 'w')
-  run = [*TINY, '--workdir', workdir, '--config.num_steps=100000']
+  # Heads only (the quickest step to compile), through the whole network (no feature cache).
+  heads = ['--config.trainable_scopes=Logits,AuxLogits', '--config.feature_cache=False']
+  run = [*TINY, '--workdir', workdir, '--config.num_steps=100000', *heads]
   first = _main(*run)
   _wait_for_training(workdir, first)
 

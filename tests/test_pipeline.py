@@ -208,8 +208,11 @@ def test_eval_batches_split_over_processes(solid):
     for p in range(2)
   ]
   assert [len(b) for b in per_process] == [2, 2]  # Same count everywhere, for collectives.
-  indices = [np.concatenate([b['index'][b['mask']] for b in batches]) for batches in per_process]
-  assert sorted(np.concatenate(indices).tolist()) == list(range(7))
+  # Each global batch is the processes' blocks in process order: gathered, the records in order.
+  gathered = np.concatenate([b['index'] for pair in zip(*per_process, strict=True) for b in pair])
+  assert gathered.tolist() == [*range(7), -1]
+  masks = np.concatenate([b['mask'] for pair in zip(*per_process, strict=True) for b in pair])
+  assert masks.tolist() == [True] * 7 + [False]
 
 
 def test_batch_must_divide_over_processes(solid):

@@ -312,6 +312,13 @@ def test_parallel_trials_run_side_by_side(tmp_path, calls, monkeypatch):
   assert peers[:2] == [True, True]  # The first two waited for each other: both were running.
 
 
+def test_a_multi_process_sweep_runs_one_trial_at_a_time(tmp_path, calls):
+  config = _config(tmp_path, "sweep.product({'schedule.learning_rate': [0.01, 0.02]})")
+  with pytest.raises(ValueError, match='--sweep_parallel: a multi-process sweep runs its trials'):
+    _run(config, str(tmp_path / 'w'), parallel=2, in_process=True)
+  assert calls() == []
+
+
 def test_trials_run_this_python_on_the_package(tmp_path, monkeypatch):
   """No path to a checkout's main.py: an installed package runs its sweeps too."""
   ran = []
@@ -450,9 +457,12 @@ def test_is_sweep_tells_sweep_configs_apart():
 
 @pytest.mark.slow
 def test_end_to_end_tiny_sweep_through_main(tmp_path, monkeypatch):
-  """The real thing: main.py runs tiny.py's two trials, then a rerun finds both finished."""
+  """The real thing: main.py runs tiny.py's two trials, then a rerun finds both finished. (Heads
+  only, trained from the feature cache: the quickest real trials.)"""
   workdir = str(tmp_path / 'tiny')
+  heads = {'trainable_scopes': 'Logits,AuxLogits'}
   cmd = [sys.executable, 'main.py', '--config', 'configs/sweeps/tiny.py', '--workdir', workdir]
+  cmd += [f'--config.{k}={v}' for k, v in heads.items()]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = _csv(workdir)
@@ -465,7 +475,8 @@ def test_end_to_end_tiny_sweep_through_main(tmp_path, monkeypatch):
   mtimes = {
     r['name']: os.path.getmtime(os.path.join(workdir, r['name'], 'summary.json')) for r in rows
   }
-  results = sweep.run(os.path.join(REPO, 'configs', 'sweeps', 'tiny.py'), workdir)  # In-process.
+  tiny = os.path.join(REPO, 'configs', 'sweeps', 'tiny.py')
+  results = sweep.run(tiny, workdir, overrides=heads)  # In-process: finds both trials done.
   assert [r['status'] for r in results] == ['done', 'done']
   assert {
     r['name']: os.path.getmtime(os.path.join(r['workdir'], 'summary.json')) for r in results

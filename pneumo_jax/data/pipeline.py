@@ -197,23 +197,31 @@ def eval_batches(
 
   Yields {'image' (uint8, stored), 'box', 'flip', 'colour' (the view), 'label', 'index' (record
   index in the split, -1 for padding), 'mask' (False for padding)}, B = input.eval_batch_size //
-  process_count, each passed through `put` (as in train_iterator) when given. Every process
-  yields the same number of batches, so collective ops across processes stay in step.
+  process_count, each passed through `put` (as in train_iterator) when given: the process's
+  block of each global batch (`eval_rows`).
   """
   batch = _local_batch(input_cfg.eval_batch_size, process_count, 'input.eval_batch_size')
   source = builder.as_data_source(split)
-  mine = np.arange(process_index, len(source), process_count)
-  num_batches = math.ceil(math.ceil(len(source) / process_count) / batch)
-  padded = np.full(num_batches * batch, -1, np.int64)
-  padded[: len(mine)] = mine
+  rows = eval_rows(len(source), batch, process_index, process_count)
   example = _EvalExample(
     source,
     side(builder, input_cfg),
     folder_builder.stored_shape(builder)[2],
     preprocess.eval_central_fraction(input_cfg),
   )
-  ds = grain.MapDataset.source(padded).map(example).to_iter_dataset(_read_options(batch))
+  ds = grain.MapDataset.source(rows).map(example).to_iter_dataset(_read_options(batch))
   return iter(_prefetch(ds.batch(batch), put))
+
+
+def eval_rows(n: int, batch: int, process_index: int, process_count: int) -> np.ndarray:
+  """The records (-1: padding) process `process_index` evaluates of a split of `n`: its block of
+  `batch` rows in each global batch of `batch` × `process_count` consecutive records. Every
+  process gets the same number of batches, so collectives across processes stay in step, and
+  the blocks gathered in process order are the records in order."""
+  size = batch * process_count
+  padded = np.full(math.ceil(n / size) * size, -1, np.int64)
+  padded[:n] = np.arange(n)
+  return padded.reshape(-1, process_count, batch)[:, process_index].reshape(-1)
 
 
 def num_workers(input_cfg: ml_collections.ConfigDict) -> int:

@@ -17,7 +17,8 @@ The cache lives on disk, memory-mapped, under WORKDIR/features/<key>/: sets larg
 still work (the OS pages them in), and a resumed run reuses it. The key hashes everything the
 features depend on (the dataset build, image and stored size, views, the cut, dtype and every
 frozen variable's value), so a changed dataset, checkpoint or size never reuses a stale cache;
-building a new one removes the run's old ones.
+building a new one removes the run's old ones. In a multi-process run every process computes
+its block of each batch and process 0 writes them all (`load_or_build`).
 """
 
 import dataclasses
@@ -40,9 +41,10 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from pneumo_jax import scopes, sharding
+from pneumo_jax import distributed, scopes, sharding
 from pneumo_jax.data import folder_builder, pipeline, preprocess
 from pneumo_jax.evaluation import inference
 from pneumo_jax.models import Backbone, taps
@@ -77,8 +79,6 @@ def plan(cfg: ml_collections.ConfigDict, backbone: Backbone, trainable: Iterable
     return 'input.color_distortion draws new colours every step'
   if cfg.batch_norm == 'all':
     return "batch_norm='all' normalises frozen layers with batch statistics"
-  if jax.process_count() > 1:
-    return 'it is built by one process (multi-process runs train uncached)'
   trained = {p.split('/')[0] for p in trainable}
   blocks = backbone.blocks
   if unknown := sorted(trained - set(blocks) - set(backbone.feature_taps)):
@@ -151,17 +151,17 @@ class Cache:
     }
 
   def validation_batches(self, labels: np.ndarray, batch: int) -> Iterator[dict[str, Any]]:
-    """The validation split's features in record order, in full batches (the last one padded
-    and masked), as pipeline.eval_batches yields images."""
-    n = len(labels)
-    for start in range(0, n, batch):
-      index = np.arange(start, start + batch)
-      mask = index < n
-      index = np.where(mask, index, start)
+    """This process's block of each global batch of `batch` validation records (padding
+    masked), as pipeline.eval_batches yields images."""
+    local = batch // jax.process_count()
+    rows = pipeline.eval_rows(len(labels), local, jax.process_index(), jax.process_count())
+    for index in rows.reshape(-1, local):
+      mask = index >= 0
+      read = np.where(mask, index, 0)
       yield {
-        'features': {h: np.ascontiguousarray(f[index]) for h, f in self.validation.items()},
-        'label': labels[index],
-        'index': np.where(mask, index, -1).astype(np.int32),
+        'features': {h: np.ascontiguousarray(f[read]) for h, f in self.validation.items()},
+        'label': labels[read],
+        'index': index.astype(np.int32),
         'mask': mask,
       }
 
@@ -180,21 +180,26 @@ def load_or_build(
   """The phase's cache: reused when WORKDIR holds one for the same key, else computed with
   `model` (the phase's) and `variables` ({'params', 'batch_stats'} on the mesh).
 
-  `interrupted` is called between batches of a build and may raise to abandon it (Ctrl-C): the
-  unfinished folder is removed by the next build."""
+  In a multi-process run, process 0's key and finding decide for all; every process computes
+  its block of each batch and process 0 writes the gathered rows (one writer on the shared
+  storage). `interrupted` is called between batches of a build, on every process (it may be a
+  collective), and may raise to abandon it (Ctrl-C): the next build removes the unfinished folder.
+  """
   tapped = tuple(cut.taps)
   # Evaluation runs the inference model, which has no auxiliary head.
   evaluated = tuple(h for h in tapped if h != backbone.aux_logits)
   flips = bool(cfg.input.random_flip)
   size = cfg.input.image_size
-  key = _key(builder, cfg, backbone, cut, flips, variables)
+  lead = jax.process_index() == 0
+  key = distributed.share_text(_key(builder, cfg, backbone, cut, flips, variables))
   root = os.path.join(workdir, CACHE_DIR)
   path = os.path.join(root, key)
-  if not os.path.exists(os.path.join(path, 'done.json')):
-    if os.path.isdir(root):
-      shutil.rmtree(root)  # Stale caches of this run (another key) and killed builds.
+  if not distributed.share_flag(os.path.exists(os.path.join(path, 'done.json'))):
     tmp = f'{path}.incomplete-{os.getpid()}'
-    os.makedirs(tmp)
+    if lead:
+      if os.path.isdir(root):
+        shutil.rmtree(root)  # Stale caches of this run (another key) and killed builds.
+      os.makedirs(tmp)
     t0 = time.time()
     capture = jax.jit(
       lambda v, inputs, flip: taps.capture(
@@ -214,17 +219,22 @@ def load_or_build(
         {**cfg.input.to_dict(), 'central_crop_fraction': fraction, 'eval_batch_size': batch}
       )
 
-    compute = functools.partial(_compute, tmp, builder, capture, variables, mesh, interrupted)
+    compute = functools.partial(
+      _compute, tmp if lead else None, builder, capture, variables, mesh, interrupted
+    )
     # Without random crops, training sees the whole image; evaluation its own view.
     first, passes = compute('train', framing(1.0), tapped, (False, True)[: 1 + flips])
     framed = framing(preprocess.eval_central_fraction(cfg.input))
     passes += compute('validation', framed, evaluated, None)[1]
-    with open(os.path.join(tmp, 'done.json'), 'w') as f:
-      # The first batch's time holds the compile: benchmarks leave it out of the rate.
-      json.dump(
-        {'heads': tapped, 'seconds': time.time() - t0, 'passes': passes, 'first_batch': first}, f
-      )
-    os.replace(tmp, path)
+    if lead:
+      with open(os.path.join(tmp, 'done.json'), 'w') as f:
+        # The first batch's time holds the compile: benchmarks leave it out of the rate.
+        json.dump(
+          {'heads': tapped, 'seconds': time.time() - t0, 'passes': passes, 'first_batch': first},
+          f,
+        )
+      os.replace(tmp, path)
+    distributed.share_flag(True)  # The others open the cache once process 0 has put it in place.
     what = 'Built'
   else:
     what = 'Reusing'
@@ -251,7 +261,7 @@ def load_or_build(
 
 
 def _compute(
-  directory: str,
+  directory: str | None,
   builder: tfds.core.DatasetBuilder,
   capture: Any,
   variables: dict[str, Any],
@@ -262,21 +272,31 @@ def _compute(
   names: Sequence[str],
   views: tuple[bool, ...] | None,
 ) -> tuple[dict[str, float], int]:
-  """Writes <split>_<head>.npy: [N, len(views), ...] (train) or [N, ...] (views None: the
-  evaluation view), each image read once for all its views. Returns the first batch's seconds
-  and backbone passes, and all passes (padding included)."""
+  """Writes <split>_<head>.npy into `directory` (None: computes its share for the process that
+  writes): [N, len(views), ...] (train) or [N, ...] (views None: the evaluation view), each
+  image read once for all its views. Returns the first batch's seconds and backbone passes, and
+  all passes (padding included)."""
   n = len(folder_builder.split_labels(builder, split))
   out: dict[str, np.ndarray] = {}
   first: dict[str, float] = {}
   passes = 0
   t0 = time.time()
-  batches = pipeline.eval_batches(builder, split, input_cfg, put=inference.put_inputs(mesh))
+  batches = pipeline.eval_batches(
+    builder,
+    split,
+    input_cfg,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    put=inference.put_inputs(mesh),
+  )
   for batch in batches:
     interrupted()
-    keep = batch['mask']
-    rows = batch['index'][keep]
+    keep = _everyone(batch['mask'])
+    rows = _everyone(batch['index'])[keep]
     for v, flip in enumerate(views or (False,)):
-      got = jax.device_get(capture(variables, _inputs(batch), flip))
+      got = _everyone(capture(variables, _inputs(batch), flip))
+      if directory is None:
+        continue
       for name in names:
         if name not in out:
           shape = (n, len(views), *got[name].shape[1:]) if views else (n, *got[name].shape[1:])
@@ -293,6 +313,14 @@ def _compute(
   for array in out.values():
     array.flush()
   return first, passes
+
+
+def _everyone(x: Any) -> Any:
+  """Every process's rows of a batch (a pytree of batch-split global arrays, or of this
+  process's block as numpy), in the global batch's order, as numpy."""
+  if jax.process_count() == 1:
+    return jax.device_get(x)
+  return multihost_utils.process_allgather(x, tiled=True)
 
 
 def _inputs(batch: dict[str, Any]) -> dict[str, Any]:

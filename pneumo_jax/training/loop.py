@@ -420,7 +420,7 @@ def _train(
           cut,
           run.mesh,
           # Nothing changed since the last checkpoint (or the start): a signal stops the build.
-          interrupted=lambda: stop_if_asked(stop.signum),
+          interrupted=lambda: stop_if_asked(stop.agreed()),
         )
       else:
         logging.info(
@@ -552,7 +552,9 @@ def _cut(run: _Run, phase: Phase, variables: dict[str, Any], workdir: str) -> Cu
   cut = feature_cache.plan(phase.cfg, run.backbone, [k for k, t in trainable.items() if t])
   if isinstance(cut, str):
     return cut
-  return feature_cache.room(workdir, run.builder, phase.cfg, cut, run.eval_model, variables) or cut
+  # Process 0's disk decides for all: every process must train the phase the same way.
+  full = feature_cache.room(workdir, run.builder, phase.cfg, cut, run.eval_model, variables)
+  return distributed.share_text(full or '') or cut
 
 
 def _first_images(batch: dict[str, Any], size: int) -> np.ndarray:

@@ -3,7 +3,8 @@
 A sweep is a config file that defines `get_sweep()` next to `get_config()`: a list of override
 dicts keyed by dotted config paths (`{'schedule.learning_rate': 0.01}`), built with `product`,
 `zip` and `folds`. `run` trains every trial as its own `python -m pneumo_jax --nosweep` process
-(a crash or leaked memory stays in its trial), in a sub-workdir named after its overrides, and
+(a crash or leaked memory stays in its trial; a multi-process run's joined processes run the
+trials inside themselves instead), in a sub-workdir named after its overrides, and
 ranks them in WORKDIR/results.{csv,md}. Running the same command again skips finished trials,
 resumes interrupted ones from their checkpoints and retries failed ones, so a sweep survives
 restarts.

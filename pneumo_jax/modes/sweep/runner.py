@@ -1,11 +1,15 @@
 """Running a sweep: one process per trial, skip/resume/retry, the shared datasets built first,
 and the tables rewritten as each trial ends.
+
+A multi-process run (docs/multihost.md) is the exception: its processes are joined already, so
+they go through the trials together, one after another, inside themselves; process 0 writes.
 """
 
 import concurrent.futures
 import copy
 import dataclasses
 import json
+import logging as logging_lib
 import os
 import subprocess
 import sys
@@ -13,11 +17,12 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import ml_collections
 from absl import logging
 
-from pneumo_jax import locks, validate
-from pneumo_jax.errors import ConfigError
+from pneumo_jax import distributed, locks, validate
+from pneumo_jax.errors import ConfigError, UserError
 from pneumo_jax.modes.sweep import grid, report
 
 _DATA_DIR_KEY = 'dataset.data_dir'
@@ -47,8 +52,14 @@ def _is_done(summary: dict[str, Any] | None) -> bool:
   return bool(summary) and summary.get('status') == 'done'
 
 
-def _result(trial: _Trial, status: str, error: str = '', log_tail: str = '') -> dict[str, Any]:
-  summary = _read_summary(trial.workdir) or {}
+def _result(
+  trial: _Trial,
+  status: str,
+  error: str = '',
+  log_tail: str = '',
+  summary: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+  summary = summary or _read_summary(trial.workdir) or {}
   return {
     'name': trial.name,
     'workdir': trial.workdir,
@@ -105,6 +116,47 @@ def _run_trial(
   return _result(trial, 'failed', why, '\n'.join(lines[-_TAIL_LINES:]))
 
 
+def _train_here(
+  trial: _Trial, config: ml_collections.ConfigDict, record: dict[str, Any]
+) -> dict[str, Any]:
+  """Runs one trial in this process, as every process of a multi-process run does at the same
+  time; process 0 writes trial.json and appends its log lines to log.txt. A trial that fails
+  on a user error or a non-finite loss (the same on every process) is recorded as failed."""
+  from pneumo_jax.modes import train  # Imports the training stack: only when it runs here.
+
+  lead = jax.process_index() == 0
+  handler = None
+  if lead:
+    os.makedirs(trial.workdir, exist_ok=True)
+    with open(os.path.join(trial.workdir, 'trial.json'), 'w') as f:
+      json.dump(record, f, indent=2, default=repr)
+    handler = logging_lib.FileHandler(os.path.join(trial.workdir, 'log.txt'))
+    handler.setFormatter(logging.PythonFormatter())
+    for quiet in logging.get_absl_handler().filters:  # What the console leaves out (main.py's).
+      handler.addFilter(quiet)
+    logging.get_absl_logger().addHandler(handler)
+    logging.info(
+      '==== %s (in process, %d processes)', ' '.join(record['argv']), jax.process_count()
+    )
+  try:
+    summary = train.run(config, trial.workdir)
+  except (UserError, FloatingPointError) as e:
+    return _result(trial, 'failed', f'{type(e).__name__}: {e}')
+  finally:
+    if handler:
+      logging.get_absl_logger().removeHandler(handler)
+      handler.close()
+  return _result(trial, 'done', summary=summary)
+
+
+def _trial_config(
+  config: ml_collections.ConfigDict, trial: _Trial, injected: Mapping[str, Any]
+) -> ml_collections.ConfigDict:
+  cfg = copy.deepcopy(config)
+  grid.apply_overrides(cfg, {**injected, **trial.overrides}, trial.name)
+  return cfg
+
+
 def _prepare_data(
   config: ml_collections.ConfigDict, trials: Sequence[_Trial], injected: Mapping[str, Any]
 ) -> None:
@@ -118,8 +170,7 @@ def _prepare_data(
 
   configs = []
   for trial in trials:
-    cfg = copy.deepcopy(config)
-    grid.apply_overrides(cfg, {**injected, **trial.overrides}, trial.name)
+    cfg = _trial_config(config, trial, injected)
     try:
       validate.check(cfg)
     except ConfigError as e:
@@ -140,6 +191,7 @@ def run(
   parallel: int = 1,
   command: Sequence[str] | None = None,
   prepare_data: bool = True,
+  in_process: bool = False,
 ) -> list[dict[str, Any]]:
   """Runs the sweep in `config_file` under `workdir`; returns one result per trial, in order.
 
@@ -153,6 +205,9 @@ def run(
       well as a checkout.
     prepare_data: build the trials' datasets here first (see _prepare_data); False leaves it to
       the trials, for trial programs that need no data.
+    in_process: run the trials in this process, one at a time (`command` then only names the
+      trial's equivalent command in trial.json): how the processes of a multi-process run go
+      through a sweep together.
 
   Each result holds name, workdir, overrides, status ('done' | 'failed'), error (exit code and
   last output line), log_tail, step, num_steps, wall_time_s, best_step, final and best.
@@ -160,6 +215,11 @@ def run(
   """
   if parallel < 1:
     raise ConfigError(f'--sweep_parallel must be >= 1, got {parallel}')
+  if in_process and parallel > 1:
+    raise ConfigError(
+      '--sweep_parallel: a multi-process sweep runs its trials one at a time, each on all '
+      'processes; leave it at 1'
+    )
   base = list(command or [sys.executable, '-m', 'pneumo_jax'])
   overrides = dict(overrides or {})
   config, sweep = grid.expand(config_file, overrides)
@@ -178,6 +238,9 @@ def run(
       results[trial.name] = _result(trial, 'done' if done else 'pending')
       if not done:
         pending.append(trial)
+    if in_process:  # Process 0's reading decides: every process must run the same trials.
+      names_left = json.loads(distributed.share_text(json.dumps([t.name for t in pending])))
+      pending = [t for t in trials if t.name in names_left]
     logging.info(
       'sweep %s: %d trials, %d finished before, %d to run, %d at a time',
       config_file,
@@ -190,10 +253,33 @@ def run(
       _prepare_data(config, pending, injected)
 
     def write_tables():
+      if in_process and jax.process_index():
+        return
       report.write_results(
         workdir, [results[t.name] for t in trials], config.best_metric, config_file, overrides
       )
 
+    write_tables()
+
+    def record_of(trial: _Trial) -> dict[str, Any]:
+      argv = [
+        *base,
+        '--config',
+        config_file,
+        '--workdir',
+        trial.workdir,
+        '--nosweep',
+        *(_flag(k, v) for k, v in {**overrides, **injected, **trial.overrides}.items()),
+      ]
+      return {'config': origin, 'overrides': {**overrides, **trial.overrides}, 'argv': argv}
+
+    if in_process:
+      for trial in pending:
+        result = _train_here(trial, _trial_config(config, trial, injected), record_of(trial))
+        results[trial.name] = result
+        logging.info('sweep trial %s: %s %s', trial.name, result['status'], result['error'])
+        write_tables()
+      return [results[t.name] for t in trials]
     env = dict(os.environ)
     # Trials import what this process imports (a config's `from configs import …` included)
     # from wherever it was started: its script's folder, or the current one under `-m`.
@@ -201,21 +287,11 @@ def run(
     env['PYTHONPATH'] = os.pathsep.join(p for p in (here, env.get('PYTHONPATH')) if p)
     if parallel > 1:  # One GPU shared by several processes: each takes memory as it needs it.
       env.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
-    write_tables()
     with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
       futures = []
       for trial in pending:
-        argv = [
-          *base,
-          '--config',
-          config_file,
-          '--workdir',
-          trial.workdir,
-          '--nosweep',
-          *(_flag(k, v) for k, v in {**overrides, **injected, **trial.overrides}.items()),
-        ]
-        record = {'config': origin, 'overrides': {**overrides, **trial.overrides}, 'argv': argv}
-        futures.append(pool.submit(_run_trial, trial, argv, env, record))
+        record = record_of(trial)
+        futures.append(pool.submit(_run_trial, trial, record['argv'], env, record))
       try:
         for future in concurrent.futures.as_completed(futures):
           result = future.result()

@@ -86,7 +86,8 @@ def run(
     size,
     _finer_layers(backbone, layer, size),
   )
-  if warning:
+  lead = jax.process_index() == 0  # Every process computes; process 0 writes and reports.
+  if warning and lead:
     print(f'Warning: {warning}')
   mesh = sharding.make_mesh()
   variables = sharding.replicate(variables, mesh)
@@ -117,7 +118,7 @@ def run(
       tiled=True,
     )
     shown = multihost_utils.process_allgather(pixels, tiled=True)
-    for row in np.flatnonzero(batch['mask']) if jax.process_index() == 0 else ():
+    for row in np.flatnonzero(batch['mask']) if lead else ():
       path = readable[batch['index'][row]]
       one = {k: v[row] for k, v in result.items()}
       explain.write_panel(
@@ -134,8 +135,10 @@ def run(
         f'{path}: predicted {names[predicted]} ({one["probs"][predicted]:.1%}), '
         f'explained {names[int(one["target"])]}'
       )
-  common.report_errors(errors, len(files))
-  print(
-    f'Explanations at {layer} (checkpoint step {step}) for {len(readable)} image(s) in {out_dir}'
-  )
+  if lead or not readable:  # Nothing readable fails every process.
+    common.report_errors(errors, len(files))
+  if lead:
+    print(
+      f'Explanations at {layer} (checkpoint step {step}) for {len(readable)} image(s) in {out_dir}'
+    )
   return out_dir

@@ -28,17 +28,6 @@ jax.config.update(
 )
 
 
-# The longest modules (minutes on 2 cores, cold compilation cache), started first: with
-# `--dist loadfile --no-loadscope-reorder` (pyproject.toml) xdist hands whole modules to its
-# workers in collection order, so one collected last would run alone at the end.
-_LONGEST = ('test_multihost.py', 'test_sweep.py', 'test_loop.py', 'test_densenet_modes.py')
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-  first = {name: i for i, name in enumerate(_LONGEST)}
-  items.sort(key=lambda item: first.get(item.path.name, len(first)))  # Stable: the rest as found.
-
-
 @pytest.fixture(scope='session')
 def stage_folder(tmp_path_factory) -> str:
   """A small 4-class folder of the demo's synthetic X-rays (6 per class, 80 px)."""

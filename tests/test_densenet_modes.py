@@ -10,6 +10,7 @@ from pneumo_jax import checkpoints, scopes
 from pneumo_jax.modes import evaluate, explain, predict
 from pneumo_jax.training import loop
 
+pytestmark = pytest.mark.long  # ~100 s; the DenseNet parity tests stay in the default suite.
 SIZE = 64  # Small (DenseNet accepts 29 px and up) but with a 2×2 norm5 grid.
 
 

@@ -366,7 +366,7 @@ def _grown(mask, by):
   return out
 
 
-@pytest.mark.slow
+@pytest.mark.long  # ~60 s of training from scratch.
 def test_grad_cam_finds_the_planted_patch(tmp_path, tiny_config):
   """Trains on 240 planted-patch images (100 steps from scratch), then asks where Grad-CAM's
   maximum falls on 96 held-out ones. At 96 px Mixed_7c is a single cell, so Grad-CAM looks at

@@ -148,7 +148,7 @@ def test_build_lock_waits_for_the_holder(tmp_path, caplog):
   try:
     wait_for(proc, 'HELD')
     began = time.monotonic()
-    with caplog.at_level('INFO'), locks.build_lock(data):
+    with caplog.at_level('INFO', logger='absl'), locks.build_lock(data):  # (test_folder_builder)
       waited = time.monotonic() - began
   finally:
     proc.kill()

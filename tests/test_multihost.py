@@ -203,22 +203,23 @@ def test_process_0_builds_the_dataset_and_the_feature_cache(runs):
   assert steps == [1, 2, 3, 4]  # One writer: no step logged twice, none lost to the kill.
 
 
-@pytest.mark.slow
-def test_a_sweep_runs_each_trial_on_both_processes(runs, tmp_path):
+@pytest.mark.long  # ~60 s; `pytest -m long` (CI) runs it.
+def test_a_sweep_runs_each_trial_on_both_processes(tmp_path):
   """Launched as srun launches tasks (SLURM variables, no flags), the processes go through the
-  trials together (training heads from a feature cache they build together); process 0 writes
-  the tables and logs. Two trials, each saving its step 2: orbax's barriers stay apart."""
-  _, two, _, _ = runs
+  trials together (training heads from a feature cache they build together); process 0 builds
+  the dataset and writes the tables and logs. Two trials, each saving its step 2: orbax's
+  barriers stay apart."""
   workdir = str(tmp_path / 'sweep')
   sweep = _main(
     workdir,
     2,
     '--config=configs/sweeps/tiny.py',
     '--config.trainable_scopes=Logits,AuxLogits',
-    f'--config.dataset.data_dir={os.path.join(two, "data")}',  # Built: no build here.
     srun=True,
   )
   _check(sweep)
+  (_, lead), (_, other) = sweep
+  assert BUILDING in lead and BUILDING not in other
   with open(os.path.join(workdir, 'results.csv')) as f:
     rows = list(csv.DictReader(f))
   assert [r['status'] for r in rows] == ['done', 'done'], rows

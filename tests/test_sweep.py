@@ -455,7 +455,7 @@ def test_is_sweep_tells_sweep_configs_apart():
   assert not sweep.is_sweep(os.path.join(REPO, 'configs', 'default.py'))
 
 
-@pytest.mark.slow
+@pytest.mark.long  # ~60 s; `pytest -m long` (CI) runs it.
 def test_end_to_end_tiny_sweep_through_main(tmp_path, monkeypatch):
   """The real thing: main.py runs tiny.py's two trials, then a rerun finds both finished. (Heads
   only, trained from the feature cache: the quickest real trials.)"""

@@ -93,13 +93,18 @@ def _check_origin(trial: _Trial, origin: str) -> None:
     )
 
 
+def _write_record(trial: _Trial, record: dict[str, Any]) -> None:
+  """trial.json: the sweep config, the trial's overrides and the command that runs it alone."""
+  os.makedirs(trial.workdir, exist_ok=True)
+  with open(os.path.join(trial.workdir, 'trial.json'), 'w') as f:
+    json.dump(record, f, indent=2, default=repr)
+
+
 def _run_trial(
   trial: _Trial, argv: list[str], env: dict[str, str], record: dict[str, Any]
 ) -> dict[str, Any]:
   """Runs one trial to its end, appending its output to log.txt; never raises for a bad run."""
-  os.makedirs(trial.workdir, exist_ok=True)
-  with open(os.path.join(trial.workdir, 'trial.json'), 'w') as f:
-    json.dump(record, f, indent=2, default=repr)
+  _write_record(trial, record)
   log_path = os.path.join(trial.workdir, 'log.txt')
   with open(log_path, 'ab') as log:
     log.write(f'==== {time.strftime("%Y-%m-%d %H:%M:%S")} {" ".join(argv)}\n'.encode())
@@ -127,9 +132,7 @@ def _train_here(
   lead = jax.process_index() == 0
   handler = None
   if lead:
-    os.makedirs(trial.workdir, exist_ok=True)
-    with open(os.path.join(trial.workdir, 'trial.json'), 'w') as f:
-      json.dump(record, f, indent=2, default=repr)
+    _write_record(trial, record)
     handler = logging_lib.FileHandler(os.path.join(trial.workdir, 'log.txt'))
     handler.setFormatter(logging.PythonFormatter())
     for quiet in logging.get_absl_handler().filters:  # What the console leaves out (main.py's).

@@ -28,3 +28,7 @@ class BusyError(UserError):
 
 class WeightsError(UserError, ValueError):
   """A weights file or checkpoint does not fit the model or cannot be read; names the file."""
+
+
+class NotWritableError(UserError, PermissionError):
+  """An output folder cannot take a file (read-only, full, not a folder); names the folder."""

@@ -27,7 +27,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from sklearn import metrics as skm
 
-from pneumo_jax.errors import DatasetError
+from pneumo_jax.errors import DatasetError, NotWritableError
 
 
 def eval_stem(workdir: str, split: str, step: int) -> str:
@@ -51,6 +51,22 @@ def atomic_path(path: str) -> Iterator[str]:
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+def check_writable(folder: str, what: str) -> None:
+  """Fails, naming `folder` and `what` it is for, when a file cannot be created there (read-only,
+  full, not a folder): called before a mode computes, so nothing is spent on results that could
+  not be kept. Creates `folder` when missing."""
+  try:
+    os.makedirs(folder, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=folder, prefix='.write_check.')
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise NotWritableError(
+      f'{what} {folder!r} cannot be written ({e.strerror or e}); make it writable, free some '
+      'space, or point the run at another folder'
+    ) from e
 
 
 def write_json(path: str, record: dict[str, Any]) -> None:

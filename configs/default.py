@@ -10,20 +10,58 @@ this one and override.
 
 import ml_collections
 
+from pneumo_jax import models
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # Seeds parameter init, dropout, shuffling and augmentation.
 
-  # --- Data: a folder whose subfolders are the classes (labels = sorted folder names). ---
+  # --- Data: class folders, split folders or a label file (README "Your own data"). ---
   c.dataset = ml_collections.ConfigDict()
-  c.dataset.source_dir = ''  # Required: the folder of class subfolders.
+  # The image folder (or set labels_csv instead; one of the two is required). Either one
+  # subfolder per class (source_dir/stage_0/…), or split folders each holding the same class
+  # subfolders (source_dir/{train,val,test}/NORMAL/…; val may be valid or validation, any
+  # case). Split folders are the splits: the fractions below do not re-split them, except that
+  # without a val folder validation is drawn from train by validation_fraction, and that with
+  # num_folds > 1 the train and val folders are pooled and folded (test stays the test folder).
+  # test_fraction must then be 0 when a test folder exists.
+  c.dataset.source_dir = ''
+  # A CSV instead of source_dir: columns path (relative to the CSV's folder, or absolute) and
+  # label (a class name); optional patient_id, and split (train, validation or test; empty:
+  # drawn by the fractions, as are all rows without the column). Bad rows (missing file, empty
+  # label, unknown split, repeated path) are an error naming their line numbers, or skipped and
+  # listed with skip_corrupt. Its content is part of the build's fingerprint.
+  c.dataset.labels_csv = ''
+  # Class names in label order, as a list or a comma string ('none,mild,moderate,severe':
+  # ordinal grades need their order). Must name exactly the classes of the folders or label
+  # file. Empty → sorted names.
+  c.dataset.class_names = ml_collections.FieldReference('', field_type=object)
+  # A regex searched in each file's path relative to the source (a label file's patient_id
+  # column comes first): its first group, or the whole match, is the patient, e.g.
+  # r'(person\d+)_' on person12_bacteria_1.jpeg; it must match every file (a file it misses is
+  # an error naming it: add alternatives, e.g. r'(person\d+)_|(IM-\d+)-'). Unset, DICOM files
+  # give their PatientID. With patients known, splits and folds keep each patient's films in
+  # one split; identical images (same decoded pixels) always stay together too. Without them
+  # the split is by image (the log and model card say so).
+  c.dataset.patient_pattern = ''
   c.dataset.data_dir = ''  # Where built array_record shards go; '' → WORKDIR/data.
   c.dataset.validation_fraction = 0.2  # Per class (stratified).
   c.dataset.test_fraction = 0.0  # Per class, held out before validation; 0 → no test split.
   c.dataset.split_seed = 0  # Seeds the stratified split; same seed, same split.
   c.dataset.num_shards = 1  # array_record shards per split.
-  c.dataset.skip_corrupt = False  # True: skip and list unreadable images instead of failing.
+  # True: skip and list unreadable images (broken files, link loops, dangling links, files
+  # without read permission, suspicious sizes) and bad label-file rows instead of failing.
+  c.dataset.skip_corrupt = False
+  # Images too degenerate to be films are listed as suspicious (like unreadable ones: an error,
+  # or skipped with skip_corrupt) by the build, predict and explain, instead of being squashed
+  # to the input size without a word: a decoded image with fewer than min_image_side pixels on
+  # a side, or whose longer side exceeds max_aspect_ratio times its shorter one. 0 turns a
+  # bound off. Part of the build's fingerprint. The default side only catches icons and
+  # one-pixel images (tiny test images stay valid); films are hundreds of pixels, so a real
+  # collection may raise it (e.g. 256).
+  c.dataset.min_image_side = 8
+  c.dataset.max_aspect_ratio = 4.0
   c.dataset.num_folds = 0  # k > 1: k-fold CV; validation = fold `fold` (validation_fraction
   #   is then ignored).
   c.dataset.fold = 0  # Which fold is the validation split when num_folds > 1.
@@ -87,14 +125,23 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.min_depth = 16  # InceptionV3: floor for scaled depths.
   c.model.batch_norm_decay = 0.9997  # Moving-average decay (slim's); lower it from scratch.
   c.model.dtype = 'float32'  # Compute dtype: 'bfloat16' for mixed precision (params stay f32).
+  # The classifier head (pneumo_jax/heads.py): 'softmax' (K outputs, cross-entropy) or 'ordinal'
+  # (CORN: K − 1 "grade > k" outputs whose class probabilities respect the classes' order, for
+  # graded classes such as stages 0–3 in dataset.class_names' order; the aux head likewise).
+  # label_smoothing then smooths each "grade > k" target and class weights weigh each example.
+  c.model.head = 'softmax'
 
   # --- Initialisation, as slim's --checkpoint_path / --checkpoint_exclude_scopes. ---
   c.init_checkpoint = ''  # Orbax dir with params + batch_stats (see converters/); '' → random.
-  c.exclude_scopes = 'Logits,AuxLogits'  # Regexes: re-initialised instead of loaded.
+  # Regexes: re-initialised instead of loaded. Unset, the backbone's head (its record's
+  # head_scopes: 'Logits,AuxLogits' for inception_v3, 'classifier' for densenet121), following
+  # model.name; '' loads everything.
+  c.exclude_scopes = models.head_scopes_of(c.model.get_ref('name'))
   c.ignore_missing_vars = False  # True: model variables absent from the checkpoint stay random.
 
   # --- What trains (slim's --trainable_scopes): comma-separated regexes over param paths. ---
-  c.trainable_scopes = 'Logits,AuxLogits'  # '.*' → everything.
+  # Unset, the backbone's head (as exclude_scopes), following model.name; '.*' → everything.
+  c.trainable_scopes = models.head_scopes_of(c.model.get_ref('name'))
   # Batch norm while training: 'trainable' → BN learns only inside trainable scopes, frozen ones
   # run in inference mode (the Keras rule); 'frozen' → all BN in inference mode; 'all' → every
   # BN uses batch statistics and updates its moving averages (what the seed's slim run did).
@@ -162,4 +209,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.early_stopping_patience = 0  # > 0: stop after this many evals without a new best.
   c.best_metric = 'kappa'  # Validation metric that picks the best checkpoint and ranks sweeps:
   # accuracy | balanced_accuracy | kappa (quadratic weighted) | auc_macro | loss (lower wins).
+  # The threshold at which --mode predict writes each "class ≥ k" decision (decision_ge_<class>
+  # columns), once --mode eval has chosen the thresholds on the validation split:
+  # youden (Youden's J) | sensitivity_90 | sensitivity_95 (the highest reaching that sensitivity).
+  c.operating_point = 'youden'
   return c

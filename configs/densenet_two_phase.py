@@ -2,7 +2,8 @@
 #     --config.dataset.source_dir=/data/xray_by_stage --config.init_checkpoint=/weights/densenet121
 """configs/two_phase.py's recipe on DenseNet-121, the backbone chest X-ray work standardised on.
 
-It is two_phase.py with the backbone's own scopes and size; why each difference:
+It is two_phase.py with the backbone's own phases and size (exclude_scopes defaults to its head,
+`classifier`); why each difference:
 - DenseNet-121 (CheXNet; torchxrayvision's X-ray weights load too): 8M parameters against
   InceptionV3's 24M, which suits ~2,000 images, at its ImageNet size of 224 px.
 - Phase `head` (1,000 steps): only `classifier` learns, on frozen features, so the new random
@@ -27,8 +28,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.name = 'densenet121'
   c.model.batch_norm_decay = 0.9
   c.input.image_size = 224
-  c.exclude_scopes = 'classifier'
-  c.trainable_scopes = 'classifier'
   c.phases.head.trainable_scopes = 'classifier'
   c.phases.top.trainable_scopes = 'denseblock4,norm5,classifier'
   return c

@@ -27,7 +27,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.input.batch_size = 32
   c.input.color_distortion = False
   c.input.random_crop = False
-  c.exclude_scopes = 'Logits,AuxLogits'
   c.batch_norm = 'frozen'
   c.label_smoothing = 0.1
   c.class_weighting = 'balanced'

@@ -5,7 +5,8 @@ r"""Fetches a released ImageNet InceptionV3 and converts it into an orbax direct
 
 The file lands in DEST under its published name, then DEST/inception_v3_<source>_orbax is written
 (pass it as --config.init_checkpoint). Downloads go to `<name>.part` and resume with an HTTP Range
-request when interrupted; only a file whose digests match is renamed to its final name. Without
+request when interrupted (so the part is kept, not written through `atomic.atomic_file`); only a
+file whose digests match is renamed to its final name. Without
 network, put a copy fetched by other means at the path the error names and run the command again.
 """
 
@@ -22,6 +23,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
+from pneumo_jax import atomic
 from pneumo_jax.errors import ConfigError
 from pneumo_jax.models.inception_v3 import keras_weights, slim_weights
 from pneumo_jax.models.weights import save_variables
@@ -175,10 +177,11 @@ def _verify(path: str, digests: dict[str, str]) -> None:
 
 
 def _unpack_checkpoint(archive: str, into: str) -> str:
-  """Extracts a slim .tar.gz into `into`; returns the checkpoint path tf.train reads."""
-  with tarfile.open(archive) as tar:
+  """Extracts a slim .tar.gz into `into`, replacing it whole (an interrupted extraction leaves no
+  half of it); returns the checkpoint path tf.train reads."""
+  with tarfile.open(archive) as tar, atomic.atomic_folder(into) as unpacking:
     names = tar.getnames()
-    tar.extractall(into, filter='data')
+    tar.extractall(unpacking, filter='data')
   for name in names:
     if name.endswith('.ckpt.index'):
       return os.path.join(into, name.removesuffix('.index'))

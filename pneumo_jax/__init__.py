@@ -10,6 +10,10 @@ import logging as _logging
 # and every record would name absl's file instead of its caller.
 from absl import logging as _absl_logging
 
+# The only place the version is written: pyproject.toml reads it from here (setuptools' dynamic
+# version), and reports, model cards, exports and summary.json record it.
+__version__ = '0.1.0'
+
 # Substrings of library log messages that say nothing a user can act on.
 _NOISE = (
   "Unable to initialize backend 'tpu'",  # JAX probing for a TPU on a CPU/GPU machine.

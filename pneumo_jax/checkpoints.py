@@ -5,7 +5,8 @@ Layout under WORKDIR:
                    frozen batch norms), written once when the run starts, with the sha256 of their
                    content in its orbax metadata;
   checkpoints/<step>/{state,data,base_ref}   the last `keep_checkpoints`;
-  best/<step>/{state,base_ref}               the best by `config.best_metric`.
+  best/<step>/{state,base_ref}               the best by `config.best_metric`;
+  damaged/<subdir>/<step>/   steps that failed to restore, moved there by training, never deleted.
 `state` holds step, opt_state and the params, batch_stats and (with EMA on) ema_params that can
 change, keyed by the model's TF-Slim scope names; `data` the grain iterator's position; `base_ref`
 (JSON) the base's sha256 and the paths taken from it. A head-only checkpoint is thus the head and
@@ -14,14 +15,22 @@ self-sufficient (no reference to where the pretrained weights came from): copy i
 works. Restoring checks that base/ still hashes to what the checkpoint recorded. The EMA of a
 frozen leaf is the leaf itself (the train step skips frozen leaves), so base/ serves both.
 Checkpoints without `base_ref`, written before base/ existed, hold the full state and still load.
+
+A step whose files cannot be read back (truncated by a full disk or a copy cut short, corrupted,
+missing) raises DamagedCheckpointError, one line naming the step, its folder and the likely cause;
+training moves such a step to WORKDIR/damaged/ (`set_aside`) and resumes from the one before.
 """
 
+import contextlib
 import glob
 import hashlib
+import json
+import logging as logging_lib
 import os
 import re
 import shutil
-from collections.abc import Callable, Collection, Mapping
+import sys
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import grain
@@ -31,7 +40,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from pneumo_jax import errors, scopes
+from pneumo_jax import distributed, errors, scopes
 from pneumo_jax.models import weights
 from pneumo_jax.models.backbone import Backbone
 
@@ -39,6 +48,7 @@ LATEST_DIR = 'checkpoints'
 BEST_DIR = 'best'
 BASE_DIR = 'base'
 BASE_REF = 'base_ref'  # The JSON item naming the base a checkpoint was saved against.
+DAMAGED_DIR = 'damaged'  # WORKDIR/damaged/<subdir>/<step>: steps that failed to restore, kept.
 LABELS_FILE = 'labels.txt'  # The class names, one a line, in output order.
 # Entry of a saved state → the base collection its frozen leaves come from.
 _FROM_BASE = {'params': 'params', 'ema_params': 'params', 'batch_stats': 'batch_stats'}
@@ -46,6 +56,10 @@ _FROM_BASE = {'params': 'params', 'ema_params': 'params', 'batch_stats': 'batch_
 
 class BaseMismatchError(errors.WeightsError):
   """WORKDIR/base is not what a checkpoint was saved against: replaced, edited or unreadable."""
+
+
+class DamagedCheckpointError(errors.WeightsError):
+  """A checkpoint step's files cannot be read back: truncated, corrupted or missing."""
 
 
 class Base(NamedTuple):
@@ -210,6 +224,93 @@ def _short(digest: str | None) -> str:
   return f'{digest[:12]}…' if digest else 'none'
 
 
+# What tensorstore and orbax say when a checkpoint's files are damaged, by the likely cause.
+_DAMAGE = (
+  ('truncated', ('OUT_OF_RANGE', 'Truncated', 'not valid for value of size', 'Unexpected end')),
+  ('missing', ('NOT_FOUND', 'does not exist')),
+  ('corrupted', ('DATA_LOSS', 'Invalid JSON', 'Error decoding', 'decompress', 'Error reading')),
+)
+
+
+def _damage(e: BaseException) -> str | None:
+  """'a file in it is truncated (…)' (or corrupted, or missing) when `e`, raised reading a
+  checkpoint, says that its files are damaged; None for any other failure (a bug, a target of
+  another structure), which is not taken for damage."""
+  chain = [e]
+  while chain[-1].__cause__ is not None and len(chain) < 10:
+    chain.append(chain[-1].__cause__)
+  if any(isinstance(x, json.JSONDecodeError | UnicodeDecodeError) for x in chain):
+    cause = 'corrupted'
+  elif any(isinstance(x, FileNotFoundError) for x in chain):
+    cause = 'missing'
+  else:
+    text = ' '.join(map(str, chain))
+    cause = next((c for c, marks in _DAMAGE if any(m in text for m in marks)), None)
+  if cause is None:
+    return None
+  text = str(chain[-1]).split(' [tensorstore_spec=', 1)[0]
+  status = re.match(r'[A-Z_]+: ', text)  # tensorstore's: OUT_OF_RANGE, DATA_LOSS, …
+  if status and '": ' in text:  # After the paths it read ('at local file "…": '), what failed.
+    text = status[0] + text.rsplit('": ', 1)[1]
+  elif not status:
+    text = f'{type(chain[-1]).__name__}: {text}'
+  detail = ' '.join(text.split())  # One line.
+  return f'a file in it is {cause} ({detail[:200]}{"…" if len(detail) > 200 else ""})'
+
+
+class _DamageReports(logging_lib.Filter):
+  """Drops asyncio's 'Task exception was never retrieved' for reads of damaged files: when one
+  array of a restore fails, the failures of the others are never collected, and asyncio logs
+  each with its traceback when the task is freed."""
+
+  def filter(self, record: logging_lib.LogRecord) -> bool:
+    return not (record.exc_info and _damage(record.exc_info[1]) is not None)
+
+
+def _quiet_abandoned_reads() -> None:
+  """Once a restore fails, its other reads still report, each with a traceback, hundreds of lines
+  after the one that matters: asyncio logs their uncollected failures (_DamageReports), and
+  tensorstore completes them into the event loop orbax has closed, which reaches
+  sys.unraisablehook as 'Event loop is closed'. Those reports, and only those, are dropped."""
+  asyncio_log = logging_lib.getLogger('asyncio')
+  if not any(isinstance(f, _DamageReports) for f in asyncio_log.filters):
+    asyncio_log.addFilter(_DamageReports())
+  previous = sys.unraisablehook
+  if getattr(previous, 'drops_closed_loop_reports', False):
+    return
+
+  def hook(unraisable: Any) -> None:
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'):
+      previous(unraisable)
+
+  hook.drops_closed_loop_reports = True  # type: ignore[attr-defined]
+  sys.unraisablehook = hook
+
+
+@contextlib.contextmanager
+def _naming_damage(error: Callable[[str], errors.UserError]) -> Iterator[None]:
+  """A read inside the block that fails on damaged files raises error(cause) from it, one line;
+  any other failure (a user error, a bug) propagates as it is."""
+  _quiet_abandoned_reads()
+  try:
+    yield
+  except errors.UserError:
+    raise
+  except Exception as e:
+    cause = _damage(e)
+    if cause is None:
+      raise
+    raise error(cause) from e
+
+
+def _step_damage(mngr: ocp.CheckpointManager, step: int) -> contextlib.AbstractContextManager:
+  path = epath.Path(mngr.directory) / str(step)
+  return _naming_damage(
+    lambda cause: DamagedCheckpointError(f'checkpoint {step} ({path}) cannot be restored: {cause}')
+  )
+
+
 def _load_base(workdir: str, ref: Mapping[str, Any], what: str) -> dict[str, dict[str, Any]]:
   """WORKDIR/base as {collection: {path: array}}, once it is shown to be the base `ref` names.
 
@@ -224,18 +325,23 @@ def _load_base(workdir: str, ref: Mapping[str, Any], what: str) -> dict[str, dic
       f'{what} keeps its {count} frozen arrays in {path}, which is missing; copy the whole '
       f'workdir {workdir} (base/ included), or train again'
     )
-  with ocp.StandardCheckpointer() as ckptr:
-    meta = ckptr.metadata(path)
-    recorded = (meta.custom_metadata or {}).get('sha256')
-    if meta.item_metadata is None or recorded != want:
+  damaged = _naming_damage(
+    lambda cause: BaseMismatchError(
+      f'{path} cannot be restored: {cause}; restore {workdir} from a copy, or train again in a '
+      'new --workdir'
+    )
+  )
+  with damaged, ocp.StandardCheckpointer() as ckptr:
+    # The handler raises on an unreadable _METADATA, where the checkpointer only logs a warning.
+    item = ocp.StandardCheckpointHandler().metadata(epath.Path(path))
+    recorded = (ckptr.metadata(path).custom_metadata or {}).get('sha256')
+    if recorded != want:
       raise BaseMismatchError(
         f'{path} holds other frozen weights (sha256 {_short(recorded)}) than {what} was saved '
         f'against ({_short(want)}): base/ was replaced, perhaps copied from another run; put '
         f'back the base/ that came with {workdir}, or train again'
       )
-    tree = ckptr.restore(
-      path, jax.tree.map(lambda m: np.empty(m.shape, m.dtype), meta.item_metadata.tree)
-    )
+    tree = ckptr.restore(path, jax.tree.map(lambda m: np.empty(m.shape, m.dtype), item.tree))
   got = content_hash(tree)
   if got != want:
     raise BaseMismatchError(
@@ -250,18 +356,24 @@ def restore(
 ) -> tuple[dict[str, Any], Base | None]:
   """Restores checkpoint `step`, base leaves merged back, into the shapes and shardings of
   `target`, and rewinds the iterator. Also returns the base it was saved against (None: it holds
-  everything), which the resumed run's saves share. WORKDIR is the manager's parent."""
-  ref = _read_ref(mngr, step)
-  paths = _paths(ref)
-  items = {
-    'state': ocp.args.StandardRestore(
-      jax.tree.map(ocp.utils.to_shape_dtype_struct, _drop(target, paths))
-    )
-  }
-  if data_iterator is not None:
-    check_process_count(mngr, step)
-    items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
-  stored = mngr.restore(step, args=ocp.args.Composite(**items))['state']
+  everything), which the resumed run's saves share. WORKDIR is the manager's parent.
+
+  Raises:
+    DamagedCheckpointError: the step's files cannot be read back (`set_aside` moves it away).
+    BaseMismatchError: WORKDIR/base is not the one the step was saved against, or is damaged.
+  """
+  with _step_damage(mngr, step):
+    ref = _read_ref(mngr, step)
+    paths = _paths(ref)
+    items = {
+      'state': ocp.args.StandardRestore(
+        jax.tree.map(ocp.utils.to_shape_dtype_struct, _drop(target, paths))
+      )
+    }
+    if data_iterator is not None:
+      check_process_count(mngr, step)
+      items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+    stored = mngr.restore(step, args=ocp.args.Composite(**items))['state']
   if not any(paths.values()):
     return stored, None
   workdir = os.path.dirname(str(mngr.directory))
@@ -273,6 +385,24 @@ def restore(
     a.shape, flat_target[entry][path].sharding, lambda index: a[index]
   )
   return _merge(stored, base, paths, place), Base(ref['sha256'], paths)
+
+
+def set_aside(mngr: ocp.CheckpointManager, step: int) -> str:
+  """Moves damaged checkpoint `step` out of the manager's folder, to
+  WORKDIR/damaged/<subdir>/<step> (<step>_2, … when taken), where no manager lists it, for
+  inspection; returns where. Process 0 moves it; the others wait until it has."""
+  workdir, subdir = os.path.split(str(mngr.directory))
+  folder = os.path.join(workdir, DAMAGED_DIR, subdir)
+  moved, n = os.path.join(folder, str(step)), 1
+  while os.path.exists(moved):
+    n += 1
+    moved = os.path.join(folder, f'{step}_{n}')
+  if jax.process_index() == 0:
+    os.makedirs(folder, exist_ok=True)
+    os.rename(os.path.join(str(mngr.directory), str(step)), moved)
+  moved = distributed.share_text(moved)  # A collective: process 0 has moved it when it returns.
+  mngr.reload()
+  return moved
 
 
 def check_process_count(mngr: ocp.CheckpointManager, step: int) -> None:
@@ -345,21 +475,50 @@ def read(workdir: str, checkpoint: str = 'latest') -> tuple[dict[str, Any], int]
       f'(--mode=train --workdir={workdir}), or pass --checkpoint with a step listed'
     )
   subdir, step = found
-  with _reader(workdir, subdir) as mngr:
-    ref = _read_ref(mngr, step)
-    # Into host arrays: a checkpoint saved on other devices (8 GPUs, or 2 processes) restores
-    # on any machine.
-    saved = ocp.StandardCheckpointHandler().metadata(
-      epath.Path(mngr.directory) / str(step) / 'state'
-    )
-    target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), saved.tree)
-    stored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    stored = stored['state']
+  try:
+    stored, ref = _read_stored(workdir, subdir, step)
+  except DamagedCheckpointError as e:
+    raise DamagedCheckpointError(f'{e}; {_what_restores(workdir, subdir, step)}') from e
   paths = _paths(ref)
   if not any(paths.values()):
     return stored, step
   base = _load_base(workdir, ref, f'checkpoint {step} in {os.path.join(workdir, subdir)}')
   return _merge(stored, base, paths, lambda entry, path, a: a), step
+
+
+def _read_stored(workdir: str, subdir: str, step: int) -> tuple[dict[str, Any], Any]:
+  """(the `state` item of WORKDIR/subdir/step, its base_ref), in host arrays: a checkpoint saved
+  on other devices (8 GPUs, or 2 processes) restores on any machine."""
+  with _reader(workdir, subdir) as mngr, _step_damage(mngr, step):
+    ref = _read_ref(mngr, step)
+    saved = ocp.StandardCheckpointHandler().metadata(
+      epath.Path(mngr.directory) / str(step) / 'state'
+    )
+    target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), saved.tree)
+    stored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+  return stored['state'], ref
+
+
+def _what_restores(workdir: str, damaged_subdir: str, damaged_step: int) -> str:
+  """Which --checkpoint works instead of a damaged one: the newest other step that restores."""
+  found = {}
+  for subdir in (LATEST_DIR, BEST_DIR):
+    mngr = _reader(workdir, subdir)
+    if mngr is not None:
+      with mngr:
+        found[subdir] = mngr.all_steps()
+  # Newest first; of one step, checkpoints/ first, as --checkpoint N looks there first.
+  candidates = sorted(((s, d) for d, steps in found.items() for s in steps), reverse=True)
+  for step, subdir in candidates:
+    if (subdir, step) == (damaged_subdir, damaged_step):
+      continue
+    try:
+      _read_stored(workdir, subdir, step)
+    except DamagedCheckpointError:
+      continue
+    flag = 'best' if subdir == BEST_DIR and step in found.get(LATEST_DIR, []) else step
+    return f'the newest that restores is {subdir}/{step}: pass --checkpoint {flag}'
+  return f'no other checkpoint restores ({_listing(workdir)}): train again in a new --workdir'
 
 
 def load_for_inference(

@@ -3,9 +3,8 @@
 The same command runs on every process. With --coordinator_address, --num_processes and
 --process_id it joins that run; launched by a cluster manager that starts one task per process
 (`srun` sets SLURM_STEP_NUM_TASKS, `mpirun` OMPI_COMM_WORLD_SIZE), jax.distributed's own
-auto-detection finds the coordinator; otherwise it stays a single process, exactly as before.
-Process 0 leads: it builds the dataset and writes metrics and reports; the others wait for it
-(`lead_first`).
+auto-detection finds the coordinator; otherwise it stays a single process. Process 0 leads: it
+builds the dataset and writes metrics and reports; the others wait for it (`lead_first`).
 """
 
 import os

@@ -1,24 +1,17 @@
 """Advisory locks that keep two runs off one workdir, and two dataset builds off one data dir.
 
-Each lock is `fcntl.flock` on a lock file. The kernel drops a flock as soon as its holder's
-descriptor goes away, and a process that dies (even by `kill -9` or a crash) loses its
-descriptors, so a lock left by a dead process never blocks: that is the stale-lock detection, with
-no pid to probe and no timeout to guess. The file itself stays. It holds who took the lock last
-(pid, host, command line, start time, as JSON), rewritten by each new holder and emptied on a
-clean release, so that a process finding the lock taken can name its holder, and one finding it
-free but not empty knows that its last holder died holding it.
+Each lock is `fcntl.flock` on a lock file. The kernel drops a flock when its holder's descriptor
+closes, as a dying process's does (even on `kill -9`), so a dead holder never blocks: no pid to
+probe, no timeout to guess. The file names the last holder (pid, host, command line, start time,
+as JSON), rewritten by each holder and emptied on a clean release: a refused process can name the
+holder, and one finding it free but not empty knows that its last holder died holding it.
 
-The descriptor is not inherited by programs the holder starts (Python opens it close-on-exec), so
-a sweep's trial processes lock their own sub-workdirs freely; forked children (multiprocessing,
-grain workers) close their copy, so that one outliving its parent does not keep the lock alive.
-Within one thread the locks are re-entrant (main.py and the training loop may both take the
-workdir's); another thread of the same process is refused or waits like another process.
-
-File systems: on NFS, Linux emulates flock with POSIX byte-range locks kept by the server, which
-work across hosts, but a crashed client's lock lasts until its lease runs out (NFSv4: about 90 s),
-and a mount with `nolock` / `local_lock` keeps locks local to each host, so runs on two hosts do
-not see each other's. Where the file system refuses locks altogether (ENOLCK, EOPNOTSUPP), a
-warning says so and the run goes on unprotected.
+The descriptor is close-on-exec and forked children (grain workers) close their copy, so a
+sweep's trial processes lock their own sub-workdirs and a child outliving its parent does not
+keep the lock. Within one thread the locks are re-entrant: code holding a lock may call code that
+takes it again. On NFS the server keeps flocks across hosts, but a crashed client's lasts until
+its lease ends (NFSv4: about 90 s), and `nolock`/`local_lock` mounts lock per host only. Where the
+file system refuses locks (ENOLCK, EOPNOTSUPP), a warning says so and the run goes unprotected.
 """
 
 import contextlib

@@ -8,11 +8,11 @@ metrics), the check asks that stage on the config instead of keeping a second li
 import ml_collections
 import numpy as np
 
-from pneumo_jax import models, scopes
+from pneumo_jax import heads, models, scopes
 from pneumo_jax.data import folder_builder
 from pneumo_jax.errors import ConfigError
-from pneumo_jax.evaluation import metrics
-from pneumo_jax.training import loop, optim
+from pneumo_jax.evaluation import metrics, operating_points
+from pneumo_jax.training import optim, phases
 
 _DTYPES = ('float32', 'bfloat16', 'float16')
 
@@ -57,23 +57,25 @@ def check(config: ml_collections.ConfigDict, devices: int | None = None) -> None
       'dataset.full_resolution=True (records keep their size and are fitted to the default '
       'side when read): unset one of them'
     )
+  heads.get(config.model.head)
   if config.model.dtype not in _DTYPES:
     raise ConfigError(f'model.dtype={config.model.dtype!r}: use one of {list(_DTYPES)}')
   if config.best_metric not in metrics.HIGHER_IS_BETTER:
     raise ConfigError(
       f'best_metric={config.best_metric!r}: use one of {sorted(metrics.HIGHER_IS_BETTER)}'
     )
+  operating_points.decision_point(config)
   scopes.parse(config.exclude_scopes)
   folder_builder.check_settings(config.dataset)
-  loop.class_weights(config, np.ones(2))
-  for phase in loop.resolve_phases(config):
+  phases.class_weights(config, np.ones(2))
+  for phase in phases.resolve_phases(config):
     where = f' (phase {phase.name!r})' if config.phases else ''
     if not scopes.parse(phase.cfg.trainable_scopes):
       raise ConfigError(
         f'trainable_scopes{where} is empty: nothing would train; give regexes '
         f"such as {backbone.head_scopes!r} (the head) or '.*' (everything)"
       )
-    loop.batch_norm_train(phase.cfg)
+    phases.batch_norm_train(phase.cfg)
     schedule = optim.make_schedule(phase.cfg.schedule, phase.end - phase.start)
     optim.make_optimizer(phase.cfg.optimizer, schedule, {}, backbone.weight_decay)
 

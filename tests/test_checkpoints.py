@@ -1,6 +1,8 @@
 """Checkpoints: pretrained initialisation (orbax, raw slim), exclusion, the frozen-weights base,
 the previous format, and restore errors."""
 
+import gc
+import glob
 import os
 import shutil
 
@@ -166,6 +168,71 @@ def test_missing_or_altered_base_is_a_clear_error(tmp_path):
   shutil.rmtree(base_dir)
   shutil.copytree(kept, base_dir)
   _assert_same(checkpoints.read(workdir)[0], state)
+
+
+def _truncate_largest(folder):
+  """Cuts the largest array file of the orbax checkpoint in `folder` to half its size."""
+  path = max(glob.glob(os.path.join(folder, '**', 'd', '*'), recursive=True), key=os.path.getsize)
+  os.truncate(path, os.path.getsize(path) // 2)
+
+
+def test_a_damaged_step_is_one_line_naming_the_step_that_restores(tmp_path, capfd, caplog):
+  """Without the tracebacks of the restore's other reads (asyncio's log, sys.unraisablehook)."""
+  workdir = str(tmp_path)
+  state = _state()
+  _saved_with_base(workdir, state, step=3)
+  _saved_with_base(workdir, state, step=5)
+  latest = os.path.join(workdir, checkpoints.LATEST_DIR)
+  _truncate_largest(os.path.join(latest, '5'))
+  with pytest.raises(checkpoints.DamagedCheckpointError) as e:
+    checkpoints.read(workdir)
+  message = str(e.value)
+  assert message.startswith(
+    f'checkpoint 5 ({latest}/5) cannot be restored: a file in it is truncated (OUT_OF_RANGE: '
+  )
+  assert message.endswith('; the newest that restores is checkpoints/3: pass --checkpoint 3')
+  assert '\n' not in message
+  _assert_same(checkpoints.read(workdir, '3')[0], state)
+
+  _truncate_largest(os.path.join(latest, '3'))  # Nothing else restores.
+  with pytest.raises(checkpoints.DamagedCheckpointError, match=r'no other checkpoint restores'):
+    checkpoints.read(workdir, '5')
+  gc.collect()
+  assert 'Event loop is closed' not in ''.join(capfd.readouterr())
+  assert not [r for r in caplog.records if 'never retrieved' in r.getMessage()]
+
+
+def test_a_damaged_step_is_set_aside_and_its_step_saved_again(tmp_path):
+  workdir = str(tmp_path)
+  state = jax.device_put(_state())  # restore() places arrays as the target's are placed.
+  base = _saved_with_base(workdir, state, step=3)
+  _saved_with_base(workdir, state, step=5)
+  mngr = checkpoints.manager(workdir)
+  for n, aside in enumerate(['5', '5_2']):
+    _truncate_largest(os.path.join(workdir, checkpoints.LATEST_DIR, '5'))
+    with pytest.raises(checkpoints.DamagedCheckpointError, match=r'checkpoint 5 .* truncated'):
+      checkpoints.restore(mngr, 5, state)
+    moved = checkpoints.set_aside(mngr, 5)
+    assert moved == os.path.join(workdir, checkpoints.DAMAGED_DIR, checkpoints.LATEST_DIR, aside)
+    assert os.path.isdir(os.path.join(moved, 'state')) and mngr.all_steps() == [3]
+    restored, _ = checkpoints.restore(mngr, 3, state)
+    _assert_same(restored, state)
+    checkpoints.save(mngr, 5, state, base=base)  # The resumed run saves the step again.
+    mngr.wait_until_finished()
+    assert mngr.all_steps() == [3, 5] and len(os.listdir(os.path.dirname(moved))) == n + 1
+  _assert_same(checkpoints.restore(mngr, 5, state)[0], state)
+  mngr.close()
+
+
+def test_a_truncated_base_is_one_line(tmp_path):
+  workdir = str(tmp_path)
+  _saved_with_base(workdir, _state())
+  base_dir = os.path.join(workdir, checkpoints.BASE_DIR)
+  _truncate_largest(base_dir)
+  with pytest.raises(checkpoints.BaseMismatchError) as e:
+    checkpoints.read(workdir)
+  assert str(e.value).startswith(f'{base_dir} cannot be restored: a file in it is truncated (')
+  assert str(e.value).endswith(f'restore {workdir} from a copy, or train again in a new --workdir')
 
 
 def test_checkpoint_of_the_previous_format_loads(tmp_path):

@@ -6,10 +6,17 @@ kernels, non-trivial BN statistics), saved in each format and read back by our l
 logits and every block's output, at 224 px and 61 px (odd, so every floor in the size arithmetic
 is exercised), after checking that the references' outputs depend on their input. Variables are
 never initialised by a compiled init: shapes come from `jax.eval_shape`.
+
+torchvision's outputs are also stored in tests/fixtures/ (a sample of every end point at 61 px,
+and the state dict's keys; tests/fixtures/make_densenet_fixtures.py writes them), with weights
+drawn from a seed: without torch (`.[test]` leaves it out) the loader and the model are checked
+against those, and with torch, against torchvision itself and the stored outputs against it.
 """
 
 import contextlib
 import functools
+import importlib.util
+import json
 import os
 import sys
 
@@ -38,6 +45,7 @@ from pneumo_jax import scopes
 from pneumo_jax.errors import ConfigError, NotFoundError, WeightsError
 from pneumo_jax.evaluation import explain
 from pneumo_jax.models import densenet121 as dn
+from pneumo_jax.models.densenet121 import keras_weights, net, torch_weights
 from tests import reference
 
 # Keras's TensorFlow backend converts tensors with np.array(x), which NumPy 2 flags.
@@ -47,9 +55,12 @@ SIZES = (224, 61)
 CLASSES = 5
 TOLERANCE = 1e-4
 MODEL = dn.DenseNet121(num_classes=CLASSES)
+FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'densenet121_torchvision.npz')
+SAMPLED = 96  # Elements of each end point, per image, that the fixture keeps.
 TORCH_REASON = (
-  'torchvision is not installed: pip install torch==2.14.1 torchvision==0.29.1 '
-  '(x86_64; torchvision from PyPI does not import beside torch 2.13.0)'
+  'torchvision is not installed (.[test] leaves it out; the stored outputs are checked instead, '
+  'and .ci/run installs it): pip install torch==2.14.1 torchvision==0.29.1 (x86_64; '
+  'torchvision from PyPI does not import beside torch 2.13.0)'
 )
 
 # Keras layer (and torchvision module) outputs that are our end_points.
@@ -176,7 +187,7 @@ def keras_outputs(keras_model, keras_files):
 
   outputs = {name: keras_model.get_layer(name).output for name in KERAS_ENDPOINTS}
   fn = keras.Model(keras_model.inputs[0], {**outputs, 'logits': keras_model.output})
-  variables = dn.load_keras(keras_files['keras3'])
+  variables = keras_weights.read(keras_files['keras3'])
   result = {}
   for size in SIZES:
     images = _colour(size)
@@ -187,8 +198,8 @@ def keras_outputs(keras_model, keras_files):
 
 
 def test_keras_layouts_load_the_same_variables(keras_files, keras_model):
-  loaded = {k: scopes.flatten(dn.load_keras(p)) for k, p in keras_files.items()}
-  assert loaded['keras3'].keys() == dn._expected_shapes(CLASSES).keys()
+  loaded = {k: scopes.flatten(keras_weights.read(p)) for k, p in keras_files.items()}
+  assert loaded['keras3'].keys() == net.expected_shapes(CLASSES).keys()
   for name in ('legacy', 'keras2_names'):
     assert loaded[name].keys() == loaded['keras3'].keys()
     for key, value in loaded['keras3'].items():
@@ -226,14 +237,14 @@ def test_pipeline_pixels_are_normalised_as_the_imagenet_weights_expect(keras_fil
   q = _colour(61) * np.asarray(dn.IMAGENET_STD, np.float32) + np.asarray(
     dn.IMAGENET_MEAN, np.float32
   )
-  logits, _ = model.apply(dn.load_keras(keras_files['keras3']), 2.0 * q - 1.0)
+  logits, _ = model.apply(keras_weights.read(keras_files['keras3']), 2.0 * q - 1.0)
   assert reference.relative_error(np.asarray(logits), keras_outputs[61][0]['Logits']) < TOLERANCE
 
 
 def test_keras_parity_catches_swapped_or_flipped_kernels(keras_files, keras_outputs):
   """The parity above would fail for a mis-paired layer or a kernel read as WHIO."""
   theirs, _ = keras_outputs[61]
-  good = scopes.flatten(dn.load_keras(keras_files['keras3']))
+  good = scopes.flatten(keras_weights.read(keras_files['keras3']))
   a, b = (f'params/denseblock3/denselayer{i}/conv2/kernel' for i in (5, 6))
   swapped = good | {a: good[b], b: good[a]}
   flipped = good | {a: good[a].transpose(1, 0, 2, 3)}
@@ -252,7 +263,7 @@ def test_keras_loader_lists_every_offender(keras_files, tmp_path):
     dst['layers/conv2d_6/vars/0'] = np.zeros((3, 3, 128, 33), np.float32)
     dst.create_dataset('layers/normalization/vars/0', data=np.zeros(3))
   with pytest.raises(WeightsError) as e:
-    dn.load_keras(path)
+    keras_weights.read(path)
   message = str(e.value)
   assert 'batch_stats/denseblock1/denselayer2/norm1/mean' in message
   assert 'params/denseblock1/denselayer3/conv2/kernel: (3, 3, 128, 33)' in message
@@ -263,7 +274,7 @@ def test_keras_recognise(keras_files, tmp_path):
   import keras
 
   for path in keras_files.values():
-    assert dn.recognise_keras(path) and dn.recognise(path), path
+    assert keras_weights.recognise(path) and dn.recognise(path), path
   tiny = keras.Sequential(
     [
       keras.Input((8, 8, 3)),
@@ -289,6 +300,8 @@ def test_keras_recognise(keras_files, tmp_path):
 
 def _torchvision():
   """(torch, torchvision), or a skip saying why they cannot be used here."""
+  if importlib.util.find_spec('torchvision') is None:
+    pytest.skip(TORCH_REASON)
   if 'tensorflow' in sys.modules and 'torchvision' not in sys.modules:
     pytest.skip(
       'TensorFlow was imported before torchvision, which would then crash the process; '
@@ -300,30 +313,40 @@ def _torchvision():
   )
 
 
-def _torch_reference(in_channels: int = 3, seed: int = 1):
-  """torchvision densenet121 (CLASSES, eval mode), weights re-drawn; in_channels=1 swaps in
-  torchxrayvision's conv0, its kernel divided by 1024 so that their inputs in [-1024, 1024] give
-  conv0 outputs of the usual size, as weights trained on that range would."""
-  torch, torchvision = _torchvision()
-  model = torchvision.models.densenet121(weights=None, num_classes=CLASSES)
-  if in_channels == 1:
-    model.features.conv0 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+def _torch_state(keys_shapes, in_channels: int, seed: int) -> dict[str, np.ndarray]:
+  """A torchvision densenet121 state dict (keys and shapes as listed, in that order) with values
+  re-drawn from `seed`; in_channels=1: torchxrayvision's conv0, its kernel divided by 1024 so
+  that their inputs in [-1024, 1024] give conv0 outputs of the usual size, as weights trained on
+  that range would."""
   rng = np.random.default_rng(seed)
   kinds = {'running_mean': 'moving_mean', 'running_var': 'moving_variance'}
-  state = model.state_dict()
-  for key, tensor in state.items():
+  state = {}
+  for key, shape in keys_shapes:
     leaf = key.rpartition('.')[2]
+    if key == 'features.conv0.weight':
+      shape = (64, in_channels, 7, 7)
     if leaf == 'num_batches_tracked':
-      continue
-    if leaf == 'weight' and tensor.ndim > 1:  # Draw in HWIO / [in, out] for fan-in, then back.
-      value = reference.nontrivial_value('kernel', tensor.shape[::-1], rng).T
+      value = np.zeros(shape, np.int64)
+    elif leaf == 'weight' and len(shape) > 1:  # Draw in HWIO / [in, out] for fan-in, then back.
+      value = reference.nontrivial_value('kernel', shape[::-1], rng).T
       if key == 'features.conv0.weight' and in_channels == 1:
         value = value / 1024
     else:
       kind = kinds.get(leaf) or ('bias' if leaf == 'bias' else 'gamma')
-      value = reference.nontrivial_value(kind, tensor.shape, rng)
-    state[key] = torch.from_numpy(np.ascontiguousarray(value))
-  model.load_state_dict(state)
+      value = reference.nontrivial_value(kind, shape, rng)
+    state[key] = np.ascontiguousarray(value)
+  return state
+
+
+def _torch_reference(in_channels: int = 3, seed: int = 1):
+  """torchvision densenet121 (CLASSES, eval mode), weights as `_torch_state` draws them."""
+  torch, torchvision = _torchvision()
+  model = torchvision.models.densenet121(weights=None, num_classes=CLASSES)
+  if in_channels == 1:
+    model.features.conv0 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+  keys_shapes = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+  state = _torch_state(keys_shapes, in_channels, seed)
+  model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
   return model.eval()
 
 
@@ -366,7 +389,7 @@ def torch_file(torch_model, tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def torch_outputs(torch_model, torch_file):
-  variables = dn.load_torch(torch_file)
+  variables = torch_weights.read(torch_file)
   return {
     size: (_torch_endpoints(torch_model, _nchw(_colour(size))), _ours(variables, _colour(size)))
     for size in SIZES
@@ -399,10 +422,10 @@ def test_torch_key_styles_and_formats(torch_model, torch_file, tmp_path):
   }
   legacy = str(tmp_path / 'old.pth')
   torch.save(old_style, legacy, _use_new_zipfile_serialization=False)
-  expected = scopes.flatten(dn.load_torch(torch_file))
-  for key, value in scopes.flatten(dn.load_torch(legacy)).items():
+  expected = scopes.flatten(torch_weights.read(torch_file))
+  for key, value in scopes.flatten(torch_weights.read(legacy)).items():
     np.testing.assert_array_equal(value, expected[key], err_msg=key)
-  assert dn.recognise_torch(torch_file) and dn.recognise_torch(legacy)
+  assert torch_weights.recognise(torch_file) and torch_weights.recognise(legacy)
   assert dn.recognise(torch_file)
   densenet169_keys = {
     f'features.denseblock{b}.denselayer{i}.norm1.weight': torch.zeros(1)
@@ -422,7 +445,7 @@ def test_torch_loader_lists_every_offender(torch_model, tmp_path):
   state['features.extra.weight'] = torch.zeros(2)
   torch.save(state, tmp_path / 'broken.pth')
   with pytest.raises(WeightsError) as e:
-    dn.load_torch(str(tmp_path / 'broken.pth'))
+    torch_weights.read(str(tmp_path / 'broken.pth'))
   message = str(e.value)
   assert 'batch_stats/denseblock2/denselayer3/norm2/var' in message
   assert 'params/transition2/conv/kernel: (3, 3, 512, 256)' in message
@@ -436,12 +459,107 @@ def test_torch_loader_lists_every_offender(torch_model, tmp_path):
   assert not dn.recognise(str(tmp_path / 'text.pth'))
 
 
+# ------------------------------------------------- torchvision's outputs stored in tests/fixtures
+
+
+def fixture_cases():
+  """The stored cases: name → (in_channels, seed, fold_xrv_normalisation, our input (NHWC),
+  torchvision's input (NCHW), the end points kept)."""
+  u = 1024 * (2 * _grey(61) - 1)
+  q = _grey(224)
+  return {
+    'torchvision': (3, 1, True, _colour(61), _nchw(_colour(61)), COMPARED),
+    'xrv_spread': (1, 2, False, np.repeat(u[..., None], 3, axis=-1), u[:, None], COMPARED),
+    'xrv_folded': (1, 2, True, _imagenet(q[..., None]), (1024 * (2 * q - 1))[:, None], ('Logits',)),
+  }
+
+
+@pytest.fixture(scope='module')
+def stored():
+  with np.load(FIXTURE) as f:
+    return dict(f)
+
+
+def _stored_state(stored, in_channels: int, seed: int) -> dict[str, np.ndarray]:
+  return _torch_state(json.loads(str(stored['state_keys'])), in_channels, seed)
+
+
+def _stored_errors(stored, case: str, outputs) -> dict[str, float]:
+  """Relative errors of `outputs` (full end points) at the elements the fixture kept."""
+  return {
+    k: reference.relative_error(
+      np.reshape(outputs[k], (2, -1))[:, stored[f'{case}/{k}/index']], stored[f'{case}/{k}']
+    )
+    for k in COMPARED
+    if f'{case}/{k}' in stored
+  }
+
+
+@pytest.mark.parametrize('case', ('torchvision', 'xrv_spread'))
+def test_stored_reference_depends_on_its_input(stored, case):
+  for name in ('Logits', 'denseblock2', 'norm5'):
+    a, b = stored[f'{case}/{name}']
+    assert reference.relative_error(a, b) > 1000 * TOLERANCE, name
+
+
+@pytest.mark.parametrize('case', tuple(fixture_cases()))
+def test_matches_stored_torchvision_outputs(stored, case):
+  """The loader and the model without torch: xrv_folded is exact but for conv0's 3-pixel border
+  (test_xrv_folded_into_imagenet_input), whose error reaches the logits."""
+  in_channels, seed, fold, ours, _, _ = fixture_cases()[case]
+  state = _stored_state(stored, in_channels, seed)
+  variables = torch_weights.from_state(state, FIXTURE, fold_xrv_normalisation=fold)
+  errors = _stored_errors(stored, case, _ours(variables, ours))
+  assert errors and max(errors.values()) <= (2e-3 if case == 'xrv_folded' else TOLERANCE), errors
+
+
+def test_stored_outputs_are_torchvisions():
+  """The fixture still holds what torchvision computes (skipped without torch)."""
+  stored = dict(np.load(FIXTURE))
+  models = {}
+  for case, (in_channels, seed, _, _, theirs, _) in fixture_cases().items():
+    model = models.get((in_channels, seed)) or _torch_reference(in_channels, seed)
+    models[in_channels, seed] = model
+    errors = _stored_errors(stored, case, _torch_endpoints(model, np.ascontiguousarray(theirs)))
+    assert errors and max(errors.values()) <= TOLERANCE, (case, errors)
+
+
+def test_state_dict_key_styles_offenders_and_recognise(stored):
+  """As the torch tests below, on the stored keys: torchvision's first key style (`norm.1`) and a
+  DataParallel `module.` prefix load the same; every offender is listed; recognise tells
+  DenseNet-121's keys (tests/fixtures/densenet121_keys.pth) from DenseNet-169's."""
+  state = _stored_state(stored, 3, 1)
+  expected = scopes.flatten(torch_weights.from_state(state, 'new.pth'))
+  old_style = {
+    'module.' + k.replace('norm1', 'norm.1').replace('conv2', 'conv.2'): v for k, v in state.items()
+  }
+  for key, value in scopes.flatten(torch_weights.from_state(old_style, 'old.pth')).items():
+    np.testing.assert_array_equal(value, expected[key], err_msg=key)
+  broken = dict(state)
+  del broken['features.denseblock2.denselayer3.norm2.running_var']
+  broken['features.transition2.conv.weight'] = np.zeros((256, 512, 3, 3), np.float32)
+  broken['features.extra.weight'] = np.zeros(2, np.float32)
+  with pytest.raises(WeightsError) as e:
+    torch_weights.from_state(broken, 'broken.pth')
+  message = str(e.value)
+  assert 'broken.pth' in message
+  assert 'batch_stats/denseblock2/denselayer3/norm2/var' in message
+  assert 'params/transition2/conv/kernel: (3, 3, 512, 256)' in message
+  assert 'features.extra.weight' in message
+  folder = os.path.dirname(FIXTURE)
+  assert torch_weights.recognise(os.path.join(folder, 'densenet121_keys.pth'))
+  assert not dn.recognise(os.path.join(folder, 'densenet169_keys.pth'))
+
+
+# ---------------------------------------------------------------------------- torchxrayvision
+
+
 @pytest.fixture(scope='module')
 def xrv(tmp_path_factory):
   """A torchxrayvision-style (1-channel conv0) torchvision DenseNet and its state dict file."""
+  model = _torch_reference(in_channels=1, seed=2)  # Skips without torch.
   import torch
 
-  model = _torch_reference(in_channels=1, seed=2)
   path = str(tmp_path_factory.mktemp('xrv') / 'xrv_densenet121.pth')
   torch.save(model.state_dict(), path)
   return model, path
@@ -450,7 +568,7 @@ def xrv(tmp_path_factory):
 def test_xrv_spread_over_three_channels_is_exact(xrv):
   """Fed torchxrayvision's own scaling u = 1024 (2q - 1) on all three channels."""
   model, path = xrv
-  variables = dn.load_torch(path, fold_xrv_normalisation=False)
+  variables = torch_weights.read(path, fold_xrv_normalisation=False)
   for size in SIZES:
     u = 1024 * (2 * _grey(size) - 1)
     theirs = _torch_endpoints(model, u[:, None])
@@ -468,7 +586,7 @@ def test_xrv_folded_into_imagenet_input(xrv):
   through the later layers (their receptive fields cover the image) but stays small.
   """
   model, path = xrv
-  variables = dn.load_torch(path)
+  variables = torch_weights.read(path)
   q = _grey(224)
   theirs = _torch_endpoints(model, (1024 * (2 * q - 1))[:, None])
   ours = _ours(variables, _imagenet(q[..., None]))
@@ -505,7 +623,7 @@ def test_variables_and_end_points():
   images = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
   variables = jax.eval_shape(model.init, jax.random.key(0), images)
   flat = {k: tuple(v.shape) for k, v in scopes.flatten(variables).items()}
-  assert flat == dn._expected_shapes(CLASSES)
+  assert flat == net.expected_shapes(CLASSES)
   assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(variables))
   assert flat['params/denseblock4/denselayer16/conv2/kernel'] == (3, 3, 128, 32)
   assert flat['params/transition3/conv/kernel'] == (1, 1, 1024, 512)
@@ -530,7 +648,7 @@ def test_variables_and_end_points():
 
 
 def test_scopes():
-  shapes = dn._expected_shapes(CLASSES)
+  shapes = net.expected_shapes(CLASSES)
   params = [k.removeprefix('params/') for k in shapes if k.startswith('params/')]
   decayed = {p for p in params if scopes.matches(dn.BACKBONE.weight_decay, p)}
   convs = {p for p in params if p.endswith('/kernel') and len(shapes[f'params/{p}']) == 4}
@@ -553,7 +671,7 @@ def test_create_reads_the_model_config():
   model = dn.BACKBONE.build(
     cfg, 3, create_aux_logits=True, batch_norm_train=(), activation=explain.guided_relu
   )
-  assert (model.num_classes, model.dropout_rate, model.batch_norm_momentum) == (3, 0.0, 0.9)
+  assert (model.num_classes, model.dropout_rate, model.batch_norm_decay) == (3, 0.0, 0.9)
   assert model.dtype == jnp.bfloat16 and model.batch_norm_train == ()
   assert model.activation is explain.guided_relu
   cfg.dropout_keep_prob = 0.8
@@ -569,7 +687,7 @@ def test_config_file():
   c = densenet_two_phase.get_config()
   assert isinstance(c, ml_collections.ConfigDict)
   assert (c.model.name, c.input.image_size) == ('densenet121', 224)
-  params = [k.removeprefix('params/') for k in dn._expected_shapes(2) if k.startswith('params/')]
+  params = [k.removeprefix('params/') for k in net.expected_shapes(2) if k.startswith('params/')]
   head = {p for p in params if scopes.matches(c.phases.head.trainable_scopes, p)}
   top = {p for p in params if scopes.matches(c.phases.top.trainable_scopes, p)}
   assert head == {'classifier/kernel', 'classifier/bias'} and head < top < set(params)
@@ -675,7 +793,7 @@ def test_keras_to_orbax_recognises_a_densenet_file(keras_files, tmp_path):
   out = str(tmp_path / 'densenet_orbax')
   keras_to_orbax.main([keras_files['legacy'], out])
   restored = scopes.flatten(ocp.StandardCheckpointer().restore(out))
-  expected = scopes.flatten(dn.load_keras(keras_files['legacy']))
+  expected = scopes.flatten(keras_weights.read(keras_files['legacy']))
   assert restored.keys() == expected.keys()
   for k, v in expected.items():
     np.testing.assert_array_equal(restored[k], v)

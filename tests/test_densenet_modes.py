@@ -1,11 +1,13 @@
 """DenseNet-121 through every mode: two-phase training with frozen batch norm, resume-sized
 checkpoints, eval, predict and explain, all chosen by config.model.name alone."""
 
+import json
 import os
 
 import orbax.checkpoint as ocp
 import pytest
 
+import pneumo_jax
 from pneumo_jax import checkpoints, scopes
 from pneumo_jax.modes import evaluate, explain, predict
 from pneumo_jax.training import loop
@@ -38,6 +40,8 @@ def run(tiny_config, tmp_path_factory):
 def test_two_phase_training_with_frozen_batch_norm(run):
   _, workdir, summary = run
   assert summary['status'] == 'done' and summary['step'] == 4
+  with open(os.path.join(workdir, loop.SUMMARY_FILE)) as f:
+    assert json.load(f)['pneumo_jax_version'] == pneumo_jax.__version__
   base = ocp.StandardCheckpointer().restore(os.path.join(workdir, checkpoints.BASE_DIR))
   frozen = scopes.flatten(base['batch_stats'])
   assert 'denseblock1/denselayer1/norm1/mean' in frozen  # Never trained: kept once, in base/.
@@ -55,6 +59,8 @@ def test_eval_predict_and_explain(run, stage_folder, capsys):
   config, workdir, _ = run
   result = evaluate.run(config, workdir)
   assert 0.0 <= result['accuracy'] <= 1.0
+  with open(os.path.join(workdir, 'eval', 'validation_4.json')) as f:
+    assert json.load(f)['provenance']['pneumo_jax_version'] == pneumo_jax.__version__
   files = [os.path.join(stage_folder, 'stage_2', name) for name in ('2_0001.png', '2_0002.png')]
   assert os.path.basename(predict.run(config, workdir, files)) == 'step4.csv'
   capsys.readouterr()

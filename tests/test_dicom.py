@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
@@ -23,7 +24,7 @@ from pydicom.uid import (
 
 from configs import default
 from pneumo_jax import validate
-from pneumo_jax.data import folder_builder, images
+from pneumo_jax.data import dicom, folder_builder, images
 from pneumo_jax.data.images import DatasetError, GreyWindow
 from pneumo_jax.errors import ConfigError
 
@@ -310,3 +311,28 @@ def test_dicom_class_folder_builds(tmp_path):
   path = src / record['filename'].decode()
   window = GreyWindow('percentile')
   np.testing.assert_array_equal(record['image'], images.load_stored(path, 16, window=window))
+
+
+def test_identifiers_read_from_the_header_only(tmp_path):
+  path = write(
+    tmp_path / 'IM0001',
+    FILM,
+    PatientID='P-042',
+    StudyInstanceUID='1.2.3.4',
+    SOPInstanceUID='1.2.3.4.5',
+  )
+  assert dicom.identifiers(path) == {
+    'patient_id': 'P-042',
+    'study_uid': '1.2.3.4',
+    'sop_uid': '1.2.3.4.5',
+  }
+  bare = dicom.identifiers(write(tmp_path / 'bare.dcm', FILM))
+  assert (bare['patient_id'], bare['study_uid']) == ('', '')  # Absent: empty, not missing.
+  assert bare['sop_uid'] == str(
+    pydicom.dcmread(tmp_path / 'bare.dcm').file_meta.MediaStorageSOPInstanceUID
+  )
+  png = tmp_path / 'a.png'
+  Image.fromarray(np.zeros((4, 4), np.uint8)).save(png)
+  assert dicom.identifiers(png) == {}
+  (tmp_path / 'notes.dcm').write_text('not DICOM')
+  assert dicom.identifiers(tmp_path / 'notes.dcm') == {}

@@ -296,10 +296,8 @@ def test_guided_grey_is_the_channel_sum_with_outliers_capped():
 def test_write_panel_writes_one_png_atomically(tmp_path, grey_explained, monkeypatch):
   views, result = grey_explained
   path = str(tmp_path / 'out' / 'scan.png')  # The folder does not exist yet.
-  assert (
-    explain.write_panel(path, views[0], _one(result), NAMES, layer='Mixed_7c', step=7, true_label=2)
-    == path
-  )
+  fig = explain.panel_figure(views[0], _one(result), NAMES, layer='Mixed_7c', step=7, true_label=2)
+  assert explain.write_panel(path, fig) == path
   assert os.listdir(tmp_path / 'out') == ['scan.png']  # No temporary file left behind.
   with Image.open(path) as image:
     assert image.format == 'PNG' and image.mode == 'RGBA'
@@ -314,7 +312,9 @@ def test_write_panel_writes_one_png_atomically(tmp_path, grey_explained, monkeyp
 
   monkeypatch.setattr(explain.Figure, 'savefig', killed)
   with pytest.raises(KeyboardInterrupt):
-    explain.write_panel(path, views[1], _one(result, 1), NAMES, layer='Mixed_7c', step=8)
+    explain.write_panel(
+      path, explain.panel_figure(views[1], _one(result, 1), NAMES, layer='Mixed_7c', step=8)
+    )
   assert os.listdir(tmp_path / 'out') == ['scan.png']
   assert (tmp_path / 'out' / 'scan.png').read_bytes() == before
 

@@ -1,6 +1,7 @@
 """--mode export: both artefacts, loaded in a fresh process that cannot import pneumo_jax, give the
 probabilities --mode predict gives, on a saved random-weight checkpoint; each reads 16-bit grey
-files by the run's grey window, which both implement apart from pneumo_jax.data."""
+files by the run's grey window: serve.py with pneumo_jax's grey_window.py copied beside it, the
+SavedModel in TF ops."""
 
 import glob
 import importlib.util
@@ -15,10 +16,11 @@ import pytest
 from PIL import Image
 
 from pneumo_jax import checkpoints
-from pneumo_jax.data import dicom, images
+from pneumo_jax.data import grey_window, images
 from pneumo_jax.data.dicom import GreyWindow
 from pneumo_jax.errors import ConfigError, NotFoundError
 from pneumo_jax.evaluation import inference, model_card
+from pneumo_jax.export import saved_model, tf_images
 from pneumo_jax.models import build_model
 from pneumo_jax.modes import common, export
 from tests import reference
@@ -27,6 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP = 3
 SIDE = 86  # stored_side at image_size 75.
 TINY = ['--config', 'configs/sweeps/tiny.py', '--nosweep', '--mode', 'export']
+_SOURCES = {'serve': 'pneumo_jax/export/serve.py', 'grey_window': 'pneumo_jax/data/grey_window.py'}
 WINDOWS = (
   GreyWindow('file'),
   GreyWindow('full_range'),
@@ -192,24 +195,27 @@ def test_the_saved_models_grey_window_is_predicts_for_every_rule(grey16):
   for path in grey16:
     with Image.open(path) as image:
       grey = np.asarray(image)
-    percentiles = export._tf_percentiles(tf, tf.constant(grey), dicom.PERCENTILES)
-    assert [float(p) for p in percentiles] == list(np.percentile(grey, dicom.PERCENTILES))
+    percentiles = tf_images.percentiles(tf.constant(grey), grey_window.PERCENTILES)
+    assert [float(p) for p in percentiles] == list(np.percentile(grey, grey_window.PERCENTILES))
     data = tf.constant(path.read_bytes())
     for window in WINDOWS:
       want = images.load_stored(path, None, channels=3, window=window)
-      got = export.tf_decoder(tf, window)(data).numpy()
+      got = tf_images.decoder(window)(data).numpy()
       np.testing.assert_array_equal(got, want, err_msg=f'{path}, {window}')
 
 
 def test_serve_pys_copy_of_the_grey_window_is_pneumo_jaxs_and_it_refuses_dicom(
   run, exported, grey16, tmp_path
 ):
-  """serve.py carries its own copy of the window rule (it cannot import pneumo_jax), set from
-  metadata.json: it gives load_stored's pixels under each rule, reads 16-bit TIFF as predict
-  does, and refuses DICOM, by extension or header, saying what to do instead."""
+  """serve.py applies the window rule of the grey_window.py copied beside it (it cannot import
+  pneumo_jax), set from metadata.json: it gives load_stored's pixels under each rule, reads 16-bit
+  TIFF as predict does, and refuses DICOM, by extension or header, saying what to do instead."""
   spec = importlib.util.spec_from_file_location('exported_serve', f'{exported}/{export.SERVE_FILE}')
   serve = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(serve)
+  for name, module in ((export.SERVE_FILE, 'serve'), (export.WINDOW_FILE, 'grey_window')):
+    with open(os.path.join(exported, name)) as f, open(f'{REPO}/{_SOURCES[module]}') as g:
+      assert f.read() == g.read(), name  # Copied, not generated.
   for path in grey16:
     with Image.open(path) as image:
       grey = np.asarray(image)
@@ -234,16 +240,16 @@ def test_a_failed_export_keeps_the_previous_one_and_a_new_one_replaces_it(
   config, workdir = run
   target = str(tmp_path / 'export')
   shutil.copytree(exported, target)
-  (tmp_path / 'export' / 'earlier.txt').write_text('the previous export')
+  (tmp_path / 'export' / 'labels.txt').write_text('the previous export\n')
 
   def fail(*args, **kwargs):
     raise RuntimeError('disk full')
 
-  monkeypatch.setattr(export, '_save_tf', fail)
+  monkeypatch.setattr(saved_model, 'save', fail)
   with pytest.raises(RuntimeError, match='disk full'):
     export.run(config, workdir, export_dir=target)
   assert os.listdir(tmp_path) == ['export']  # Nothing left beside it.
-  assert (tmp_path / 'export' / 'earlier.txt').exists()
+  assert (tmp_path / 'export' / 'labels.txt').read_text() == 'the previous export\n'
   monkeypatch.undo()
   card = os.path.join(workdir, model_card.CARD_FILE)
   with open(card, 'w') as f:
@@ -255,9 +261,44 @@ def test_a_failed_export_keeps_the_previous_one_and_a_new_one_replaces_it(
   assert os.listdir(tmp_path) == ['export']
   assert sorted(os.listdir(target)) == sorted([*os.listdir(exported), model_card.CARD_FILE])
   assert (tmp_path / 'export' / model_card.CARD_FILE).read_text() == '# Model card\n'
+  assert (tmp_path / 'export' / 'labels.txt').read_text().startswith('stage_0\n')
   with open(os.path.join(target, export.METADATA_FILE)) as f:
-    assert json.load(f)['model_card'] == model_card.CARD_FILE
+    metadata = json.load(f)
+  assert metadata['model_card'] == model_card.CARD_FILE
+  assert metadata['format'] == export.EXPORT_FORMAT
+  assert metadata['run'] == {'workdir': os.path.abspath(workdir), 'step': STEP}
   assert f'to {target} (with {model_card.CARD_FILE})' in capsys.readouterr().out
+
+
+def test_only_a_new_or_empty_folder_or_an_earlier_export_may_be_replaced(tmp_path):
+  """An export is known by its metadata.json's format, not by the file's name; one holding files
+  an export does not write is not replaced either. Nothing refused is touched."""
+  marker = json.dumps({'format': export.EXPORT_FORMAT, 'run': {'workdir': '/w', 'step': 3}})
+  folders = {
+    'absent': {},
+    'empty': {},
+    'earlier': {'metadata.json': marker, 'labels.txt': 'a\n', 'serve.py': '', '__pycache__': None},
+    'thesis': {'thesis.txt': 'four years', 'metadata.json': '{"title": "thesis"}'},
+    'not_json': {'metadata.json': '\xff\xfe'},
+    'notes_in_export': {'metadata.json': marker, 'notes.txt': 'mine'},
+  }
+  for name, files in folders.items():
+    if name != 'absent':
+      (tmp_path / name).mkdir()
+    for file, text in files.items():
+      if text is None:
+        (tmp_path / name / file).mkdir()
+      else:
+        (tmp_path / name / file).write_text(text)
+  (tmp_path / 'a_file').write_text('not a folder')
+  for name in ('absent', 'empty', 'earlier'):
+    export._check_target(str(tmp_path / name))
+  for name in ('thesis', 'not_json', 'a_file'):
+    with pytest.raises(ConfigError, match=rf'{tmp_path / name} exists and is not an export of pn'):
+      export._check_target(str(tmp_path / name))
+  with pytest.raises(ConfigError, match=r'holds an earlier export and also notes\.txt, which'):
+    export._check_target(str(tmp_path / 'notes_in_export'))
+  assert (tmp_path / 'thesis' / 'thesis.txt').read_text() == 'four years'
 
 
 def test_a_bad_checkpoint_destination_or_no_tensorflow_writes_nothing(run, tmp_path, monkeypatch):

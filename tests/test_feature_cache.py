@@ -69,8 +69,9 @@ def test_cached_phases_learn_the_uncached_numbers(runs):
 def test_plan(tiny_config):
   def plan(*trainable, **overrides):
     cfg = tiny_config(**{'input.random_crop': False, 'input.color_distortion': False, **overrides})
-    cut = feature_cache.plan(cfg, BACKBONE, [f'{s}/w' for s in trainable or ('Logits',)])
-    return cut if isinstance(cut, str) else (sorted(cut.taps), cut.frozen[-1])
+    decision = feature_cache.plan(cfg, BACKBONE, [f'{s}/w' for s in trainable or ('Logits',)])
+    cut = decision.cut
+    return (sorted(cut.taps), cut.frozen[-1]) if decision.cached else decision.reason
 
   taps = BACKBONE.feature_taps
   assert plan() == (['Logits'], 'Mixed_7c')
@@ -80,7 +81,7 @@ def test_plan(tiny_config):
   assert plan('Mixed_7c', 'Logits') == (['Mixed_7b'], 'Mixed_7b')
   assert plan('Mixed_6e', 'Mixed_7a', 'Logits', 'AuxLogits') == (['Mixed_6d'], 'Mixed_6d')
   cfg = tiny_config(**{'input.random_crop': False, 'input.color_distortion': False})
-  cut = feature_cache.plan(cfg, BACKBONE, ['Mixed_7c/w', 'AuxLogits/w'])
+  cut = feature_cache.plan(cfg, BACKBONE, ['Mixed_7c/w', 'AuxLogits/w']).cut
   assert cut.taps == {'AuxLogits': taps['AuxLogits'], 'Mixed_7b': 'Mixed_7b'}
   assert 'no frozen layer' in plan('Conv2d_1a_3x3', 'Logits')
   assert 'random_crop' in plan(**{'input.random_crop': True})
@@ -94,11 +95,11 @@ def test_a_cache_that_would_not_fit_is_not_built(tiny_config, tmp_path):
   builder = dataset_for(cfg, str(tmp_path))
   model = build_model(cfg, 4)
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 75, 75, 3))))
-  cut = feature_cache.plan(cfg, BACKBONE, ['Mixed_7c/w', 'Logits/w'])
-  assert feature_cache.room(str(tmp_path), builder, cfg, cut, model, variables) is None
+  cut = feature_cache.plan(cfg, BACKBONE, ['Mixed_7c/w', 'Logits/w']).cut
+  assert feature_cache.disk_shortfall(str(tmp_path), builder, cfg, cut, model, variables) is None
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(shutil, 'disk_usage', lambda _: shutil._ntuple_diskusage(1, 0, 2**29))
-    why = feature_cache.room(str(tmp_path), builder, cfg, cut, model, variables)
+    why = feature_cache.disk_shortfall(str(tmp_path), builder, cfg, cut, model, variables)
   assert why.startswith('its 0.0 GiB (and 1 GiB to spare) would not fit in the 0.5 GiB free')
 
 
@@ -113,7 +114,7 @@ def test_key_changes_with_what_the_features_depend_on(tiny_config, tmp_path):
   def key(variables=variables, **overrides):
     c = cfg.copy_and_resolve_references()
     c.update_from_flattened_dict(overrides)
-    cut = feature_cache.plan(c, BACKBONE, ['Logits/w', 'AuxLogits/w'])
+    cut = feature_cache.plan(c, BACKBONE, ['Logits/w', 'AuxLogits/w']).cut
     return feature_cache._key(builder, c, BACKBONE, cut, True, variables)
 
   base = key()

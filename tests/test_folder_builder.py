@@ -236,7 +236,7 @@ def test_odd_formats(tmp_path, caplog):
   # test_export) leaves it at absl's default WARNING verbosity.
   with caplog.at_level(logging.INFO, logger='absl'):  # Full resolution: the files' own shapes.
     builder = build(cfg(src, validation_fraction=0.3), tmp_path / 'data', None)
-  assert 'skipped 2 hidden and 2 other non-image file(s)' in caplog.text
+  assert 'skipped 2 non-image file(s)' in caplog.text and 'DS_Store' not in caplog.text
   assert folder_builder.stored_shape(builder) == (None, None, 3)  # make_folder's are colour.
   records = records_of(builder)
   assert len(records) == 14

@@ -1,4 +1,4 @@
-"""pneumo_jax/imagenet.py: class names, top-k on random weights, the --mode imagenet printout."""
+"""--mode imagenet: class names, top-k on random weights, the printout."""
 
 import jax
 import numpy as np
@@ -83,27 +83,29 @@ def test_top_k_names_the_right_classes(variables, image_files):
   np.testing.assert_allclose([p for _, p in result[0]], expected[[7, 1000, 3, 0, 500]], rtol=1e-5)
 
 
-def test_print_top_k(variables, image_files, tmp_path, capsys):
+def test_run_prints_top_k(variables, image_files, tmp_path, capsys):
   folder, paths = image_files
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(tmp_path / 'weights', variables)
   config = default.get_config()
   config.init_checkpoint = str(tmp_path / 'weights')
   config.input.image_size = SIZE
-  imagenet.print_top_k(config, [str(folder)], str(tmp_path), k=3)
+  imagenet.run(config, str(tmp_path), [str(folder)], k=3)
   lines = capsys.readouterr().out.splitlines()
   assert [line for line in lines if not line.startswith(' ')] == paths
   assert len(lines) == 4 * len(paths) and all('%' in line for line in lines[1:4])
+  imagenet.run(config, None, [str(folder)], k=3)  # No workdir: --mode imagenet needs none.
+  assert capsys.readouterr().out.splitlines() == lines
 
 
-def test_print_top_k_errors(tmp_path):
+def test_run_errors(tmp_path):
   config = default.get_config()
   with pytest.raises(FileNotFoundError, match='matches nothing'):
-    imagenet.print_top_k(config, [str(tmp_path / '*.jpg')], str(tmp_path))
+    imagenet.run(config, str(tmp_path), [str(tmp_path / '*.jpg')])
   (tmp_path / 'x.png').write_bytes(b'')
   for init in (tmp_path / 'model.h5', tmp_path):  # Not a directory; not an orbax checkpoint.
     config.init_checkpoint = str(init)
     with pytest.raises(
       (ValueError, FileNotFoundError), match=r'init_checkpoint=.*(does not exist|not an orbax)'
     ):
-      imagenet.print_top_k(config, [str(tmp_path / 'x.png')], str(tmp_path))
+      imagenet.run(config, str(tmp_path), [str(tmp_path / 'x.png')])

@@ -2,13 +2,16 @@
 grey), resized antialiased by fit; 16-bit grey is windowed by dataset.grey_window's rule while
 8-bit files ignore it; unreadable files fail clearly. (DICOM: test_dicom.py.)"""
 
+import os
 import re
 
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
 from pneumo_jax.data import images
+from pneumo_jax.errors import ConfigError
 
 GREY = np.tile(np.arange(0, 240, 10, dtype=np.uint8), (12, 1))  # [12, 24] ramp.
 RGB = np.stack([GREY, 255 - GREY, np.full_like(GREY, 77)], axis=-1)
@@ -241,3 +244,109 @@ def test_fit_squashes_and_skips_no_ops():
   square = np.zeros((20, 20, 1), np.uint8)
   assert images.fit(square, 20) is square
   assert images.fit(wide, None) is wide
+
+
+def _png(path, height=40, width=40):
+  Image.fromarray(np.full((height, width), 90, np.uint8)).save(path)
+  return path
+
+
+@pytest.mark.parametrize('name', ['loop.png', 'loop'])
+def test_link_loops_and_dangling_links_are_named_never_raised(tmp_path, name):
+  """is_candidate never raises; the reader names the path and the cause as a DatasetError."""
+  loop, dangling = tmp_path / name, tmp_path / f'dangling_{name}'
+  os.symlink(loop, loop)
+  os.symlink(tmp_path / 'gone.png', dangling)
+  assert images.is_candidate(loop) is name.endswith('.png')  # No extension: nothing to go by.
+  assert images.is_candidate(dangling) is name.endswith('.png')
+  with pytest.raises(images.DatasetError, match=re.escape(f"{loop}': a symbolic link loop")):
+    images.load_stored(loop, None)
+  with pytest.raises(images.DatasetError, match=f'{dangling}.: a dangling symbolic link to .*gone'):
+    images.load_stored(dangling, 32)
+
+
+def test_fifo_is_no_candidate(tmp_path):
+  os.mkfifo(tmp_path / 'pipe')  # Reading its header would block forever.
+  assert not images.is_candidate(tmp_path / 'pipe')
+  with pytest.raises(images.DatasetError, match='not a regular file'):
+    images.load_stored(tmp_path / 'pipe', None)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason='root reads any file')
+def test_unreadable_permission_is_named(tmp_path):
+  path = _png(tmp_path / 'locked.png')
+  path.chmod(0)
+  with pytest.raises(images.DatasetError, match=r'locked\.png.: Permission denied'):
+    images.load_stored(path, None)
+
+
+@pytest.mark.parametrize(
+  'height, width, match',
+  [
+    (1, 1, r"tiny\.png': 1x1 px, under dataset\.min_image_side=32 px.*dataset\.min_image_side"),
+    (
+      40,
+      4000,
+      r'4000x40 px, its aspect ratio 100 exceeds dataset\.max_aspect_ratio=4;.*max_aspect',
+    ),
+    (2000, 40, r'40x2000 px, its aspect ratio 50 exceeds'),
+  ],
+)
+def test_suspect_rule_names_the_file_its_size_and_the_field(tmp_path, height, width, match):
+  rule = images.SuspectRule(min_side=32, max_aspect_ratio=4.0)
+  path = _png(tmp_path / 'tiny.png', height, width)
+  with pytest.raises(images.DatasetError, match=match):
+    images.load_stored(path, 40, suspect=rule)
+  assert images.load_stored(path, 40).shape == (40, 40, 1)  # No rule: read as before.
+  assert images.load_stored(path, 40, suspect=images.SuspectRule()).shape == (40, 40, 1)
+
+
+def test_suspect_rule_passes_films_at_its_bounds(tmp_path):
+  rule = images.SuspectRule(min_side=32, max_aspect_ratio=4.0)
+  for height, width in ((32, 128), (128, 32), (300, 240)):
+    images.load_stored(_png(tmp_path / 'ok.png', height, width), 40, suspect=rule)
+
+
+@pytest.mark.parametrize(
+  'field, value',
+  [
+    ('min_image_side', -1),
+    ('min_image_side', 2.5),
+    ('min_image_side', True),
+    ('max_aspect_ratio', 0.5),
+    ('max_aspect_ratio', -1.0),
+    ('max_aspect_ratio', float('inf')),
+  ],
+)
+def test_suspect_rule_from_config_checks_its_fields(field, value):
+  good = {'min_image_side': 32, 'max_aspect_ratio': 4.0}
+  assert images.SuspectRule.from_config(ml_collections.ConfigDict(good)) == (
+    images.SuspectRule(32, 4.0)
+  )
+  cfg = ml_collections.ConfigDict({**good, field: value})  # As a --config override can set it.
+  with pytest.raises(ConfigError, match=f'dataset.{field}='):
+    images.SuspectRule.from_config(cfg)
+
+
+def test_non_utf8_names_are_read(tmp_path):
+  """A name Python gives with lone surrogates (os.fsdecode of non-UTF-8 bytes) reads as any."""
+  name = os.fsdecode(b'caf\xe9.png')
+  path = _png(tmp_path / name)
+  assert images.is_candidate(path)
+  assert images.expand_inputs([str(tmp_path)]) == [str(path)]
+  assert images.load_stored(path, None).shape == (40, 40, 1)
+
+
+def test_expand_inputs_reads_a_csvs_path_column(tmp_path):
+  """Relative to the CSV's folder or absolute; a listed file that is missing is named."""
+  sub = tmp_path / 'films'
+  sub.mkdir()
+  a, b = _png(sub / 'a.png'), _png(tmp_path / 'b.png')
+  (sub / 'list.csv').write_text(f'label,path\nx,a.png\ny,{b}\nz,\n')
+  assert images.expand_inputs([str(sub / 'list.csv')]) == [str(a), str(b)]
+  (sub / 'gone.csv').write_text('path\na.png\nnope.png\n')
+  with pytest.raises(images.NotFoundError, match=r"nope\.png' \(listed in .*gone\.csv'"):
+    images.expand_inputs([str(sub / 'gone.csv')])
+  (sub / 'bare.csv').write_text('file\na.png\n')
+  with pytest.raises(images.DatasetError, match=r"bare\.csv' has no path column"):
+    images.expand_inputs([str(sub / 'bare.csv')])

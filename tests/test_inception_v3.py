@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pneumo_jax import scopes
+from configs import default
+from pneumo_jax import models, scopes
 from pneumo_jax.models.inception_v3 import InceptionV3
 from tests import reference
 
@@ -235,3 +236,18 @@ def test_bfloat16_compute_keeps_float32_params(small):
   assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
   # The same function to bfloat16's ~3 significant digits (measured: 6e-3).
   assert reference.relative_error(logits, eval_points['Logits']) < 3e-2
+
+
+def test_the_record_builds_for_inference_and_describes_its_settings():
+  """Inference builds InceptionV3 without its aux head; the model card's phrases are its own."""
+  config = default.get_config()
+  assert models.build_model(config, 4).create_aux_logits
+  assert not models.build_inference_model(config, 4).create_aux_logits
+  assert models.backbone_of(config).describe(config) == (
+    'depth multiplier 1',
+    'min depth 16',
+    'aux head on (loss weight 0.4)',
+  )
+  config.model.name = 'densenet121'
+  assert models.build_inference_model(config, 4).num_classes == 4
+  assert models.backbone_of(config).describe(config) == ()

@@ -302,7 +302,7 @@ def test_early_stopping_on_the_best_metric(tiny_config, tmp_path, monkeypatch):
   assert checkpoints.manager(str(tmp_path), checkpoints.BEST_DIR).all_steps() == [2]
   assert checkpoints.manager(str(tmp_path)).latest_step() == 4
   # Running it again finds it finished: no dataset build, no further training.
-  monkeypatch.setattr(loop, '_Run', None)
+  monkeypatch.setattr(loop, '_Training', None)
   assert loop.train_and_evaluate(c, str(tmp_path)) == summary
   assert checkpoints.manager(str(tmp_path)).latest_step() == 4
 
@@ -330,3 +330,24 @@ def test_a_signal_saves_after_the_current_step_and_the_resume_matches(runs, tiny
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # Handlers restored.
   loop.train_and_evaluate(config, workdir)
   _assert_same(_state(straight, 4), _state(workdir, 4))
+
+
+def test_due_is_every_nth_step_and_never_for_zero():
+  assert [s for s in range(1, 10) if loop.due(s, 3)] == [3, 6, 9]
+  assert not any(loop.due(s, 0) for s in range(1, 10))
+
+
+def test_best_so_far_counts_evaluations_since_the_best_and_recovers_them():
+  """New bests reset the count early stopping reads; a resume recovers best, latest and count
+  from the logged records."""
+  scores = {2: 0.5, 4: 0.75, 6: 0.5, 8: 0.75}  # A tie is no improvement: the first best wins.
+  best = loop._BestSoFar('accuracy')
+  records = []
+  for step, accuracy in scores.items():
+    result = {k: 0.0 for k in loop.metrics.HIGHER_IS_BETTER} | {'accuracy': accuracy}
+    assert best.add(step, result) == (step in (2, 4))
+    records.append({'step': step, 'split': 'validation', **result})
+  assert (best.step, best.value, best.evals_since, best.last['accuracy']) == (4, 0.75, 2, 0.75)
+  again = loop._BestSoFar('accuracy')
+  again.recover(4, [{'step': 1, 'split': 'train'}, *records])
+  assert again == best

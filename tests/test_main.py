@@ -1,5 +1,6 @@
 """main.py as a person runs it: one-line errors, a busy workdir, Ctrl-C during training."""
 
+import inspect
 import json
 import os
 import signal
@@ -47,7 +48,8 @@ def test_user_errors_exit_2_with_their_message_and_write_nothing(tmp_path):
   workdir = str(tmp_path / 'w')
   proc = _main('--config', 'configs/nope.py', '--workdir', workdir)
   _, err = proc.communicate(timeout=120)
-  assert proc.returncode == 2 and 'configs/nope.py: no such file' in err
+  assert proc.returncode == 2 and 'configs/nope.py: no such file, nor a bundled config' in err
+  assert 'default, demo, densenet_two_phase, two_phase, sweeps/cv' in err
   proc = _main(*TINY, '--workdir', workdir, '--mode', 'predict', '--inputs', 'typo.png')
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 2 and "'typo.png' (no such file or folder)" in err
@@ -197,3 +199,64 @@ def test_an_eval_crop_unlike_the_training_view_is_named(tmp_path):
   _, err = proc.communicate(timeout=120)
   assert 'input.central_crop_fraction=0.875 zooms evaluation images 1.14×' in err
   assert proc.returncode == 2 and 'train first' in err
+
+
+def test_a_bundled_config_is_found_by_name_from_any_directory(tmp_path, monkeypatch):
+  """As from an installed wheel: `--config NAME` (or the repository's relative path, which does
+  not exist here) is the bundled file, `:arg` and overrides kept; a file that exists wins."""
+  from pneumo_jax.__main__ import _bundled_config
+
+  bundled = os.path.join(REPO, 'configs', 'sweeps', 'tiny.py')
+  assert _bundled_config(['x', '--config', 'sweeps/tiny', '--config.seed=1']) == [
+    'x',
+    '--config',
+    bundled,
+    '--config.seed=1',
+  ]
+  assert _bundled_config(['x', '--config=demo:arg']) == [
+    'x',
+    f'--config={os.path.join(REPO, "configs", "demo.py")}:arg',
+  ]
+  assert _bundled_config(['x', '--config', 'nope']) == ['x', '--config', 'nope']
+  (tmp_path / 'demo').write_text('')
+  monkeypatch.chdir(tmp_path)
+  assert _bundled_config(['x', '--config', 'demo']) == ['x', '--config', 'demo']
+  assert _bundled_config(['x', '--config', 'configs/sweeps/tiny.py']) == ['x', '--config', bundled]
+  # A whole command from elsewhere (configs/ as the installed package, here the checkout's).
+  args = ['--config', 'sweeps/tiny', '--nosweep', '--workdir', 'w', '--mode', 'eval']
+  proc = subprocess.run(
+    [sys.executable, '-m', 'pneumo_jax', *args],
+    cwd=tmp_path,
+    env={**os.environ, 'PYTHONPATH': REPO},
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert proc.returncode == 2 and 'train first' in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_gpu_machine_running_on_the_cpu_is_warned():
+  from pneumo_jax.__main__ import gpu_unused
+
+  warning = gpu_unused('cpu', True, None)
+  assert "pip install 'pneumo_jax[cuda]'" in warning and 'NVIDIA GPU' in warning
+  assert gpu_unused('cpu', True, 'cpu') is None  # JAX_PLATFORMS=cpu: meant.
+  assert gpu_unused('cpu', False, None) is None and gpu_unused('gpu', True, None) is None
+
+
+def test_every_mode_declares_its_name_flags_and_run():
+  """The registry __main__ dispatches through: each mode's `run` takes the flags it declares (by
+  keyword, after config and workdir) and needs nothing else; each flag is a command-line flag."""
+  from pneumo_jax.__main__ import FLAGS
+  from pneumo_jax.modes import MODES
+
+  assert list(MODES) == ['train', 'eval', 'predict', 'explain', 'export', 'imagenet']
+  for name, mode in MODES.items():
+    assert name == mode.NAME and mode.HELP and isinstance(mode.NEEDS_WORKDIR, bool)
+    params = inspect.signature(mode.run).parameters
+    assert list(params)[:2] == ['config', 'workdir'], name
+    for flag in mode.FLAGS:
+      assert flag in FLAGS and flag in params, (name, flag)
+    rest = [p for p in list(params.values())[2:] if p.name not in mode.FLAGS]
+    assert all(p.default is not p.empty for p in rest), (name, rest)
+  assert [n for n, m in MODES.items() if not m.NEEDS_WORKDIR] == ['imagenet']

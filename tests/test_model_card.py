@@ -145,3 +145,38 @@ def test_card_says_a_validation_estimate_is_optimistic():
     'fold 2 of 5: the mean over all folds is steadier',
   ):
     assert text in card, text
+
+
+def test_card_of_an_external_set_scored_whole():
+  """An external source (its provenance names it): no split of it, no claim of a single source."""
+  config = two_phase.get_config()
+  counts = {'all': [40, 20, 0, 5]}
+  _, probs = _predictions(65, accuracy=0.7)
+  labels = np.repeat([0, 1, 3], [40, 20, 5])
+  data = model_card.Data('/data/site_b', '/data/build/2', NAMES, counts, 1, 0)
+  report = {
+    'split': 'all',
+    'step': 4000,
+    'label_names': NAMES,
+    'provenance': {
+      'image_size': 299,
+      'stored_size': 342,
+      'central_crop_fraction': 1.0,
+      'source': '/data/site_b',
+      'absent_classes': ['stage2'],
+    },
+    **metrics.compute(labels, probs, NAMES),
+    model_card.INTERVALS: metrics.bootstrap_ci(labels, probs, NAMES, resamples=50),
+  }
+  card = model_card.render(config, data, report, checkpoint='best')
+  for text in (
+    '`/data/site_b` (external: not the source the run was trained on)',
+    '| stage0 | 40 | 40 |',
+    'Split: none: every readable image of the source was scored (`--split all`).',
+    'Training never read this source, nor chose its checkpoint on it',
+    'External source: these images come from `/data/site_b`',
+    'No all image of stage2: untested on them.',
+  ):
+    assert text in card, text
+  for text in ('Single source', 'Optimistic', 'stratified per class'):
+    assert text not in card, text

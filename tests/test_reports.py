@@ -3,12 +3,13 @@
 import csv
 import json
 import os
+import pathlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from pneumo_jax.evaluation import metrics, reports
+from pneumo_jax.evaluation import calibration, metrics, reports
 
 NAMES = ['stage0', 'stage1', 'stage2']
 
@@ -63,6 +64,41 @@ def test_predictions_csv_round_trip(tmp_path):
       assert row['prediction'] == '' and all(row[n] == '' for n in NAMES)
 
 
+def test_predictions_with_decisions_beside_the_probabilities(tmp_path):
+  files = ['a.png', 'broken.png', 'b.jpg']
+  probs = np.array([[0.2, 0.7, 0.1], [0.5, 0.25, 0.25]])
+  path = reports.write_predictions(
+    str(tmp_path / 'p.csv'),
+    files,
+    probs,
+    NAMES,
+    {'broken.png': 'cannot read image'},
+    decisions={'decision_ge_stage1': [True, False], 'decision_ge_stage2': [False, False]},
+  )
+  rows = _read(path)
+  assert list(rows[0]) == [
+    'path',
+    'prediction',
+    *NAMES,
+    'decision_ge_stage1',
+    'decision_ge_stage2',
+    'error',
+  ]
+  assert [(r['decision_ge_stage1'], r['decision_ge_stage2']) for r in rows] == [
+    ('1', '0'),
+    ('', ''),
+    ('0', '0'),
+  ]
+
+
+def test_reliability_diagram(tmp_path):
+  labels, probs, _ = _eval()
+  curves = {'before': (calibration.reliability(labels, probs), calibration.ece(labels, probs))}
+  path = reports.plot_reliability(str(tmp_path / 'r.png'), curves, calibration.ECE_BINS, 'x')
+  with Image.open(path) as image:
+    assert image.format == 'PNG' and min(image.size) > 100
+
+
 def test_predictions_with_true_labels(tmp_path):
   probs = np.array([[0.2, 0.7, 0.1], [0.5, 0.25, 0.25]])
   path = reports.write_predictions(
@@ -74,6 +110,28 @@ def test_predictions_with_true_labels(tmp_path):
     ('stage1', 'stage1'),
     ('stage2', 'stage0'),
   ]
+
+
+def test_predictions_keep_non_utf8_names_and_identifiers(tmp_path):
+  """A non-UTF-8 name is written as its own bytes; DICOM identifiers get their columns."""
+  odd = os.fsdecode(b'/films/caf\xe9.png')
+  probs = np.array([[0.2, 0.7, 0.1], [0.5, 0.25, 0.25]])
+  ids = {'b.dcm': {'patient_id': 'P1', 'study_uid': '1.2', 'sop_uid': '1.2.3'}}
+  path = reports.write_predictions(
+    str(tmp_path / 'p.csv'), [odd, 'b.dcm', 'c.png'], probs, NAMES, {'c.png': 'x'}, None, ids
+  )
+  assert b'/films/caf\xe9.png,' in pathlib.Path(path).read_bytes()
+  with open(path, newline='', **reports.CSV_ENCODING) as f:
+    rows = list(csv.DictReader(f))
+  assert list(rows[0])[:5] == ['path', 'patient_id', 'study_uid', 'sop_uid', 'prediction']
+  assert [r['path'] for r in rows] == [odd, 'b.dcm', 'c.png']
+  assert os.fsencode(rows[0]['path']) == b'/films/caf\xe9.png'
+  assert [r['patient_id'] for r in rows] == ['', 'P1', '']
+  assert reports.printable(odd) == '/films/caf\\xe9.png'
+  with pytest.raises(ValueError, match='patient_id'):
+    reports.write_predictions(
+      str(tmp_path / 'p.csv'), ['b.dcm'], probs[:1], ['patient_id', 'a', 'b'], {}, None, ids
+    )
 
 
 def test_predictions_refuse_ambiguous_columns(tmp_path):
@@ -136,3 +194,15 @@ def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):
   with reports.atomic_path(str(path)) as tmp, open(tmp, 'w') as f:
     f.write('new')
   assert path.read_text() == 'new' and os.listdir(tmp_path) == ['p.csv']
+
+
+def test_check_writable_names_the_folder_and_can_leave_nothing_behind(tmp_path):
+  reports.check_writable(str(tmp_path / 'a' / 'b'), 'the reports folder', create=False)
+  assert os.listdir(tmp_path) == []  # Checked where it would be created; nothing created.
+  reports.check_writable(str(tmp_path / 'made'), 'the reports folder')
+  assert os.listdir(tmp_path) == ['made']
+  (tmp_path / 'file').write_text('in the way')
+  for create in (True, False):
+    with pytest.raises(PermissionError, match=r"the reports folder '.*file/sub' cannot be written"):
+      reports.check_writable(str(tmp_path / 'file' / 'sub'), 'the reports folder', create=create)
+  assert sorted(os.listdir(tmp_path)) == ['file', 'made']

@@ -5,6 +5,7 @@ import pytest
 from configs import default
 from pneumo_jax import validate
 from pneumo_jax.errors import ConfigError, DatasetError
+from pneumo_jax.training import loop
 
 
 def _config(**overrides):
@@ -57,6 +58,15 @@ def test_the_shipped_defaults_pass():
     ({'batch_norm': 'fixed'}, None, r"batch_norm='fixed' is unknown; use 'trainable'"),
     ({'schedule.name': 'cosine'}, None, r"schedule\.name='cosine' is unknown"),
     ({'optimizer.name': 'lamb'}, None, r"optimizer\.name='lamb' is unknown"),
+    (
+      {'dataset.labels_csv': '/data/labels.csv'},
+      None,
+      r"dataset\.source_dir='/data/anything' and dataset\.labels_csv='/data/labels\.csv' are "
+      r'both set',
+    ),
+    ({'dataset.class_names': 'none'}, None, r"dataset\.class_names='none': give two or more"),
+    ({'dataset.class_names': 'a,,b'}, None, r"dataset\.class_names='a,,b': give two or more"),
+    ({'dataset.patient_pattern': '(p'}, None, r"dataset\.patient_pattern='\(p' is not a regular"),
   ],
 )
 def test_each_bad_field_is_named_with_what_it_accepts(overrides, devices, message):
@@ -84,3 +94,16 @@ def test_phase_fields_are_checked_per_phase():
 def test_split_settings_are_checked_before_any_build():
   with pytest.raises(DatasetError, match=r'dataset\.validation_fraction=1\.2'):
     validate.check(_config(**{'dataset.validation_fraction': 1.2}))
+
+
+def test_default_scopes_are_the_backbones_head():
+  """exclude_scopes and trainable_scopes follow model.name until set (phases inherit them)."""
+  c = _config()
+  assert (c.exclude_scopes, c.trainable_scopes) == ('Logits,AuxLogits',) * 2
+  c.model.name = 'densenet121'
+  assert (c.exclude_scopes, c.trainable_scopes) == ('classifier',) * 2
+  assert loop.resolve_phases(c)[0].cfg.trainable_scopes == 'classifier'
+  validate.check(c, devices=1)
+  c.trainable_scopes = '.*'
+  c.model.name = 'inception_v3'
+  assert (c.exclude_scopes, c.trainable_scopes) == ('Logits,AuxLogits', '.*')

@@ -1,4 +1,5 @@
-"""The data stage: a class-subfolder tree → TFDS array_record build → grain batches."""
+"""The data stage: class folders, split folders or a label file → TFDS array_record build →
+grain batches."""
 
 import os
 
@@ -11,8 +12,13 @@ from pneumo_jax.data import folder_builder, preprocess, synthetic
 from pneumo_jax.errors import DatasetError
 
 
-def dataset_for(config: ml_collections.ConfigDict, workdir: str) -> tfds.core.DatasetBuilder:
+def dataset_for(
+  config: ml_collections.ConfigDict, workdir: str, whole: bool = False
+) -> tfds.core.DatasetBuilder:
   """The prepared dataset of a run: builds (or reuses) it under dataset.data_dir or WORKDIR/data.
+
+  With `whole`, every readable image of the source is in one split, 'all', whatever the
+  source's own splits (an external test set, scored whole by `--mode eval --split all`).
 
   With dataset.synthetic on and no source_dir, the demo's generated folder is written first
   (under the data dir), so the demo needs nothing but this repository. Settings and folders are
@@ -24,7 +30,9 @@ def dataset_for(config: ml_collections.ConfigDict, workdir: str) -> tfds.core.Da
   """
   data_dir = config.dataset.data_dir or os.path.join(workdir, 'data')
   distributed.check_shared(data_dir, 'dataset.data_dir' if config.dataset.data_dir else 'WORKDIR')
-  builder = distributed.lead_first('to build the dataset', lambda: _prepare(config, data_dir))
+  builder = distributed.lead_first(
+    'to build the dataset', lambda: _prepare(config, data_dir, whole)
+  )
   if jax.process_count() > 1 and distributed.share_text(str(builder.data_dir)) != str(
     builder.data_dir
   ):
@@ -35,11 +43,13 @@ def dataset_for(config: ml_collections.ConfigDict, workdir: str) -> tfds.core.Da
   return builder
 
 
-def _prepare(config: ml_collections.ConfigDict, data_dir: str) -> tfds.core.DatasetBuilder:
+def _prepare(
+  config: ml_collections.ConfigDict, data_dir: str, whole: bool
+) -> tfds.core.DatasetBuilder:
   cfg = config.dataset
   size = None if cfg.full_resolution else stored_side(config)
-  if not cfg.synthetic:
-    return folder_builder.build(cfg, data_dir, size)  # Checks first, then builds under the lock.
+  if not cfg.synthetic or cfg.labels_csv:  # Checks first, then builds under the lock.
+    return folder_builder.build(cfg, data_dir, size, whole=whole)
   cfg = ml_collections.ConfigDict(cfg.to_dict())
   cfg.source_dir = cfg.source_dir or os.path.join(data_dir, 'synthetic_stages')
   params = {
@@ -52,7 +62,7 @@ def _prepare(config: ml_collections.ConfigDict, data_dir: str) -> tfds.core.Data
   with locks.build_lock(data_dir):
     synthetic.remove_incomplete(cfg.source_dir)
     synthetic.make_stage_folder(cfg.source_dir, **params)
-    return folder_builder.build(cfg, data_dir, size)
+    return folder_builder.build(cfg, data_dir, size, whole=whole)
 
 
 def stored_side(config: ml_collections.ConfigDict) -> int:

@@ -2,43 +2,47 @@
 
 X-rays come as DICOM (often compressed, often without an extension) or as 16-bit PNG/TIFF
 exports holding 10–14 bits. Both become the 8-bit images the model sees through one rule,
-`GreyWindow` (config: dataset.grey_window), so that the same film looks the same whichever way
-it was exported. A DICOM image goes, in the standard's order, through its modality LUT (rescale
-slope/intercept), then its VOI LUT or window centre/width when the rule is 'file', then to 8
-bits, then MONOCHROME1 is inverted (so bone is always bright).
+`GreyWindow` (config: dataset.grey_window; its arithmetic is `grey_window`'s), so that the same
+film looks the same whichever way it was exported. A DICOM image goes, in the standard's order,
+through its modality LUT (rescale slope/intercept), then its VOI LUT or window centre/width when
+the rule is 'file', then to 8 bits, then MONOCHROME1 is inverted (so bone is always bright).
 
-pydicom decodes the pixels; its pixel-data plugins (pylibjpeg-libjpeg: JPEG baseline, extended
-12-bit, lossless and JPEG-LS; pylibjpeg-openjpeg: JPEG 2000) cover the compressed transfer
-syntaxes and it decodes RLE itself. Multi-frame, palette-colour, colour deeper than 8 bits and
-non-image objects (SR, waveforms, RT plans...) are refused with a DatasetError naming the file.
+pydicom decodes the pixels, RLE itself and the compressed transfer syntaxes through permissive
+plugins: Pillow (JPEG baseline, 8-bit extended), GDCM (JPEG lossless, JPEG-LS) and
+pylibjpeg-openjpeg (JPEG 2000). 12-bit JPEG extended needs pylibjpeg-libjpeg (GPLv3), which only
+the `dicom-gpl` extra installs; a file that needs it says so. Multi-frame, palette-colour, colour
+deeper than 8 bits and non-image objects (SR, waveforms, RT plans...) are refused with a
+DatasetError naming the file.
 """
 
+import importlib.util
 import os
 from typing import NamedTuple
 
 import ml_collections
 import numpy as np
 import pydicom
+from pydicom import uid
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
 
+from pneumo_jax.data import grey_window
+from pneumo_jax.data.grey_window import to_uint8
 from pneumo_jax.errors import ConfigError, DatasetError
-
-# dataset.grey_window's choices (configs/default.py says what each does).
-GREY_WINDOWS = ('file', 'percentile', 'fixed', 'full_range')
-# 'percentile': the per-image range, wide enough to keep nearly all of the film, narrow enough
-# that a few hot or dead pixels (burnt-in labels, collimator edges) do not set it.
-PERCENTILES = (0.5, 99.5)
 
 EXTENSIONS = ('.dcm', '.dicom')
 _PREAMBLE = 128  # A DICOM file (Part 10) starts with a 128-byte preamble, then b'DICM'.
 _MONOCHROME = ('MONOCHROME1', 'MONOCHROME2')
+# What the opt-in GPL decoder (pylibjpeg-libjpeg, the `dicom-gpl` extra) reads. Without it, Pillow
+# and GDCM read all of these but 12-bit JPEG extended, which pydicom hands to neither.
+_LIBJPEG_SYNTAXES = (*uid.JPEGTransferSyntaxes, *uid.JPEGLSTransferSyntaxes)
 
 
 class GreyWindow(NamedTuple):
-  """Which values of a high-bit-depth grey image become black (0) and white (255)."""
+  """Which values of a high-bit-depth grey image become black (0) and white (255): the rule of
+  `grey_window`, with its setting, as the config gives it."""
 
-  rule: str = 'file'  # One of GREY_WINDOWS.
+  rule: str = 'file'  # One of grey_window.RULES.
   fixed_range: tuple[float, float] | None = None  # (low, high) for rule 'fixed'.
 
   @classmethod
@@ -49,8 +53,8 @@ class GreyWindow(NamedTuple):
       ConfigError: naming the field and the values it accepts.
     """
     rule, given = dataset_cfg.grey_window, dataset_cfg.grey_window_range
-    if rule not in GREY_WINDOWS:
-      raise ConfigError(f'dataset.grey_window={rule!r}: use one of {list(GREY_WINDOWS)}')
+    if rule not in grey_window.RULES:
+      raise ConfigError(f'dataset.grey_window={rule!r}: use one of {list(grey_window.RULES)}')
     if rule != 'fixed':
       if given is not None:
         raise ConfigError(
@@ -77,28 +81,11 @@ class GreyWindow(NamedTuple):
     file_range: tuple[float, float],
     full_range: tuple[float, float],
   ) -> tuple[float, float]:
-    """(black, white) for `values` under this rule; the caller knows the image's 'file' range
-    (its own window, else its stored bits) and 'full_range' (its sample type's range)."""
-    if self.rule == 'file':
-      return file_range
-    if self.rule == 'full_range':
-      return full_range
-    if self.rule == 'fixed':
-      return self.fixed_range
-    low, high = np.percentile(values, PERCENTILES)
-    return float(low), float(high)
+    """(black, white) for `values` under this rule (`grey_window.bounds`)."""
+    return grey_window.bounds(self.rule, values, file_range, full_range, self.fixed_range)
 
 
 DEFAULT_WINDOW = GreyWindow()  # dataset.grey_window's default, 'file'.
-
-
-def to_uint8(values: np.ndarray, black: float, white: float) -> np.ndarray:
-  """Linear `black` → 0, `white` → 255, rounded and clipped; a flat range (the percentiles of a
-  blank image) gives black rather than a division by zero."""
-  if white <= black:
-    return np.zeros(values.shape, np.uint8)
-  scaled = (np.asarray(values, np.float64) - black) * (255.0 / (white - black))
-  return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
 def has_preamble(path: str | os.PathLike[str]) -> bool:
@@ -109,6 +96,30 @@ def has_preamble(path: str | os.PathLike[str]) -> bool:
   except OSError:
     return False
   return head[_PREAMBLE:] == b'DICM'
+
+
+# identifiers()'s keys → the DICOM attribute each holds.
+IDENTIFIERS = {
+  'patient_id': 'PatientID',
+  'study_uid': 'StudyInstanceUID',
+  'sop_uid': 'SOPInstanceUID',
+}
+
+
+def identifiers(path: str | os.PathLike[str]) -> dict[str, str]:
+  """A DICOM file's PatientID, StudyInstanceUID and SOPInstanceUID (IDENTIFIERS' keys; '' for
+  one it lacks), so that results join back to a PACS; {} for a file that is not DICOM or whose
+  header cannot be read. Reads the header only, never the pixels; never raises."""
+  if os.path.splitext(path)[1].lower() not in EXTENSIONS and not has_preamble(path):
+    return {}
+  try:
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+  except Exception:  # Not DICOM after all, or broken: the reader lists it.
+    return {}
+  found = {key: str(ds.get(keyword) or '').strip() for key, keyword in IDENTIFIERS.items()}
+  if not found['sop_uid'] and 'file_meta' in ds:
+    found['sop_uid'] = str(ds.file_meta.get('MediaStorageSOPInstanceUID') or '').strip()
+  return found
 
 
 def read(path: str | os.PathLike[str], window: GreyWindow) -> np.ndarray:
@@ -132,7 +143,19 @@ def read(path: str | os.PathLike[str], window: GreyWindow) -> np.ndarray:
   except Exception as e:  # pydicom and its plugins raise many kinds for a broken file.
     why = ' '.join(str(e).split())  # pydicom lists each plugin's failure on its own line.
     coded = f' ({syntax.name})' if syntax else ''
-    raise DatasetError(f'cannot read DICOM {name!r}{coded}: {type(e).__name__}: {why}') from e
+    raise DatasetError(
+      f'cannot read DICOM {name!r}{coded}: {type(e).__name__}: {why}{_gpl_hint(syntax)}'
+    ) from e
+
+
+def _gpl_hint(syntax: uid.UID | None) -> str:
+  """What to install when the opt-in GPL decoder would read `syntax` and is not installed."""
+  if syntax not in _LIBJPEG_SYNTAXES or importlib.util.find_spec('libjpeg') is not None:
+    return ''
+  return (
+    f'; {syntax.name} is also read by pylibjpeg-libjpeg (GPLv3, not installed by default): pip '
+    "install 'pneumo_jax[dicom-gpl]'"
+  )
 
 
 def _check_supported(ds: Dataset, name: str) -> None:

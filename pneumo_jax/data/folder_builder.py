@@ -1,67 +1,30 @@
-"""A TFDS builder over a folder whose subfolders are the classes (TF-Slim's flowers layout).
+"""A TFDS builder over an image collection (class folders, split folders or a label file, as
+`sources` finds them): array_record shards of each image decoded once, stored at the size
+training uses, with the class names and per-record identifiers in the build's metadata.
 
-    source_dir/stage_0/a.png, source_dir/stage_1/b.dcm, ...  (nested folders count for their class)
-
-Images are the files `images.is_candidate` takes: by extension (.jpg .jpeg .png .bmp .tif .tiff
-.dcm .dicom) or, for DICOM, by content, so that extensionless PACS exports count too.
-
-Labels are the sorted subfolder names, numbered from 0 as slim numbers them; `labels.txt` in the
-built directory holds them in slim's `0:name` format (one per line), so slim's `read_label_file`
-reads it. Splits are stratified per class and deterministic for `dataset.split_seed`: the test
-share is held out first, then either the validation share or, with `dataset.num_folds = k > 1`,
-fold `dataset.fold` of k (the validation folds of a k-fold sweep partition every non-test image).
-
-Each distinct folder state and split setting gets its own build, named by a fingerprint of the
-files' paths, sizes and modification times plus the settings: a second run on an unchanged folder
-reuses its build, while an added, removed or edited file, or a changed setting, leads to a new
-build. Builds hold the data dir's build lock, so runs sharing it build each dataset once.
-
-TFDS (4.9.10) writes into DATA_DIR/class_folder/CONFIG/incomplete.XXXXXX_1.0.0/ and renames it to
-1.0.0/ only once complete, so a killed build is never taken for a finished one; but a killed build
-leaves that temporary directory behind, a failed one (TFDS deletes the temporary directory) an
-empty CONFIG/, and every build an empty downloads/extracted/. Under the lock, `build` removes
-them all, before building and after, whether the build succeeded or not.
-
-Records store each image as `images.load_stored` reads it at the stored size S (passed in;
-`dataset_for` derives it from the config): decoded, squashed to S × S and antialiased once, at
-build time, so that training decodes small images, not 2,000–3,000 px X-rays. A build is grey
-(C = 1) when every readable image is grey, else RGB (C = 3; grey images repeated), decided in the
-read pass that checks every file; `stored_shape(builder)` gives (S, S, C), also kept in the
-metadata with the encoding. Stored size, channel rule, resize filter, encoding and the grey
-window (dataset.grey_window, how DICOM and 16-bit images become 8-bit) are in the fingerprint.
-With S = None (full resolution) records are PNG at the files' own shapes, resized on every read.
-
-Encoding, measured with benchmarks/encoding.py (200 grey 1024² X-ray-like images stored at 342,
-2 CPUs, PIL decoding; ArrayRecord already zstd-compresses every record, so "raw" is not):
-
-  encoding      bytes/image  read+decode per record
-  raw bytes          95,027     0.20 ms  (chosen)
-  raw int64          91,423     0.77 ms  (TFDS's default: a varint per pixel)
-  raw + zlib         79,954     0.62 ms
-  PNG                53,740     1.44 ms
-  JPEG q95           26,214     0.60 ms  (lossy)
-  full-res PNG      739,574     9.15 ms  (the old layout, at 1024²)
-
-Raw bytes (`Tensor(encoding=BYTES)`) read 3× faster than zlib and 7× faster than PNG for 1.8×
-PNG's disk; the size is small next to the full-resolution files it replaces, and storage stays
-lossless. Decoded records are read-only numpy views of the record's bytes.
-
-Per-record labels and file names are also stored in the build's metadata, so that class counts,
-class-balanced sampling and prediction reports need not decode any image.
+One read pass checks every file (unreadable and suspicious ones fail the build, or are skipped
+with dataset.skip_corrupt), decides the channel count (1 when every image is grey) and hashes
+the pixels, so that identical images share a split; `splits.assign` then splits by patient when
+ids are known, else by image. Each source state and setting gets its own build, named by a
+fingerprint of the files (paths, sizes, modification times, a label file's bytes) and the
+settings, so an unchanged source is reused and any change builds anew; builds hold the data dir's
+build lock, under which what killed builds left is removed. docs/datasets.md says why records
+are raw bytes, how TFDS's temporary folders are handled and how non-UTF-8 file names are kept.
 """
 
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
 import hashlib
 import io
 import json
-import math
 import os
 import re
 import shutil
-import zlib
-from collections.abc import Iterator, Sequence
+import types
+from collections.abc import Iterator, Mapping, Sequence
+from typing import NamedTuple
 
 import ml_collections
 import numpy as np
@@ -71,29 +34,33 @@ from etils import epath
 from PIL import Image
 
 from pneumo_jax import locks
+from pneumo_jax.data import dicom, sources, splits
 from pneumo_jax.data.images import (
   DEFAULT_WINDOW,
   RESIZE_FILTER,
   DatasetError,
   GreyWindow,
-  is_candidate,
+  SuspectRule,
   load_stored,
 )
 
 __all__ = [
+  'COLUMNS',
   'ENCODING',
   'ENCODINGS',
+  'WHOLE',
   'DatasetError',
   'build',
   'check_settings',
   'label_names',
+  'split_column',
   'split_filenames',
   'split_labels',
   'stored_shape',
 ]
 
 # Bump when the stored records change for the same input, so that old builds are not reused.
-_FORMAT_VERSION = 3  # 3: 16-bit PNGs windowed by their used bits (dataset.grey_window).
+_FORMAT_VERSION = 4  # 4: file names as bytes, identifiers and split facts in the metadata.
 # How a build chooses its channel count (see the module doc); part of the fingerprint.
 _CHANNEL_RULE = 'one-if-all-grey'
 # Encodings of a stored-size record: uint8 tensors as TFDS stores them ('int64': one varint per
@@ -108,42 +75,45 @@ _TENSOR_ENCODINGS = {
 _PNG_HEADER = b'\x89PNG\r\n\x1a\n'
 _PNG8_COLOUR_TYPE = {1: 0, 3: 2}  # Channels → IHDR colour type (grey, truecolour) at 8 bits.
 _WORKERS = os.cpu_count() or 1
+# Per-record identifiers a build keeps beside labels and file names ('' when unknown).
+_IDENTIFIERS = ('patient_id', 'study_uid', 'sop_uid')
+COLUMNS = ('labels', 'filenames', 'patient_ids', 'study_uids', 'sop_uids')
+_SHOWN = 10  # Patients or files named in one log line.
+# The one split of a whole-source build. TFDS reserves 'all' (every split of a build, which
+# `as_data_source('all')` reads), so the records' split is named 'whole' there.
+WHOLE = 'all'
+_TFDS_WHOLE = 'whole'
 
 
 @dataclasses.dataclass(frozen=True)
-class _Scan:
-  """The image files of a source folder, as found before building."""
+class _Record:
+  """One example as a build writes it: its file, class and identifiers."""
 
-  root: str
-  classes: tuple[str, ...]
-  files: tuple[tuple[str, ...], ...]  # Per class: paths relative to root, sorted.
-  stats: tuple[tuple[str, int, int], ...]  # (relative path, size, mtime_ns): the fingerprint.
+  path: str  # As sources.Example.path.
+  label: int
+  patient_id: str = ''  # '' when unknown.
+  study_uid: str = ''  # DICOM only.
+  sop_uid: str = ''  # DICOM only.
 
 
 @dataclasses.dataclass(eq=False)
 class _FolderConfig(tfds.core.BuilderConfig):
-  """One build: the scanned folder, split settings and record format; `name` embeds their
+  """One build: the scanned source, split settings and record format; `name` embeds their
   fingerprint.
 
   The builder takes its input from here (not from a constructor argument) because TFDS
   re-creates builders from their config when a data source is pickled into a grain worker.
   """
 
-  scan: _Scan | None = dataclasses.field(default=None, repr=False)
-  validation_fraction: float = 0.2
-  test_fraction: float = 0.0
-  split_seed: int = 0
-  num_folds: int = 0
-  fold: int = 0
-  skip_corrupt: bool = False
+  scan: sources.Source | None = dataclasses.field(default=None, repr=False)
   stored_size: int | None = None  # None: full resolution.
   encoding: str = ENCODING  # Of stored-size records; full resolution is always PNG.
   channels: int = 3
   grey_window: GreyWindow = DEFAULT_WINDOW
-  # From the read pass before a build (None when reusing one): readable files per class, and
-  # the unreadable ones skipped.
-  readable: tuple[tuple[str, ...], ...] | None = dataclasses.field(default=None, repr=False)
-  skipped: tuple[str, ...] = ()
+  # From the read pass and split before a build (None when reusing one): each split's records
+  # in record order, and the build's metadata beyond them.
+  records: dict[str, list[_Record]] | None = dataclasses.field(default=None, repr=False)
+  facts: dict | None = dataclasses.field(default=None, repr=False)
 
 
 class ClassFolder(tfds.core.GeneratorBasedBuilder):
@@ -154,11 +124,11 @@ class ClassFolder(tfds.core.GeneratorBasedBuilder):
   # TFDS prints "Downloading and preparing dataset Unknown size …" for any build; here nothing
   # is downloaded, so say what happens instead.
   def _log_download_bytes(self) -> None:
-    scan = self.builder_config.scan
+    config = self.builder_config
     logging.info(
       'Building the dataset: %d images from %s into %s',
-      sum(map(len, scan.files)),
-      scan.root,
+      sum(map(len, config.records.values())),
+      config.scan.what,
       self.data_dir,
     )
 
@@ -170,11 +140,12 @@ class ClassFolder(tfds.core.GeneratorBasedBuilder):
     scan = config.scan
     return tfds.core.DatasetInfo(
       builder=self,
-      description=f'Images from the class subfolders of {scan.root}.',
+      description=f'Images from the {scan.kind} of {scan.what}.',
       features=tfds.features.FeaturesDict(
         {
           'image': _image_feature(config.stored_size, config.channels, config.encoding),
           'label': tfds.features.ClassLabel(names=list(scan.classes)),
+          # The path's bytes (os.fsencode), so that a name that is not UTF-8 is kept exactly.
           'filename': tfds.features.Text(),
         }
       ),
@@ -187,34 +158,36 @@ class ClassFolder(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     del dl_manager  # Everything is local.
     config = self.builder_config
-    scan = config.scan
-    if config.readable is None:
-      raise RuntimeError('build() reads the folder before building; call it, not the builder')
-    splits = _assign_splits(scan, config.readable, config)
+    if config.records is None:
+      raise RuntimeError('build() reads the source before building; call it, not the builder')
     self.info.metadata.update(
       {
-        'source_dir': scan.root,
-        'skipped_corrupt': list(config.skipped),
-        'channels': config.channels,
-        'stored_size': config.stored_size,
-        'encoding': config.encoding,
+        **config.facts,
         'splits': {
-          name: {'labels': [label for _, label in recs], 'filenames': [p for p, _ in recs]}
-          for name, recs in splits.items()
+          name: {
+            'labels': [r.label for r in recs],
+            'filenames': [r.path for r in recs],
+            **{f'{field}s': [getattr(r, field) for r in recs] for field in _IDENTIFIERS},
+          }
+          for name, recs in config.records.items()
         },
       }
     )
-    lines = ''.join(f'{i}:{name}\n' for i, name in enumerate(scan.classes))
+    lines = ''.join(f'{i}:{name}\n' for i, name in enumerate(config.scan.classes))
     (epath.Path(self.data_dir) / 'labels.txt').write_text(lines)
-    return {name: self._generate_examples(recs) for name, recs in splits.items()}
+    return {
+      _TFDS_WHOLE if name == WHOLE else name: self._generate_examples(recs)
+      for name, recs in config.records.items()
+    }
 
-  def _generate_examples(self, records: Sequence[tuple[str, int]]) -> Iterator[tuple[str, dict]]:
+  def _generate_examples(self, records: Sequence[_Record]) -> Iterator[tuple[int, dict]]:
     config = self.builder_config
     root = config.scan.root
     with concurrent.futures.ThreadPoolExecutor(_WORKERS) as pool:  # Pillow frees the GIL.
-      images = pool.map(lambda rec: _record_image(os.path.join(root, rec[0]), config), records)
-      for (path, label), image in zip(records, images, strict=True):
-        yield path, {'image': image, 'label': label, 'filename': path}
+      images = pool.map(lambda rec: _record_image(os.path.join(root, rec.path), config), records)
+      for i, (rec, image) in enumerate(zip(records, images, strict=True)):
+        name = os.fsencode(rec.path)
+        yield i, {'image': image, 'label': rec.label, 'filename': name}
 
 
 def build(
@@ -223,50 +196,50 @@ def build(
   stored_size: int | None,
   *,
   encoding: str = ENCODING,
+  whole: bool = False,
 ) -> tfds.core.DatasetBuilder:
-  """Returns the prepared builder for `dataset_cfg.source_dir`, building it unless up to date.
+  """Returns the prepared builder for the dataset config's source (`sources.scan`: class
+  folders, split folders or a label file), building it unless up to date.
 
   Records hold each image as `images.load_stored(file, stored_size)` gives it (None: full
   resolution), with the dataset's channel count (`stored_shape`) and grey window
-  (`GreyWindow.from_config(dataset_cfg)`). `encoding` (one of
-  ENCODINGS) is for benchmarks; the default is the measured choice.
+  (`GreyWindow.from_config(dataset_cfg)`). `encoding` (one of ENCODINGS) is for benchmarks; the
+  default is the measured choice. With `whole`, every readable image goes into one split, 'all'
+  (an external test set scored whole), whatever the source's splits say.
 
-  Read with `builder.as_data_source(split)` (no TensorFlow needed). Settings and the folder are
+  Read with `builder.as_data_source(split)` (no TensorFlow needed). Settings and the source are
   checked before anything is written; the build itself runs under `locks.build_lock(data_dir)`.
 
   Raises:
     DatasetError: bad settings or bad input; the message names the field or path and the fix.
-    ConfigError: a bad grey window (`check_settings`).
+    ConfigError: a bad grey window, suspect-image rule, class list or patient pattern.
   """
   check_settings(dataset_cfg)
   window = GreyWindow.from_config(dataset_cfg)
+  suspect = SuspectRule.from_config(dataset_cfg)
   if stored_size is not None and stored_size < 1:
     raise DatasetError(f'stored size {stored_size} must be at least 1, or None (full resolution)')
   if encoding not in ENCODINGS:
     raise ValueError(f'encoding={encoding!r}: use one of {list(ENCODINGS)}')
-  scan = _scan(dataset_cfg.source_dir, data_dir)
-  settings = {
-    'validation_fraction': float(dataset_cfg.validation_fraction),
-    'test_fraction': float(dataset_cfg.test_fraction),
-    'split_seed': int(dataset_cfg.split_seed),
-    'num_folds': int(dataset_cfg.num_folds),
-    'fold': int(dataset_cfg.fold),
-    'skip_corrupt': bool(dataset_cfg.skip_corrupt),
-  }
+  scan = sources.scan(dataset_cfg, data_dir)
+  settings = _split_settings(dataset_cfg, scan, whole)
   num_shards = int(dataset_cfg.num_shards)
   stored = {
     'stored_size': None if stored_size is None else int(stored_size),
     'encoding': encoding if stored_size is not None else 'png',
   }
-  record_format = [stored, _CHANNEL_RULE, RESIZE_FILTER.name, window]
+  record_format = [stored, _CHANNEL_RULE, RESIZE_FILTER.name, window, dataclasses.astuple(suspect)]
+  found = [scan.kind, scan.root, scan.classes, scan.content, scan.stats, scan.broken]
+  examples = [dataclasses.astuple(e) for e in scan.examples]
   fingerprint = hashlib.sha256(
-    json.dumps(
-      [_FORMAT_VERSION, scan.root, scan.classes, scan.stats, settings, num_shards, record_format]
-    ).encode()
+    json.dumps([_FORMAT_VERSION, found, examples, settings, num_shards, record_format]).encode()
   ).hexdigest()[:16]
-  slug = re.sub(r'[^a-z0-9]+', '_', os.path.basename(scan.root).lower()).strip('_') or 'folder'
+  stem = os.path.splitext(os.path.basename(scan.what))[0]
+  slug = re.sub(r'[^a-z0-9]+', '_', stem.lower()).strip('_') or 'folder'
   name = f'{slug[:40]}_{fingerprint}'
-  _assign_splits(scan, scan.files, _FolderConfig(name=name, scan=scan, **settings))  # Fail early.
+  if not whole:  # Fail early, before taking the lock: the read pass may only add groups.
+    patients = [e.patient for e in scan.examples]
+    _split(scan, range(len(scan.examples)), patients, [''] * len(patients), settings)
   with locks.build_lock(data_dir):
     _remove_leftovers(data_dir)
     try:
@@ -276,11 +249,9 @@ def build(
         with open(os.path.join(done, 'metadata.json')) as f:
           prepared = {'channels': json.load(f)['channels']}
       else:
-        readable, skipped, channels = _drop_corrupt(scan, settings['skip_corrupt'], window)
-        prepared = {'channels': channels, 'readable': readable, 'skipped': tuple(skipped)}
-      config = _FolderConfig(
-        name=name, scan=scan, **settings, **stored, grey_window=window, **prepared
-      )
+        prepared = _prepare(scan, settings, window, suspect)
+        prepared['facts'].update(stored)
+      config = _FolderConfig(name=name, scan=scan, **stored, grey_window=window, **prepared)
       builder = ClassFolder(config=config, data_dir=data_dir)
       builder.download_and_prepare(
         file_format='array_record',
@@ -288,15 +259,54 @@ def build(
       )
     finally:
       _remove_leftovers(data_dir)
-  skipped = builder.info.metadata['skipped_corrupt']
-  if skipped:
-    logging.warning('Skipped %d unreadable image(s) in %s: %s', len(skipped), scan.root, skipped)
-  logging.info(
-    'Dataset %s: %s',
-    builder.data_dir,
-    ', '.join(f'{k} {v.num_examples}' for k, v in builder.info.splits.items()),
-  )
+  _log_build(builder, scan)
   return builder
+
+
+def _log_build(builder: tfds.core.DatasetBuilder, scan: sources.Source) -> None:
+  """Logs what a build holds and how it was split (from its metadata, so a reuse says it too)."""
+  meta = builder.info.metadata
+  skipped = meta['skipped_corrupt']
+  if skipped:
+    logging.warning('Skipped %d unreadable image(s) in %s: %s', len(skipped), scan.what, skipped)
+  sizes = {k: len(v['labels']) for k, v in meta['splits'].items()}
+  logging.info('Dataset %s: %s', builder.data_dir, ', '.join(f'{k} {v}' for k, v in sizes.items()))
+  if WHOLE in sizes:
+    return
+  if scan.kind == 'split folders':
+    drawn = {
+      'train': ' (drawn from the train folder by dataset.validation_fraction)',
+      'folds': ' (a fold of the train and val folders: dataset.num_folds, dataset.fold)',
+    }.get(meta['validation_from'], '')
+    logging.info(
+      'splits from folders: %s',
+      ', '.join(f'{k} {v}' + (drawn if k == 'validation' else '') for k, v in sizes.items()),
+    )
+  if meta.get('split_by') == 'patient':
+    logging.info(
+      'split by patient: %s patients',
+      ', '.join(f'{k} {n}' for k, n in meta['patients'].items()),
+    )
+  else:
+    logging.warning(
+      'split by image: films of one patient may be in both splits (give patient ids: '
+      'dataset.patient_pattern, or a label file with a patient_id column)'
+    )
+  if meta.get('duplicate_groups'):
+    logging.info(
+      '%d set(s) of identical images (%d images), each kept in one split (unless the '
+      "source's own splits part it)",
+      meta['duplicate_groups'],
+      meta['duplicate_images'],
+    )
+  crossing = meta.get('crossing_patients')
+  if crossing:
+    logging.warning(
+      '%d patient(s) have films in two of the splits %s gives, kept as given: %s',
+      len(crossing),
+      scan.what,
+      crossing[:_SHOWN] + (['…'] if len(crossing) > _SHOWN else []),
+    )
 
 
 def stored_shape(builder: tfds.core.DatasetBuilder) -> tuple[int | None, int | None, int]:
@@ -317,19 +327,32 @@ def split_labels(builder: tfds.core.DatasetBuilder, split: str) -> np.ndarray:
 
 
 def split_filenames(builder: tfds.core.DatasetBuilder, split: str) -> list[str]:
-  """Paths (relative to the source folder) of every record of `split`, in record order."""
-  return list(_split_metadata(builder, split)['filenames'])
+  """Paths (relative to the source folder or label file; absolute where a label file gave them
+  so) of every record of `split`, in record order. A name that is not UTF-8 comes as Python
+  decodes file names (lone surrogates; `os.fsencode` gives its bytes back)."""
+  return split_column(builder, split, 'filenames')
+
+
+def split_column(builder: tfds.core.DatasetBuilder, split: str, name: str) -> list:
+  """Per-record `name` (one of COLUMNS: labels, filenames, patient_ids, study_uids, sop_uids) of
+  `split`, in record order, read from the metadata. Identifiers are '' where unknown (and for
+  every record of a build made before they were kept)."""
+  if name not in COLUMNS:
+    raise ValueError(f'column {name!r}: use one of {list(COLUMNS)}')
+  meta = _split_metadata(builder, split)
+  return list(meta.get(name) or [''] * len(meta['labels']))
 
 
 def _split_metadata(builder: tfds.core.DatasetBuilder, split: str) -> dict:
-  splits = builder.info.metadata['splits']
-  if split not in splits:
+  parts = builder.info.metadata['splits']
+  if split not in parts:
     raise DatasetError(
-      f'no split {split!r} in {builder.data_dir}; it has {sorted(splits)} '
+      f'no split {split!r} in {builder.data_dir}; it has {sorted(parts)} '
       '(a test split exists only with dataset.test_fraction > 0: rebuild with e.g. '
-      '--config.dataset.test_fraction=0.1, which also moves images out of train and validation)'
+      '--config.dataset.test_fraction=0.1, which also moves images out of train and validation; '
+      'a set training never saw is scored whole with --split all)'
     )
-  return splits[split]
+  return parts[split]
 
 
 def check_settings(cfg: ml_collections.ConfigDict) -> None:
@@ -337,8 +360,12 @@ def check_settings(cfg: ml_collections.ConfigDict) -> None:
   (ConfigError), naming the config field.
 
   Public so that callers can check before writing anything (e.g. before generating images).
+  Also checks the source fields (`sources.check_settings`) and the suspect-image rule
+  (ConfigError).
   """
   GreyWindow.from_config(cfg)
+  SuspectRule.from_config(cfg)
+  sources.check_settings(cfg)
   val, test, folds = cfg.validation_fraction, cfg.test_fraction, cfg.num_folds
   if not 0.0 <= test < 1.0:
     raise DatasetError(f'dataset.test_fraction={test} must be in [0, 1); 0 means no test split')
@@ -376,164 +403,164 @@ def _remove_leftovers(data_dir: str) -> None:
       os.rmdir(empty)
 
 
-def _scan(source_dir: str, data_dir: str) -> _Scan:
-  """Lists the classes and their image files; skips hidden and non-image files, saying so."""
-  if not source_dir:
+def _split_settings(cfg: ml_collections.ConfigDict, scan: sources.Source, whole: bool) -> dict:
+  """The settings that decide a build's splits (part of its fingerprint), checked against the
+  splits the source fixes."""
+  if whole:
+    return {
+      'whole': True,
+      'split_seed': int(cfg.split_seed),
+      'skip_corrupt': bool(cfg.skip_corrupt),
+    }
+  if cfg.test_fraction > 0 and any(e.split == 'test' for e in scan.examples):
+    given = 'its test folder' if scan.kind == 'split folders' else "rows with split 'test'"
     raise DatasetError(
-      'dataset.source_dir is empty: set --config.dataset.source_dir=/path/to/'
-      'folder, a folder with one subfolder of images per class'
+      f'dataset.test_fraction={cfg.test_fraction}: {scan.what} gives the test split itself '
+      f'({given}); set --config.dataset.test_fraction=0'
     )
-  root = os.path.realpath(source_dir)
-  if not os.path.isdir(root):
-    what = 'is not a folder' if os.path.exists(root) else 'does not exist'
-    raise DatasetError(
-      f'dataset.source_dir {source_dir!r} {what}; point it at a folder with one '
-      'subfolder of images per class'
-    )
-  if os.path.realpath(data_dir).startswith(root + os.sep):
-    raise DatasetError(
-      f'data_dir {data_dir!r} lies inside dataset.source_dir {root!r}, where it '
-      'would be read as a class; put it elsewhere'
-    )
-  entries = sorted(os.scandir(root), key=lambda e: e.name)
-  classes = tuple(e.name for e in entries if e.is_dir() and not e.name.startswith('.'))
-  if len(classes) < 2:
-    raise DatasetError(
-      f'{root!r} has {len(classes)} class subfolder(s) {list(classes)}; a '
-      'classifier needs at least two: put each class in its own subfolder'
-    )
-  skipped = [e.name for e in entries if not e.is_dir()]  # Loose files belong to no class.
-  files, stats, empty = [], [], []
-  for name in classes:
-    found = []
-    for folder, dirs, names in os.walk(os.path.join(root, name)):
-      dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
-      for file in sorted(names):
-        rel = os.path.relpath(os.path.join(folder, file), root)
-        if not is_candidate(os.path.join(folder, file)):
-          skipped.append(rel)
-          continue
-        st = os.stat(os.path.join(root, rel))
-        found.append(rel)
-        stats.append((rel, st.st_size, st.st_mtime_ns))
-    if not found:
-      empty.append(os.path.join(root, name))
-    files.append(tuple(found))
-  if empty:
-    raise DatasetError(
-      f'class folder(s) {empty} hold no images (.jpg .jpeg .png .bmp .tif .tiff or DICOM); add '
-      'images or remove the folder(s)'
-    )
-  if skipped:
-    hidden = sum(os.path.basename(p).startswith('.') for p in skipped)
-    logging.info(
-      'In %s: skipped %d hidden and %d other non-image file(s), e.g. %s',
-      root,
-      hidden,
-      len(skipped) - hidden,
-      skipped[:5],
-    )
-  return _Scan(root=root, classes=classes, files=tuple(files), stats=tuple(stats))
+  return {
+    'validation_fraction': float(cfg.validation_fraction),
+    'test_fraction': float(cfg.test_fraction),
+    'split_seed': int(cfg.split_seed),
+    'num_folds': int(cfg.num_folds),
+    'fold': int(cfg.fold),
+    'skip_corrupt': bool(cfg.skip_corrupt),
+  }
 
 
-def _inspect(path: str, window: GreyWindow) -> tuple[str | None, bool]:
-  """(None, whether it is grey) when `path` reads as an image, else (the reader's message, which
-  names the path and why, False)."""
+class _Read(NamedTuple):
+  """What the read pass learns of one file."""
+
+  error: str | None  # The reader's message (naming the path and why), or None when readable.
+  grey: bool = False
+  digest: str = ''  # Of the decoded pixels and their shape: copies under other names match.
+  # dicom.identifiers: empty for a file that is not DICOM (read only for readable files).
+  ids: Mapping[str, str] = types.MappingProxyType({})
+
+
+def _inspect(path: str, window: GreyWindow, suspect: SuspectRule) -> _Read:
   try:
-    return None, load_stored(path, None, window=window).shape[-1] == 1
+    image = load_stored(path, None, window=window, suspect=suspect)
   except DatasetError as e:
-    return str(e), False
+    return _Read(str(e))
+  digest = hashlib.sha1(repr(image.shape).encode() + image.tobytes()).hexdigest()
+  return _Read(None, image.shape[-1] == 1, digest, dicom.identifiers(path))
 
 
-def _drop_corrupt(
-  scan: _Scan, skip: bool, window: GreyWindow
-) -> tuple[tuple[tuple[str, ...], ...], list[str], int]:
-  """Reads every image once; fails listing all unreadable ones (broken files, and DICOM files
-  that hold no single image: multi-frame, reports...), or drops them when `skip`.
+def _prepare(
+  scan: sources.Source, settings: dict, window: GreyWindow, suspect: SuspectRule
+) -> dict:
+  """Reads every image once, then splits: the `_FolderConfig` fields of a new build.
 
-  Returns the readable files per class, the skipped ones, and the channel count: 1 when every
-  readable image is grey, else 3.
+  Fails listing every unreadable image (broken files, link loops, unreadable permissions,
+  suspicious sizes, DICOM files that hold no single image) and folder that could not be listed,
+  or skips them when settings['skip_corrupt']. The channel count is 1 when every readable image
+  is grey, else 3.
   """
-  paths = [p for per_class in scan.files for p in per_class]
   with concurrent.futures.ThreadPoolExecutor(_WORKERS) as pool:
-    found = list(pool.map(lambda p: _inspect(os.path.join(scan.root, p), window), paths))
-  bad = {p: r for p, (r, _) in zip(paths, found, strict=True) if r}
-  channels = 1 if all(grey for r, grey in found if not r) else 3
-  if bad and not skip:
-    listing = '\n'.join(f'  {r}' for r in bad.values())
+    found = list(
+      pool.map(lambda e: _inspect(os.path.join(scan.root, e.path), window, suspect), scan.examples)
+    )
+  bad = dict(scan.broken)
+  bad.update({e.path: r.error for e, r in zip(scan.examples, found, strict=True) if r.error})
+  listing = '\n'.join(f'  {r}' for r in bad.values())
+  if bad and not settings['skip_corrupt']:
     raise DatasetError(
-      f'{len(bad)} unreadable image(s) in {scan.root}:\n{listing}\nreplace or '
+      f'{len(bad)} unreadable image(s) in {scan.what}:\n{listing}\nreplace or '
       'delete them, or set --config.dataset.skip_corrupt=True to skip them'
     )
-  files = tuple(tuple(p for p in per_class if p not in bad) for per_class in scan.files)
-  empty = [os.path.join(scan.root, c) for c, f in zip(scan.classes, files, strict=True) if not f]
+  if bad:
+    logging.warning('dataset.skip_corrupt: leaving out %d image(s):\n%s', len(bad), listing)
+  keep = [i for i, r in enumerate(found) if not r.error]
+  have = {scan.examples[i].label for i in keep}
+  empty = [c for label, c in enumerate(scan.classes) if label not in have]
   if empty:
-    raise DatasetError(f'class folder(s) {empty} hold no readable images; add some')
-  return files, sorted(bad), channels
+    raise DatasetError(f'class(es) {empty} of {scan.what} hold no readable images; add some')
+  ids = [r.ids for r in found]
+  patients = [e.patient or ids[i].get('patient_id', '') for i, e in enumerate(scan.examples)]
+  facts = {
+    'source_dir': scan.root,
+    'labels_csv': scan.label_file,
+    'source_kind': scan.kind,
+    'skipped_corrupt': sorted(bad),
+    'channels': 1 if all(r.grey for r in found if not r.error) else 3,
+  }
+  if settings.get('whole'):
+    order = np.random.default_rng(settings['split_seed']).permutation(len(keep))
+    parts = {WHOLE: [keep[i] for i in order]}
+  else:
+    parts, summary = _split(scan, keep, patients, [r.digest for r in found], settings)
+    facts.update(summary)
+
+  def record(i: int) -> _Record:
+    e, uid = scan.examples[i], ids[i]
+    return _Record(e.path, e.label, patients[i], uid.get('study_uid', ''), uid.get('sop_uid', ''))
+
+  return {
+    'channels': facts['channels'],
+    'records': {name: [record(i) for i in part] for name, part in parts.items()},
+    'facts': facts,
+  }
 
 
-def _assign_splits(
-  scan: _Scan, files: Sequence[Sequence[str]], config: _FolderConfig
-) -> dict[str, list[tuple[str, int]]]:
-  """Stratified split: per class, a seeded permutation cut into test / validation (or fold) / train.
+def _freed(given: Sequence[str], settings: dict) -> set[str]:
+  """The given splits whose examples the split settings deal afresh: with k folds the train and
+  validation ones are pooled and folded, and without any given validation example it is drawn
+  from the train ones. The others (test) stay as given."""
+  if settings['num_folds'] > 1:
+    return {'train', 'validation'}
+  return set() if 'validation' in given else {'train'}
 
-  Records are listed per split in a seeded mixed order (not grouped by class).
 
-  Each class draws from its own generator seeded by the split seed and its name, so adding a
-  class leaves the others' splits unchanged.
+def _split(
+  scan: sources.Source,
+  keep: Sequence[int],
+  patients: Sequence[str],
+  hashes: Sequence[str],
+  settings: dict,
+) -> tuple[dict[str, list[int]], dict]:
+  """Splits the examples `keep` (indices into scan.examples) with `splits.assign`, grouping each
+  patient's films and identical images (equal `hashes`; '' unknown): each split's example
+  indices in record order, and what the build records about it.
+
+  Examples the source fixes keep their split, except those `_freed` releases; those are dealt
+  apart from the ones still fixed (never into their split), and a patient or copy on both sides
+  is kept as given and listed, as `splits.assign` lists a group fixed into two splits.
   """
-  names = ['train', 'validation'] + (['test'] if config.test_fraction > 0 else [])
-  splits = {name: [] for name in names}
-  short = []
-  for label, (cls, paths) in enumerate(zip(scan.classes, files, strict=True)):
-    n = len(paths)
-    rng = np.random.default_rng([config.split_seed, zlib.crc32(cls.encode())])
-    order = rng.permutation(n)
-    n_test = _round(config.test_fraction * n)
-    test, rest = order[:n_test], order[n_test:]
-    parts = {'test': test}
-    if config.num_folds > 1:
-      k = config.num_folds
-      in_fold = np.arange(len(rest)) % k == config.fold
-      parts.update(validation=rest[in_fold], train=rest[~in_fold])
-      # Judge the worst fold, so that a sweep fails at once rather than at its last fold.
-      counts = {'train': len(rest) - math.ceil(len(rest) / k), 'validation': len(rest) // k}
-    else:
-      n_val = _round(config.validation_fraction * n)
-      parts.update(validation=rest[:n_val], train=rest[n_val:])
-      counts = {'train': len(rest) - n_val, 'validation': n_val}
-    if config.test_fraction > 0:
-      counts['test'] = n_test
-    if not all(counts.values()):
-      worst = ' (smallest fold)' if config.num_folds > 1 else ''
-      short.append(
-        f'  class {cls!r} ({n} images): '
-        + ', '.join(f'{split} {c}' for split, c in counts.items())
-        + worst
-      )
-    for name in names:
-      splits[name].extend((paths[i], label) for i in parts[name])
-  if short:
-    how = (
-      f'dataset.num_folds={config.num_folds}'
-      if config.num_folds > 1
-      else f'dataset.validation_fraction={config.validation_fraction}'
-    )
-    raise DatasetError(
-      f'in {scan.root}, {how} and dataset.test_fraction={config.test_fraction} leave some '
-      'split without an example of a class:\n'
-      + '\n'.join(short)
-      + '\nadd images to those classes or change the fractions / number of folds'
-    )
-  # Mix the classes in record order too, so that any run of records (an eval batch, say) is not
-  # all one class, which would skew anything computed per batch, such as batch-norm statistics.
-  order = np.random.default_rng(config.split_seed)
-  return {name: [recs[i] for i in order.permutation(len(recs))] for name, recs in splits.items()}
-
-
-def _round(x: float) -> int:
-  """Rounds half up (Python's round() goes to even, which surprises for 2.5 → 2)."""
-  return int(np.floor(x + 0.5))
+  examples = [scan.examples[i] for i in keep]
+  ids = [patients[i] for i in keep]
+  groups, num_sets = splits.duplicate_groups(ids, [hashes[i] for i in keep])
+  given = [e.split for e in examples]
+  freed = _freed(given, settings)
+  held = [j for j, s in enumerate(given) if s and s not in freed] if freed else []
+  pool = sorted(set(range(len(examples))) - set(held))
+  options = {k: settings[k] for k in ('validation_fraction', 'test_fraction', 'num_folds', 'fold')}
+  result = splits.assign(
+    [examples[j].label for j in pool],
+    scan.classes,
+    splits.Settings(**options, split_seed=settings['split_seed']),
+    groups=[groups[j] for j in pool],
+    fixed=None if freed else [given[j] for j in pool],
+    source=scan.what,
+  )
+  order = {name: [pool[j] for j in idx] for name, idx in result.order.items()}
+  crossing = list(result.crossing)
+  if held:  # Only test stays held (test_fraction must then be 0: _split_settings).
+    order['test'] = [
+      held[j] for j in np.random.default_rng(settings['split_seed']).permutation(len(held))
+    ]
+    crossing = sorted({groups[j] for j in held} & {groups[j] for j in pool} - {''})
+  copies = collections.Counter(hashes[i] for i in keep if hashes[i])
+  facts = {
+    'split_by': 'patient' if all(ids) else 'image',
+    'patients': {name: len({ids[j] or f'#{j}' for j in part}) for name, part in order.items()},
+    'duplicate_groups': num_sets,
+    'duplicate_images': sum(n for n in copies.values() if n > 1),
+    'crossing_patients': crossing,
+    # Where validation came from when the source gives splits but not (or not only) it.
+    'validation_from': ('folds' if len(freed) == 2 else 'train') if freed and any(given) else '',
+  }
+  return {name: [keep[j] for j in part] for name, part in order.items()}, facts
 
 
 def _image_feature(

@@ -12,22 +12,28 @@ Files are taken by extension (any letter case) or, whatever their name (PACS exp
 none, or a UID's digits), by a DICOM file's 132-byte header.
 """
 
+import csv
+import dataclasses
+import errno
 import glob
 import os
+import stat
 from collections.abc import Sequence
 
+import ml_collections
 import numpy as np
 from PIL import Image
 
-from pneumo_jax.data import dicom
+from pneumo_jax.data import dicom, grey_window
 from pneumo_jax.data.dicom import DEFAULT_WINDOW, GreyWindow
-from pneumo_jax.errors import DatasetError, NotFoundError
+from pneumo_jax.errors import ConfigError, DatasetError, NotFoundError
 
 __all__ = [
   'DEFAULT_WINDOW',
   'DatasetError',
   'GreyWindow',
   'NotFoundError',
+  'SuspectRule',
   'expand_inputs',
   'fit',
   'is_candidate',
@@ -53,16 +59,93 @@ RESIZE_FILTER = Image.Resampling.LANCZOS
 
 # Modes that can only hold grey at 8 bits or fewer ('I*', 16-bit grey, is windowed apart).
 _GREY_MODES = ('1', 'L', 'LA')
-_SAMPLE16 = (0.0, 65535.0)  # A 16-bit PNG/TIFF's sample range: the 'full_range' window.
+
+
+@dataclasses.dataclass(frozen=True)
+class SuspectRule:
+  """Which decoded images are too degenerate to be films (a 1x1 icon, a 20000x20 strip), so that
+  they are listed instead of being squashed to the input size without a word. 0 turns a bound
+  off."""
+
+  min_side: int = 0  # dataset.min_image_side: fewer pixels than this on either side.
+  max_aspect_ratio: float = 0.0  # dataset.max_aspect_ratio: longer side / shorter side above it.
+
+  @classmethod
+  def from_config(cls, dataset_cfg: ml_collections.ConfigDict) -> 'SuspectRule':
+    """dataset.min_image_side and dataset.max_aspect_ratio, checked.
+
+    Raises:
+      ConfigError: naming the field and the values it accepts.
+    """
+    side, ratio = dataset_cfg.min_image_side, dataset_cfg.max_aspect_ratio
+    if isinstance(side, bool) or not isinstance(side, int) or side < 0:
+      raise ConfigError(
+        f'dataset.min_image_side={side!r}: use a whole number of pixels >= 0 (0 turns it off)'
+      )
+    if (
+      isinstance(ratio, bool)
+      or not isinstance(ratio, int | float)
+      or not (ratio == 0 or 1 <= ratio < float('inf'))
+    ):
+      raise ConfigError(
+        f'dataset.max_aspect_ratio={ratio!r}: use a number >= 1 (longer / shorter side), or 0 '
+        'to turn it off'
+      )
+    return cls(int(side), float(ratio))
+
+  def check(self, path: str | os.PathLike[str], height: int, width: int) -> None:
+    """Raises DatasetError naming the file, its pixel size and the field to change when a
+    height x width image breaks the rule."""
+    short, long = min(height, width), max(height, width)
+    if self.min_side and short < self.min_side:
+      why, field = f'under dataset.min_image_side={self.min_side} px', 'min_image_side'
+    elif self.max_aspect_ratio and long > self.max_aspect_ratio * short:
+      why = f'its aspect ratio {long / short:.3g} exceeds dataset.max_aspect_ratio='
+      why, field = why + f'{self.max_aspect_ratio:g}', 'max_aspect_ratio'
+    else:
+      return
+    raise DatasetError(
+      f'suspicious image {os.fspath(path)!r}: {width}x{height} px, {why}; check the file, or '
+      f'change --config.dataset.{field} (0 turns the rule off)'
+    )
 
 
 def is_candidate(path: str | os.PathLike[str]) -> bool:
   """True for a visible file whose extension marks it as an image (any letter case), or that
-  starts as DICOM does; only files without an image extension are opened (132 bytes read)."""
+  starts as DICOM does; only files without an image extension are opened (132 bytes read).
+
+  Never raises: what cannot be looked at (a link loop, a dangling link, a file it may not read)
+  is taken by its extension alone, for the reader to list it with its cause.
+  """
   name = os.path.basename(path)
   if name.startswith('.'):
     return False
-  return _extension(name) in IMAGE_EXTENSIONS or dicom.has_preamble(path)
+  if _extension(name) in IMAGE_EXTENSIONS:
+    return True
+  try:
+    if not stat.S_ISREG(os.stat(path).st_mode):
+      return False  # A FIFO would block the header's read; a socket or device is no image.
+  except (OSError, ValueError):
+    return False
+  return dicom.has_preamble(path)
+
+
+def _unopenable(path: str | os.PathLike[str]) -> str | None:
+  """Why `path` cannot be opened as a regular file (a link loop, a dangling link, no permission,
+  not a file), or None when it can."""
+  try:
+    st = os.stat(path)
+  except OSError as e:
+    if e.errno == errno.ELOOP:
+      return 'a symbolic link loop'
+    if e.errno == errno.ENOENT and os.path.islink(path):
+      return f'a dangling symbolic link to {os.readlink(path)!r}'
+    return e.strerror or str(e)
+  if not stat.S_ISREG(st.st_mode):
+    return 'a folder' if stat.S_ISDIR(st.st_mode) else 'not a regular file'
+  if not os.access(path, os.R_OK):
+    return os.strerror(errno.EACCES)
+  return None
 
 
 def _extension(path: str | os.PathLike[str]) -> str:
@@ -82,12 +165,9 @@ def _to_rgb8(image: Image.Image) -> np.ndarray:
 
 
 def _grey16_to_8(image: Image.Image, window: GreyWindow) -> np.ndarray:
-  """A Pillow 'I*' image (16-bit grey PNG or TIFF) → uint8 [H, W] by `window`, whose 'file'
-  range is the smallest depth of 8 to 16 bits that holds the brightest pixel: a 16-bit file
-  cannot say how many of its bits are used, and exports of 10–14-bit films are common."""
-  grey = np.asarray(image)
-  bits = int(np.clip(int(grey.max()).bit_length(), 8, 16))
-  return dicom.to_uint8(grey, *window.bounds(grey, (0.0, 2.0**bits - 1), _SAMPLE16))
+  """A Pillow 'I*' image (16-bit grey PNG or TIFF) → uint8 [H, W] by `window` (the shared rule,
+  `grey_window.grey16_to_8`, which serve.py applies too)."""
+  return grey_window.grey16_to_8(np.asarray(image), window.rule, window.fixed_range)
 
 
 def _to_stored8(image: Image.Image, window: GreyWindow) -> np.ndarray:
@@ -110,8 +190,11 @@ def _read(path: str | os.PathLike[str], window: GreyWindow) -> np.ndarray:
   """Decodes `path` fully (`dicom.read` or `_to_stored8`), raising DatasetError naming it.
 
   DICOM by extension, else by header unless the extension says Pillow's, so that a DICOM saved
-  as .dcm but broken is reported as DICOM, and a Pillow file costs no extra read.
+  as .dcm but broken is reported as DICOM, and a Pillow file costs no extra read. A path that is
+  no readable file (see `_unopenable`) is named with its cause.
   """
+  if why := _unopenable(path):
+    raise DatasetError(f'cannot read image {os.fspath(path)!r}: {why}')
   ext = _extension(path)
   if ext in dicom.EXTENSIONS or (ext not in PILLOW_EXTENSIONS and dicom.has_preamble(path)):
     return _one_if_grey(dicom.read(path, window))
@@ -150,6 +233,7 @@ def load_stored(
   *,
   channels: int | None = None,
   window: GreyWindow = DEFAULT_WINDOW,
+  suspect: SuspectRule | None = None,
 ) -> np.ndarray:
   """What the dataset stores for `path`: uint8 [S, S, C], S = `stored_size` (None: the file's
   own height and width), C = 1 when the image is grey (grey, 16-bit or 1-bit modes, grey
@@ -160,13 +244,18 @@ def load_stored(
   stores it; None keeps the file's own C. `window` maps grey deeper than 8 bits to 8
   (`GreyWindow.from_config(config.dataset)`). Passing the dataset's C
   (`folder_builder.stored_shape`) and window gives exactly the record the builder stored.
+  `suspect` refuses a decoded image of degenerate size (`SuspectRule.from_config`).
 
   Raises:
-    DatasetError: unreadable file (names the path), or a colour image where `channels` = 1.
+    DatasetError: unreadable file (names the path and the cause: also a link loop, a dangling
+      link or no permission), a suspicious one, or a colour image where `channels` = 1.
   """
   if channels not in (None, 1, 3):
     raise ValueError(f'channels={channels} must be None, 1 or 3')
-  image = fit(_read(path, window), stored_size)
+  image = _read(path, window)
+  if suspect is not None:
+    suspect.check(path, *image.shape[:2])
+  image = fit(image, stored_size)
   if channels is None or channels == image.shape[-1]:
     return image
   if channels == 3:
@@ -177,14 +266,39 @@ def load_stored(
   )
 
 
+def csv_paths(path: str) -> list[str]:
+  """The files a CSV lists in its `path` column (dataset.labels_csv's format: relative to the
+  CSV's folder, or absolute; decoded as UTF-8, other bytes kept as in a file name), in order,
+  blank cells left out.
+
+  Raises:
+    DatasetError: the CSV cannot be read or has no `path` column; names it.
+  """
+  try:
+    with open(path, 'rb') as f:
+      text = f.read().decode('utf-8', 'surrogateescape').removeprefix('\ufeff')
+  except OSError as e:
+    raise DatasetError(f'cannot read the CSV {path!r}: {e.strerror or e}') from e
+  reader = csv.DictReader(text.splitlines(keepends=True))
+  if 'path' not in (reader.fieldnames or ()):
+    raise DatasetError(
+      f'--inputs {path!r} has no path column (its header: {reader.fieldnames or []}); a CSV '
+      'given as input lists its files in a column named path, relative to its folder or absolute'
+    )
+  folder = os.path.dirname(os.path.abspath(path))
+  return [os.path.join(folder, row['path']) for row in reader if row['path']]
+
+
 def expand_inputs(inputs: Sequence[str]) -> list[str]:
   """Files to predict: named files as given (whatever their extension: the user asked for them),
   folders' image files (`is_candidate`; recursively, sorted), glob patterns' matches (sorted;
-  folders among them expanded), without repeats.
+  folders among them expanded), the files a named `.csv` lists (`csv_paths`), without repeats.
 
   Raises:
     NotFoundError: a named path does not exist, a pattern matches nothing, a folder holds no
-      image, or nothing was named; every such input is listed, before anything is read.
+      image, a CSV lists a file that does not exist, or nothing was named; every such input is
+      listed, before anything is read.
+    DatasetError: a named CSV without a path column.
   """
   if not inputs:
     raise NotFoundError('no --inputs given; name image files, folders or glob patterns')
@@ -208,6 +322,13 @@ def expand_inputs(inputs: Sequence[str]) -> list[str]:
           kinds = '/'.join(IMAGE_EXTENSIONS)
           missing.append(f'{given!r} (folder {path!r} holds no {kinds} or DICOM file)')
         files += found
+      elif _extension(path) == '.csv':
+        listed = csv_paths(path)
+        gone = [p for p in listed if not os.path.lexists(p)]
+        missing += [f'{p!r} (listed in {path!r}: no such file)' for p in gone[:5]]
+        if len(gone) > 5:
+          missing.append(f'and {len(gone) - 5} more listed in {path!r}')
+        files += listed
       else:
         files.append(path)
   if missing:

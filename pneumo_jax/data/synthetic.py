@@ -4,19 +4,20 @@ Each image is a grey body with two darker lung fields holding small bright round
 the way pneumoconiosis shows small rounded opacities whose profusion (ILO categories 0–3) rises
 with the stage. Brightness, contrast, lung position and size, rib shadows and noise vary from
 image to image, so a model must look at the opacities rather than at global grey levels. A few
-files are deliberately awkward (16-bit grey, palette, RGBA, an upper-case .JPG, a hidden file,
-a README) so that the demo exercises the builder's format handling.
+files are deliberately awkward (16-bit grey, palette, RGBA, an upper-case .JPG, a README) so
+that the demo exercises the builder's format handling; the builder's handling of hidden files
+(a file browser's .DS_Store) is tested apart, so the project's own data holds none.
 """
 
 import json
 import os
-import re
 import shutil
 
 import numpy as np
 from absl import logging
 from PIL import Image
 
+from pneumo_jax import atomic
 from pneumo_jax.errors import DatasetError
 
 _MARKER = '.synthetic_complete.json'  # Written last: its presence means the folder is complete.
@@ -94,8 +95,8 @@ def make_stage_folder(
 ) -> None:
   """Writes the 4-class folder stage_0 … stage_3 at `path` unless a complete one is there.
 
-  The folder is written as `PATH.incomplete-<pid>` and renamed when complete, so an interrupted
-  run leaves nothing that looks finished (`remove_incomplete` clears what it leaves).
+  The folder is written through `atomic.atomic_folder`, so an interrupted run leaves nothing that
+  looks finished (`remove_incomplete` clears what it leaves).
 
   Raises:
     DatasetError: as `check_stage_folder`.
@@ -103,44 +104,31 @@ def make_stage_folder(
   params = {'images_per_class': images_per_class, 'image_size': image_size, 'seed': seed}
   if check_stage_folder(path, **params):
     return
-  if os.path.isdir(path):
-    os.rmdir(path)  # Empty, as checked.
-  tmp = f'{path}.incomplete-{os.getpid()}'
-  shutil.rmtree(tmp, ignore_errors=True)
   awkward = dict(_AWKWARD)
-  for stage in range(len(_OPACITIES)):
-    folder = os.path.join(tmp, f'stage_{stage}')
-    os.makedirs(folder)
-    for i in range(images_per_class):
-      rng = np.random.default_rng([seed, stage, i])
-      pixels = _xray(rng, stage, image_size)
-      name = awkward[stage] if i == 0 and stage in awkward else f'{stage}_{i:04d}.png'
-      _save(pixels, os.path.join(folder, name))
-  with open(os.path.join(tmp, 'stage_0', '.DS_Store'), 'wb') as f:
-    f.write(b'\x00\x00\x00\x01Bud1')  # What a file browser leaves behind; not an image.
-  with open(os.path.join(tmp, 'README.txt'), 'w') as f:
-    f.write(
-      'Synthetic chest X-rays made by pneumo_jax.data.synthetic: one folder per stage;\n'
-      'bright round opacities in the lung fields grow more profuse with the stage.\n'
-    )
-  with open(os.path.join(tmp, _MARKER), 'w') as f:
-    json.dump(params, f)
-  os.rename(tmp, path)
+  with atomic.atomic_folder(path) as tmp:  # Replaces the empty folder `path` may be.
+    for stage in range(len(_OPACITIES)):
+      folder = os.path.join(tmp, f'stage_{stage}')
+      os.makedirs(folder)
+      for i in range(images_per_class):
+        rng = np.random.default_rng([seed, stage, i])
+        pixels = _xray(rng, stage, image_size)
+        name = awkward[stage] if i == 0 and stage in awkward else f'{stage}_{i:04d}.png'
+        _save(pixels, os.path.join(folder, name))
+    with open(os.path.join(tmp, 'README.txt'), 'w') as f:
+      f.write(
+        'Synthetic chest X-rays made by pneumo_jax.data.synthetic: one folder per stage;\n'
+        'bright round opacities in the lung fields grow more profuse with the stage.\n'
+      )
+    with open(os.path.join(tmp, _MARKER), 'w') as f:
+      json.dump(params, f)
 
 
 def remove_incomplete(path: str) -> list[str]:
-  """Deletes the `PATH.incomplete-<pid>` folders that killed runs left; returns their paths.
-
-  Only safe under the build lock of the data dir it belongs to (`locks.build_lock`): a live
-  run's temporary folder looks the same.
+  """Deletes the unfinished copies of `path` that killed runs left (`atomic.leftovers`); returns
+  their paths. Only safe under the build lock of the data dir it belongs to (`locks.build_lock`):
+  a live run's unfinished copy looks the same.
   """
-  parent, name = os.path.split(os.path.abspath(path))
-  pattern = re.compile(re.escape(name) + r'\.incomplete-\d+')
-  found = (
-    sorted(os.path.join(parent, n) for n in os.listdir(parent) if pattern.fullmatch(n))
-    if os.path.isdir(parent)
-    else []
-  )
+  found = atomic.leftovers(path)
   for leftover in found:
     shutil.rmtree(leftover)
   if found:

@@ -1,25 +1,22 @@
 """Where the model looks: Grad-CAM, guided backpropagation and guided Grad-CAM.
 
 Grad-CAM (Selvaraju et al. 2017) weighs a layer's feature maps by the spatial mean of the class
-score's gradient w.r.t. them, then places each cell at its receptive field's centre in the image
-(not a plain resize: InceptionV3's VALID stem shifts the cells). The layer's output is reached
-without touching the model by intercepting the named submodule's `__call__` (flax
-`nn.intercept_methods`) and adding a zero perturbation whose gradient is the gradient w.r.t.
-that output. Guided backpropagation (Springenberg et al. 2015) runs the same weights with a ReLU
-whose backward pass lets only positive gradients through positive inputs, via the model's
-`activation` field. Their product, guided Grad-CAM, is sharp like the latter and class-specific
-like the former.
+score's gradient w.r.t. them and places each cell at its receptive field's centre (InceptionV3's
+VALID stem shifts the cells); the layer's output is reached by intercepting the named submodule
+(flax `nn.intercept_methods`) and adding a zero perturbation. Guided backpropagation (Springenberg
+et al. 2015) runs the same weights with a ReLU that passes only positive gradients through
+positive inputs (the model's `activation` field). Their product, guided Grad-CAM, is sharp like
+the latter and class-specific like the former.
 
 `explain` is a pure function of (model, variables, images): jitted, batched, and it runs on
-however many devices the images are sharded over. `write_panel` turns one image's result into a
-PNG a clinician can read: the input as the model saw it, Grad-CAM with a colour bar and guided
-Grad-CAM side by side on that same framing, titled with the prediction, the truth, the layer and
-the checkpoint step. `layer_grid` and `grid_warning` check before any compile that the layer's
-grid is fine enough for Grad-CAM to say where the model looks.
+however many devices the images are sharded over. `panel_figure` turns one image's result into a
+figure a clinician can read (`write_panel` saves it as a PNG): the input as the model saw it,
+Grad-CAM with a colour bar and guided Grad-CAM side by side on that same framing, titled with the
+prediction, the truth, the layer and the checkpoint step. `layer_grid` and `grid_warning` check
+before any compile that the layer's grid is fine enough for Grad-CAM to say where the model looks.
 """
 
 import functools
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,6 +28,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
+from pneumo_jax import atomic, heads
 from pneumo_jax.errors import ConfigError
 
 
@@ -84,11 +82,12 @@ def _forward(
   return logits, captured[0]
 
 
-def _one_hot_scores(logits: jax.Array, target: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-  """The class to explain (the prediction unless given) and its one-hot cotangent."""
+def _one_hot_scores(scores: jax.Array, target: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """The class to explain (the prediction unless given) and its one-hot cotangent, over the
+  head's class scores (`heads`: softmax's logits, the ordinal head's log-probabilities)."""
   if target is None:
-    target = jnp.argmax(logits, axis=-1)
-  return target, jax.nn.one_hot(target, logits.shape[-1], dtype=logits.dtype)
+    target = jnp.argmax(scores, axis=-1)
+  return target, jax.nn.one_hot(target, scores.shape[-1], dtype=scores.dtype)
 
 
 def _upsampling(n_out: int, n_in: int, cells: tuple[float, float] | None) -> np.ndarray:
@@ -117,11 +116,15 @@ def _grad_cam(
   layer: str,
   cells: tuple[float, float] | None,
 ) -> dict[str, jax.Array]:
+  head = heads.get(model.head)
   shape = jax.eval_shape(lambda x: _forward(model, variables, x, layer)[1], images)
-  (logits, acts), vjp = jax.vjp(
-    lambda d: _forward(model, variables, images, layer, d), jnp.zeros(shape.shape, shape.dtype)
-  )
-  target, cotangent = _one_hot_scores(logits, target)
+
+  def scored(delta: jax.Array) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
+    logits, acts = _forward(model, variables, images, layer, delta)
+    return (head.scores(logits), acts), logits
+
+  (scores, acts), vjp, logits = jax.vjp(scored, jnp.zeros(shape.shape, shape.dtype), has_aux=True)
+  target, cotangent = _one_hot_scores(scores, target)
   (grads,) = vjp((cotangent, jnp.zeros_like(acts)))
   weights = grads.astype(jnp.float32).mean(axis=(1, 2))  # [B, K]: one weight per feature map.
   cam = jax.nn.relu(jnp.einsum('bhwk,bk->bhw', acts.astype(jnp.float32), weights))
@@ -130,15 +133,16 @@ def _grad_cam(
   cam = jnp.einsum('yh,bhw,xw->byx', rows, cam, cols)
   peak = cam.max(axis=(1, 2), keepdims=True)
   cam = jnp.where(peak > 0, cam / jnp.where(peak > 0, peak, 1.0), 0.0)
-  return {'probs': jax.nn.softmax(logits.astype(jnp.float32)), 'target': target, 'grad_cam': cam}
+  return {'probs': head.probs(logits.astype(jnp.float32)), 'target': target, 'grad_cam': cam}
 
 
 def _guided_backprop(
   model: nn.Module, variables: Any, images: jax.Array, target: jax.Array
 ) -> jax.Array:
   guided = model.clone(activation=guided_relu)
-  logits, vjp = jax.vjp(lambda x: guided.apply(variables, x, train=False)[0], images)
-  (grads,) = vjp(_one_hot_scores(logits, target)[1])
+  head = heads.get(model.head)
+  scores, vjp = jax.vjp(lambda x: head.scores(guided.apply(variables, x, train=False)[0]), images)
+  (grads,) = vjp(_one_hot_scores(scores, target)[1])
   return grads.astype(jnp.float32)
 
 
@@ -166,7 +170,7 @@ def explain(
   Returns:
     'probs' [B, C]; 'target' [B]; 'grad_cam' [B, H, W] in [0, 1] (each map divided by its
     maximum, all zeros where no feature votes for the class); 'guided_backprop' [B, H, W, 3]
-    (gradient of the class logit w.r.t. the image); 'guided_grad_cam' = their product.
+    (gradient of the class score w.r.t. the image); 'guided_grad_cam' = their product.
   """
   out = _grad_cam(model, variables, images, target, layer, cells)
   out['guided_backprop'] = _guided_backprop(model, variables, images, out['target'])
@@ -330,31 +334,11 @@ def panel_figure(
   return fig
 
 
-def write_panel(
-  path: str,
-  view: np.ndarray,
-  result: dict[str, np.ndarray],
-  label_names: Sequence[str],
-  *,
-  layer: str,
-  step: int,
-  true_label: int | None = None,
-) -> str:
-  """Writes `panel_figure`'s PNG to `path` (creating its folder) and returns `path`.
+def write_panel(path: str, fig: Figure) -> str:
+  """Writes a `panel_figure` as a PNG at `path` (creating its folder) and returns `path`.
 
-  The PNG is written to a temporary file beside it and renamed onto `path`, so a killed run leaves
-  either the old file or the new one, never half of one.
+  Written through `atomic.atomic_file`: a killed run leaves the old file or the new one.
   """
-  fig = panel_figure(view, result, label_names, layer=layer, step=step, true_label=true_label)
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  tmp = os.path.join(folder, f'.{os.path.basename(path)}.{os.getpid()}.tmp')
-  try:
-    with open(tmp, 'wb') as f:
-      fig.savefig(f, format='png', dpi=_DPI)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with atomic.atomic_file(path) as tmp, open(tmp, 'wb') as f:
+    fig.savefig(f, format='png', dpi=_DPI)
   return path

@@ -10,7 +10,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from pneumo_jax import sharding
+from pneumo_jax import heads, sharding
 from pneumo_jax.errors import DatasetError
 from pneumo_jax.models import taps
 
@@ -22,7 +22,8 @@ MODEL_INPUTS = ('image', 'box', 'flip', 'colour', 'features')
 def make_probs_fn(
   model: nn.Module, mesh: Mesh, image_size: int, feature_taps: tuple[tuple[str, str], ...] = ()
 ) -> Callable[[Any, dict[str, jax.Array]], jax.Array]:
-  """jit(variables, inputs) → softmax probabilities, in float32, split over the mesh.
+  """jit(variables, inputs) → class probabilities (the model's head's), in float32, split over
+  the mesh.
 
   `inputs` holds uint8 images and their views (augmented on the device), or cached 'features'
   of the backbone's `feature_taps` (see models.taps). Cached per argument, so evaluating every N
@@ -32,7 +33,7 @@ def make_probs_fn(
   def probs(variables, inputs):
     with taps.substitute(inputs.get('features'), dict(feature_taps)):
       logits, _ = model.apply(variables, taps.inputs(inputs, image_size), train=False)
-    return jax.nn.softmax(logits.astype(np.float32), axis=-1)
+    return heads.get(model.head).probs(logits.astype(np.float32))
 
   return jax.jit(
     probs,

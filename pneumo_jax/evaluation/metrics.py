@@ -8,7 +8,7 @@ crash or a NaN, so a small validation split still gets a report.
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -70,7 +70,7 @@ def _checked(
   sums = probs.sum(axis=-1, keepdims=True)
   if np.abs(sums - 1).max() > 1e-3:
     raise ValueError(
-      'probs rows must sum to 1 (softmax outputs); a row sums to '
+      'probs rows must sum to 1 (class probabilities); a row sums to '
       f'{sums.flat[np.abs(sums - 1).argmax()]}'
     )
   return labels, probs / sums  # float32 rounding would trip scikit-learn's float64 check.
@@ -169,29 +169,38 @@ def bootstrap_ci(
     c for c, name in enumerate(label_names) if estimate['per_class'][name]['auc'] is not None
   ]
   n = len(labels)
-  rng = np.random.default_rng(seed)
   chunks = [
-    _resample_scores(
-      rng.multinomial(n, np.full(n, 1 / n), size=min(_RESAMPLE_CHUNK, resamples - start)),
-      labels,
-      probs,
-      auc_classes,
-    )
-    for start in range(0, resamples, _RESAMPLE_CHUNK)
+    _resample_scores(counts, labels, probs, auc_classes)
+    for counts in resample_counts(n, resamples, seed)
   ]
   out: dict[str, Any] = {'method': {'resamples': resamples, 'seed': seed, 'level': level, 'n': n}}
   for name in BOOTSTRAPPED:
     values = np.concatenate([chunk[name] for chunk in chunks])
-    kept = values[~np.isnan(values)]
-    low, high = np.quantile(kept, [(1 - level) / 2, (1 + level) / 2]) if len(kept) else (None,) * 2
-    out[name] = {
-      'estimate': estimate[name],
-      'low': None if low is None else float(low),
-      'high': None if high is None else float(high),
-      'used': len(kept),
-      'dropped': resamples - len(kept),
-    }
+    out[name] = {'estimate': estimate[name], **percentile_interval(values, level)}
   return out
+
+
+def resample_counts(n: int, resamples: int, seed: int) -> Iterator[np.ndarray]:
+  """Bootstrap resamples of n examples, as how often each is drawn: [chunk, n] count arrays
+  (chunks of up to _RESAMPLE_CHUNK, `resamples` rows in all), drawn from numpy's
+  default_rng(seed), so a fixed seed gives the same resamples."""
+  rng = np.random.default_rng(seed)
+  for start in range(0, resamples, _RESAMPLE_CHUNK):
+    yield rng.multinomial(n, np.full(n, 1 / n), size=min(_RESAMPLE_CHUNK, resamples - start))
+
+
+def percentile_interval(values: np.ndarray, level: float) -> dict[str, Any]:
+  """{'low', 'high', 'used', 'dropped'}: the central `level` of a metric's resampled values,
+  NaN values (resamples where it is undefined) dropped and counted; None bounds when none is
+  defined."""
+  kept = values[~np.isnan(values)]
+  low, high = np.quantile(kept, [(1 - level) / 2, (1 + level) / 2]) if len(kept) else (None,) * 2
+  return {
+    'low': None if low is None else float(low),
+    'high': None if high is None else float(high),
+    'used': len(kept),
+    'dropped': len(values) - len(kept),
+  }
 
 
 def _resample_scores(

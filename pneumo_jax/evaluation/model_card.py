@@ -16,14 +16,17 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
+import pneumo_jax
+from pneumo_jax import models
 from pneumo_jax.data import folder_builder
 from pneumo_jax.evaluation import metrics, reports
-from pneumo_jax.training import loop
+from pneumo_jax.training.phases import resolve_phases
 
 CARD_FILE = 'model_card.md'  # In WORKDIR: the card of the latest evaluation.
 INTERVALS = 'confidence_intervals'  # The eval report's key for metrics.bootstrap_ci's result.
-_SPLITS = ('train', 'validation', 'test')  # The builder's split names, in the card's order.
-_TITLES = {
+# The builder's split names, in the card's order ('all': a source scored whole, --split all).
+_SPLITS = ('train', 'validation', 'test', 'all')
+TITLES = {
   'accuracy': 'accuracy',
   'kappa': 'quadratic weighted kappa',
   'auc_macro': 'macro AUC (one-vs-rest)',
@@ -35,7 +38,7 @@ _WIDE = 0.1  # Interval width above which the card warns that small differences 
 class Data(NamedTuple):
   """The data facts of a card, read from a build's metadata without decoding any image."""
 
-  source_dir: str
+  source_dir: str  # The source folder, or the label file.
   build_dir: str
   label_names: list[str]
   counts: dict[str, list[int]]  # Split → images per class, in label order.
@@ -48,7 +51,7 @@ def data_of(builder: tfds.core.DatasetBuilder) -> Data:
   metadata = builder.info.metadata
   names = folder_builder.label_names(builder)
   return Data(
-    source_dir=metadata['source_dir'],
+    source_dir=metadata.get('labels_csv') or metadata['source_dir'],
     build_dir=str(builder.data_dir),
     label_names=names,
     counts={
@@ -75,14 +78,15 @@ def render(
     config: the run's config (recipe and split settings).
     data: `data_of` the run's build.
     report: an eval report's record as `reports.write_eval` writes it (split, step, provenance,
-      metrics.compute's keys) with metrics.bootstrap_ci's result under INTERVALS.
+      metrics.compute's keys) with metrics.bootstrap_ci's result under INTERVALS. A provenance
+      with a `source` is an external evaluation: `data` is then that source's build.
     checkpoint: the checkpoint asked for ('latest', 'best' or a step); 'best' was chosen on the
       validation split, which the card then says.
     report_path: the report's JSON, named in the card so a reader finds the full figures.
   """
   sections = [
     _header(config, report, report_path),
-    _data(config, data),
+    _data(config, data, report),
     _recipe(config, report, checkpoint),
     _metrics(report),
     _limits(config, data, report, checkpoint),
@@ -103,13 +107,20 @@ def _header(config: ml_collections.ConfigDict, report: Mapping[str, Any], report
     f'(step {report["step"]})',
     '',
     'Research use only. Not a medical device: not validated for diagnosis or screening.',
+    '',
+    f'Made by pneumo_jax {pneumo_jax.__version__}.',
   ]
   if report_path:
     lines += ['', f'Figures from the evaluation report `{report_path}`.']
   return '\n'.join(lines)
 
 
-def _data(config: ml_collections.ConfigDict, data: Data) -> str:
+def _external(report: Mapping[str, Any]) -> bool:
+  """Whether the report scored another source than the run's own (modes/evaluate)."""
+  return 'source' in report['provenance']
+
+
+def _data(config: ml_collections.ConfigDict, data: Data, report: Mapping[str, Any]) -> str:
   ds = config.dataset
   if ds.num_folds > 1:
     validation = f'validation = fold {ds.fold} of {ds.num_folds} of the rest'
@@ -118,7 +129,18 @@ def _data(config: ml_collections.ConfigDict, data: Data) -> str:
   test = (
     f'test {ds.test_fraction:.0%} held out first, ' if ds.test_fraction > 0 else 'no test split, '
   )
-  source = f'`{data.source_dir}`' + (" (the demo's synthetic images)" if ds.synthetic else '')
+  source = f'`{data.source_dir}`'
+  if _external(report):
+    source += ' (external: not the source the run was trained on)'
+  elif ds.synthetic:
+    source += " (the demo's synthetic images)"
+  if 'all' in data.counts:
+    split_line = '- Split: none: every readable image of the source was scored (`--split all`).'
+  else:
+    split_line = (
+      f'- Split: stratified per class with seed {ds.split_seed}: {test}{validation}, '
+      'train the remainder.'
+    )
   splits = list(data.counts)
   rows = [
     f'| {name} | ' + ' | '.join(str(data.counts[s][c]) for s in splits) + f' | {total} |'
@@ -129,11 +151,10 @@ def _data(config: ml_collections.ConfigDict, data: Data) -> str:
     [
       '## Data',
       '',
-      f'- Source: {source}; classes are its subfolders, in label order.',
+      f'- Source: {source}; classes in label order.',
       f'- Build: `{data.build_dir}`: {_colour(data.channels)} images; '
       f'{data.skipped} unreadable file(s) skipped.',
-      f'- Split: stratified per class with seed {ds.split_seed}: {test}{validation}, '
-      'train the remainder.',
+      split_line,
       '',
       '| class | ' + ' | '.join(splits) + ' | all |',
       '|---' * (len(splits) + 2) + '|',
@@ -143,15 +164,16 @@ def _data(config: ml_collections.ConfigDict, data: Data) -> str:
   )
 
 
-def _recipe(config: ml_collections.ConfigDict, report: Mapping[str, Any], checkpoint: str) -> str:
+def recipe_rows(
+  config: ml_collections.ConfigDict, report: Mapping[str, Any], checkpoint: str
+) -> list[tuple[str, str]]:
+  """The recipe's (setting, value) rows (Markdown code spans in the values)."""
   model, view = config.model, report['provenance']
-  backbone = f'`{model.name}`, dropout keep {model.dropout_keep_prob:g}, {model.dtype} compute'
-  if model.name == 'inception_v3':
-    backbone += (
-      f', depth multiplier {model.depth_multiplier:g}, min depth {model.min_depth}, '
-      f'aux head {"on" if model.create_aux_logits else "off"} '
-      f'(loss weight {config.aux_loss_weight:g})'
-    )
+  backbone = (
+    f'`{model.name}`, {model.head} head, dropout keep {model.dropout_keep_prob:g}, '
+    f'{model.dtype} compute'
+  )
+  backbone += ''.join(f', {phrase}' for phrase in models.backbone_of(config).describe(config))
   if config.init_checkpoint:
     weights = f'`{config.init_checkpoint}`, re-initialising `{config.exclude_scopes}`'
   else:
@@ -171,13 +193,7 @@ def _recipe(config: ml_collections.ConfigDict, report: Mapping[str, Any], checkp
     if config.ema_decay
     else 'raw weights (no EMA)'
   )
-  phases = [
-    f'| {p.name} | {p.start + 1}–{p.end} | `{p.cfg.trainable_scopes}` | {p.cfg.batch_norm} | '
-    f'{_optimizer(p.cfg.optimizer)} | {_schedule(p.cfg.schedule)} | '
-    f'{p.cfg.schedule.learning_rate:g} |'
-    for p in loop.resolve_phases(config)
-  ]
-  table = [
+  return [
     ('Backbone', backbone),
     ('Initial weights', weights),
     (
@@ -193,6 +209,16 @@ def _recipe(config: ml_collections.ConfigDict, report: Mapping[str, Any], checkp
       f'{config.class_weighting or "none"}',
     ),
     ('Evaluated', f'step {report["step"]} (`--checkpoint={checkpoint}`), {ema}'),
+  ]
+
+
+def _recipe(config: ml_collections.ConfigDict, report: Mapping[str, Any], checkpoint: str) -> str:
+  table = recipe_rows(config, report, checkpoint)
+  phases = [
+    f'| {p.name} | {p.start + 1}–{p.end} | `{p.cfg.trainable_scopes}` | {p.cfg.batch_norm} | '
+    f'{_optimizer(p.cfg.optimizer)} | {_schedule(p.cfg.schedule)} | '
+    f'{p.cfg.schedule.learning_rate:g} |'
+    for p in resolve_phases(config)
   ]
   return '\n'.join(
     [
@@ -232,7 +258,7 @@ def _metrics(report: Mapping[str, Any]) -> str:
   for key in metrics.BOOTSTRAPPED:
     ci = intervals[key]
     span = 'undefined' if ci['low'] is None else f'{ci["low"]:.3f} – {ci["high"]:.3f}'
-    rows.append(f'| {_TITLES[key]} | {_num(ci["estimate"])} | {span} | {ci["used"]} |')
+    rows.append(f'| {TITLES[key]} | {_num(ci["estimate"])} | {span} | {ci["used"]} |')
   per_class = [
     f'| {name} | {m["support"]} | {_num(m["precision"])} | {_num(m["recall"])} | {_num(m["auc"])} |'
     for name, m in report['per_class'].items()
@@ -266,6 +292,14 @@ def _metrics(report: Mapping[str, Any]) -> str:
 def _limits(
   config: ml_collections.ConfigDict, data: Data, report: Mapping[str, Any], checkpoint: str
 ) -> str:
+  facts = limit_facts(config, data, report, checkpoint)
+  return '\n'.join(['## Known limits', '', *(f'- {fact}' for fact in facts)])
+
+
+def limit_facts(
+  config: ml_collections.ConfigDict, data: Data, report: Mapping[str, Any], checkpoint: str
+) -> list[str]:
+  """The card's "Known limits", one sentence (or two) each, generated from the facts."""
   split, intervals, view = report['split'], report[INTERVALS], report['provenance']
   widths = {
     key: intervals[key]['high'] - intervals[key]['low']
@@ -274,15 +308,20 @@ def _limits(
   }
   facts = [
     f'{intervals["method"]["n"]} images in the {split} split. Interval widths: '
-    + ', '.join(f'{_TITLES[k]} {w:.2f}' for k, w in widths.items())
+    + ', '.join(f'{TITLES[k]} {w:.2f}' for k, w in widths.items())
     + (
       '; models whose estimates differ by less than that are not shown to differ.'
       if max(widths.values(), default=1.0) > _WIDE
       else '.'
     ),
-    _split_role(config, split, checkpoint),
-    f'Single source: every image comes from `{data.source_dir}`; no other site, scanner or '
-    'population was evaluated (no external validation).',
+    _split_role(config, split, checkpoint, _external(report)),
+    (
+      f'External source: these images come from `{data.source_dir}`, not from the training '
+      'source; it is one site, scanner and population among many.'
+      if _external(report)
+      else f'Single source: every image comes from `{data.source_dir}`; no other site, scanner '
+      'or population was evaluated (no external validation).'
+    ),
     *_balance(config, data, report),
     f'Input: {_colour(data.channels)} images squashed to {view["stored_size"]} px squares '
     '(aspect ratio not kept), centrally cropped and resized to '
@@ -295,10 +334,19 @@ def _limits(
     facts.insert(
       0, "The data are the demo's synthetic images: these numbers say nothing about real X-rays."
     )
-  return '\n'.join(['## Known limits', '', *(f'- {fact}' for fact in facts)])
+  return facts
 
 
-def _split_role(config: ml_collections.ConfigDict, split: str, checkpoint: str) -> str:
+def _split_role(
+  config: ml_collections.ConfigDict, split: str, checkpoint: str, external: bool
+) -> str:
+  if external:
+    return (
+      'Training never read this source, nor chose its checkpoint on it; the estimate holds for '
+      'unseen images only if no image or patient of it is also in the training source.'
+    )
+  if split == 'all':
+    return 'The all split holds the training images too: it says little about unseen images.'
   if split == 'test':
     return (
       'The test split was held out before training and the training loop never reads it; it '
@@ -327,8 +375,9 @@ def _split_role(config: ml_collections.ConfigDict, split: str, checkpoint: str) 
 
 
 def _balance(config: ml_collections.ConfigDict, data: Data, report: Mapping[str, Any]) -> list[str]:
-  totals = _class_totals(data)
-  largest, smallest = int(np.argmax(totals)), int(np.argmin(totals))
+  totals = np.asarray(_class_totals(data), float)
+  totals[totals == 0] = np.nan  # A class with no image is said below (from the report).
+  largest, smallest = int(np.nanargmax(totals)), int(np.nanargmin(totals))
   ratio = totals[largest] / totals[smallest]
   facts = []
   if ratio >= _IMBALANCED:

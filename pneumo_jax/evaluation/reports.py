@@ -6,6 +6,10 @@ evaluations of several splits and checkpoints sit side by side without overwriti
   <split>_<step>_confusion_matrix.png   counts, rows = true class
   <split>_<step>_roc.png                one-vs-rest ROC curve per class
   <split>_<step>_predictions.csv        per image: path, true and predicted label, probabilities
+  <split>_<step>_reliability.png        reliability diagram, before and after temperature scaling
+  <split>_<step>.html                   the whole report in one self-contained page (html_report)
+An external source's evaluation has the stem `<source>_<split>_<step>` (`<source>_all_<step>`
+when scored whole, `--split all`).
 Every file is written atomically (a temporary file renamed into place), so a killed run leaves
 either the old file or the new one. A report records its provenance (what produced it: split,
 checkpoint, dataset, preprocessing) in its JSON; `claim_stem` gives a report made with other
@@ -15,51 +19,47 @@ Figures are drawn on bare matplotlib Figures (Agg canvas), never through pyplot'
 so writing reports needs no display and leaves an interactive session alone.
 """
 
-import contextlib
 import csv
+import errno
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
 from sklearn import metrics as skm
 
+from pneumo_jax import atomic
 from pneumo_jax.errors import DatasetError, NotWritableError
 
 
-def eval_stem(workdir: str, split: str, step: int) -> str:
-  """Path prefix shared by one evaluation's files (before `claim_stem`)."""
-  return os.path.join(workdir, 'eval', f'{split}_{step}')
+def eval_stem(workdir: str, split: str, step: int, source: str = '') -> str:
+  """Path prefix shared by one evaluation's files (before `claim_stem`); `source` names an
+  external source's (`<source>_<split>_<step>`)."""
+  return os.path.join(workdir, 'eval', f'{source}_{split}_{step}' if source else f'{split}_{step}')
 
 
-@contextlib.contextmanager
-def atomic_path(path: str) -> Iterator[str]:
-  """Yields a temporary path beside `path` (same extension) and renames it onto `path` once the
-  block succeeds; on failure the temporary file is removed and `path` is left as it was."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(
-    dir=folder, prefix=f'.{os.path.basename(path)}.', suffix=os.path.splitext(path)[1]
-  )
-  os.close(fd)
-  try:
-    yield tmp
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+# The reports' atomic writer (a temporary file beside `path`, renamed onto it when the block
+# succeeds): pneumo_jax/atomic.py's, which every module that replaces a file shares.
+atomic_path = atomic.atomic_file
 
 
-def check_writable(folder: str, what: str) -> None:
+def check_writable(folder: str, what: str, *, create: bool = True) -> None:
   """Fails, naming `folder` and `what` it is for, when a file cannot be created there (read-only,
   full, not a folder): called before a mode computes, so nothing is spent on results that could
-  not be kept. Creates `folder` when missing."""
+  not be kept. Creates `folder` when missing; with `create` False it leaves nothing behind: a
+  missing folder is checked at its nearest existing ancestor, where it would be created."""
+  probed = folder
+  while not create and not os.path.lexists(probed) and os.path.dirname(probed) != probed:
+    probed = os.path.dirname(probed)
   try:
-    os.makedirs(folder, exist_ok=True)
-    fd, probe = tempfile.mkstemp(dir=folder, prefix='.write_check.')
+    if create:
+      os.makedirs(folder, exist_ok=True)
+    elif not os.path.isdir(probed):
+      raise NotADirectoryError(errno.ENOTDIR, f'{probed!r} is not a folder')
+    fd, probe = tempfile.mkstemp(dir=probed, prefix='.write_check.')
     os.close(fd)
     os.remove(probe)
   except OSError as e:
@@ -67,6 +67,18 @@ def check_writable(folder: str, what: str) -> None:
       f'{what} {folder!r} cannot be written ({e.strerror or e}); make it writable, free some '
       'space, or point the run at another folder'
     ) from e
+
+
+# How CSVs are encoded: UTF-8, except that a file name which is not UTF-8 (Python gives its bytes
+# as lone surrogates, os.fsdecode) is written as its own bytes, so the CSV names the exact file
+# (read it back with the same encoding and errors to get the name os.listdir gives).
+CSV_ENCODING = {'encoding': 'utf-8', 'errors': 'surrogateescape'}
+
+
+def printable(path: str) -> str:
+  """`path` for a message or log line: as it is, except that each byte of a non-UTF-8 name is
+  written as \\xNN (its surrogates cannot be printed to a UTF-8 stream; CSVs keep the bytes)."""
+  return os.fsencode(path).decode('utf-8', 'backslashreplace')
 
 
 def write_json(path: str, record: dict[str, Any]) -> None:
@@ -128,6 +140,35 @@ def _plot_roc(
   _save_figure(fig, path)
 
 
+def plot_reliability(
+  path: str, curves: Mapping[str, tuple[Mapping[str, Any], float]], bins: int, title: str
+) -> str:
+  """Writes a reliability diagram: per curve (legend name → (calibration.reliability's record,
+  ECE)), each confidence bin's accuracy against its mean confidence (bins with images only), over
+  the diagonal a calibrated model follows."""
+  fig = Figure(figsize=(5.5, 5), layout='constrained')
+  ax = fig.add_subplot()
+  ax.plot([0, 1], [0, 1], ls=':', c='grey', lw=1, label='calibrated')
+  for (name, (r, ece)), marker in zip(curves.items(), 'os^', strict=False):
+    kept = [i for i, c in enumerate(r['count']) if c]
+    ax.plot(
+      [r['confidence'][i] for i in kept],
+      [r['accuracy'][i] for i in kept],
+      marker=marker,
+      label=f'{name} (ECE {ece:.3f})',
+    )
+  ax.set(
+    title=title,
+    xlabel=f'top-label confidence ({bins} equal-width bins)',
+    ylabel='accuracy in the bin',
+    xlim=(0, 1),
+    ylim=(0, 1.02),
+  )
+  ax.legend(loc='upper left')
+  _save_figure(fig, path)
+  return path
+
+
 def write_eval(
   workdir: str,
   split: str,
@@ -138,15 +179,16 @@ def write_eval(
   probs: np.ndarray,
   provenance: dict[str, Any] | None = None,
   write_extra: Callable[[str], None] | None = None,
+  source: str = '',
 ) -> str:
   """Writes one evaluation's report under WORKDIR/eval/; returns its JSON's path.
 
-  The stem is `claim_stem(eval_stem(...), provenance)`. The figures and `write_extra(stem)`'s
-  files come first and `<stem>.json` (metrics and provenance) last, since its presence claims
-  the stem.
+  The stem is `claim_stem(eval_stem(..., source), provenance)`. The figures and
+  `write_extra(stem)`'s files come first and `<stem>.json` (metrics and provenance) last, since
+  its presence claims the stem.
   """
   provenance = provenance or {}
-  stem = claim_stem(eval_stem(workdir, split, step), provenance)
+  stem = claim_stem(eval_stem(workdir, split, step, source), provenance)
   title = f'{split}, step {step}'
   _plot_confusion_matrix(
     f'{stem}_confusion_matrix.png', metrics['confusion_matrix'], label_names, title
@@ -184,9 +226,12 @@ def write_predictions(
   label_names: Sequence[str],
   errors: dict[str, str],
   true_labels: Sequence[str] | None = None,
+  identifiers: Mapping[str, Mapping[str, str]] | None = None,
+  decisions: Mapping[str, Sequence[bool]] | None = None,
 ) -> str:
-  """Writes one CSV row per input file, in order: path, [true label,] predicted label, one
-  probability column per class (named after it), error.
+  """Writes one CSV row per input file, in order: path, [identifiers,] [true label,] predicted
+  label, one probability column per class (named after it), [decisions,] error. Encoded as
+  CSV_ENCODING.
 
   Args:
     path: the CSV to write.
@@ -195,13 +240,27 @@ def write_predictions(
     label_names: the C class names (column headers).
     errors: unreadable file → message; its row has empty prediction and probabilities.
     true_labels: per readable file, its true class name (evaluation); None → no label column.
+    identifiers: file → {column: value} (a DICOM file's patient and UIDs); the columns are
+      those any file has, in first-seen order, empty for a file without them.
+    decisions: column → per readable file, a yes/no decision (written 1 or 0): an operating
+      point's call.
   """
   truth_column = [LABEL_COLUMN] if true_labels is not None else []
-  header = [PATH_COLUMN, *truth_column, PREDICTION_COLUMN, *label_names, ERROR_COLUMN]
+  identifiers, decisions = identifiers or {}, decisions or {}
+  id_columns = list(dict.fromkeys(k for ids in identifiers.values() for k in ids))
+  header = [
+    PATH_COLUMN,
+    *id_columns,
+    *truth_column,
+    PREDICTION_COLUMN,
+    *label_names,
+    *decisions,
+    ERROR_COLUMN,
+  ]
   if len(set(header)) != len(header):
     raise DatasetError(
       f'class names {list(label_names)} repeat or collide with the CSV columns '
-      f'{PATH_COLUMN}, {LABEL_COLUMN}, {PREDICTION_COLUMN}, {ERROR_COLUMN}; '
+      f'{", ".join([PATH_COLUMN, *id_columns, LABEL_COLUMN, PREDICTION_COLUMN, ERROR_COLUMN])}; '
       'rename the class folders'
     )
   probs = np.asarray(probs)
@@ -211,15 +270,19 @@ def write_predictions(
       f'{len(files) - len(errors)} rows of probabilities; got {len(probs)}'
     )
   rows, truths = iter(probs), iter(true_labels or ())
-  with atomic_path(path) as tmp, open(tmp, 'w', newline='') as f:
+  calls = iter(zip(*decisions.values(), strict=True)) if decisions else None
+  with atomic_path(path) as tmp, open(tmp, 'w', newline='', **CSV_ENCODING) as f:
     writer = csv.writer(f)
     writer.writerow(header)
     for file in files:
       if file in errors:
-        truth, cells = '', ['', *[''] * len(label_names), errors[file]]
+        truth = ''
+        cells = ['', *[''] * (len(label_names) + len(decisions)), errors[file]]
       else:
         p = next(rows)
         truth = next(truths, '')
-        cells = [label_names[int(p.argmax())], *(f'{x:.6f}' for x in p), '']
-      writer.writerow([file, *([truth] if truth_column else []), *cells])
+        called = [str(int(c)) for c in next(calls)] if calls else []
+        cells = [label_names[int(p.argmax())], *(f'{x:.6f}' for x in p), *called, '']
+      ids = [identifiers.get(file, {}).get(k, '') for k in id_columns]
+      writer.writerow([file, *ids, *([truth] if truth_column else []), *cells])
   return path

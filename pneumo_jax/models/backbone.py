@@ -29,7 +29,8 @@ class Backbone:
       norm uses batch statistics in training; (): none does), `create_aux_logits` and
       `activation` (explain swaps the ReLU for a guided one).
     head_scopes: comma-separated regexes selecting the classifier layers that a new set of
-      classes replaces (the default `exclude_scopes` and head-only `trainable_scopes`).
+      classes replaces (the default `exclude_scopes` and `trainable_scopes`, see
+      `pneumo_jax.models.head_scopes_of`).
     aux_logits: the end_points key of an auxiliary classifier trained with
       `config.aux_loss_weight`, or None.
     logits_bias: the parameter path of the final classifier's bias: its length is the number of
@@ -58,6 +59,10 @@ class Backbone:
       {'params', 'batch_stats'} as numpy arrays keyed like the module's variables.
     weight_formats: a short description of the files `load_weights` reads, for messages.
     recognise: whether a raw weights file holds this architecture (without loading it all).
+    inference_overrides: what `create` is given to build the model for evaluation, prediction
+      and explanation (InceptionV3: no aux head, whose weights inference never reads).
+    describe: (config) → phrases describing the settings only this backbone reads (its extra
+      model fields), for the model card; () when it reads none.
   """
 
   name: str
@@ -77,12 +82,22 @@ class Backbone:
   load_weights: Callable[[str], dict[str, Any]]
   weight_formats: str
   recognise: Callable[[str], bool]
+  inference_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  describe: Callable[[ml_collections.ConfigDict], tuple[str, ...]] = lambda config: ()
 
   @property
   def default_gradcam_layer(self) -> str:
     return self.gradcam_layers[-1]
 
   def build(
-    self, model_cfg: ml_collections.ConfigDict, num_classes: int, **overrides: Any
+    self,
+    model_cfg: ml_collections.ConfigDict,
+    num_classes: int,
+    *,
+    inference: bool = False,
+    **overrides: Any,
   ) -> nn.Module:
+    """The Flax module for `config.model`; `inference`: as evaluation and prediction run it."""
+    if inference:
+      overrides = {**self.inference_overrides, **overrides}
     return self.create(model_cfg, num_classes, **overrides)

@@ -7,8 +7,6 @@ is written as an orbax checkpoint that `ocp.StandardCheckpointer().restore(dir)`
 """
 
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from pneumo_jax import scopes
-from pneumo_jax.errors import WeightsError
+from pneumo_jax import atomic, scopes
+from pneumo_jax.errors import NotFoundError, WeightsError
 
 
 def model_shapes(model: nn.Module, image_size: int) -> dict[str, tuple[int, ...]]:
@@ -66,8 +64,8 @@ def check_names_and_shapes(
 def save_variables(variables: Mapping[str, Any], out_dir: str, *, overwrite: bool = False) -> None:
   """Writes {'params': …, 'batch_stats': …} as an orbax checkpoint directory `out_dir`.
 
-  The checkpoint is written next to `out_dir` and moved into place only when complete, so an
-  interrupted run never leaves a half-written `out_dir` (nor destroys the one it replaces).
+  Written through `atomic.atomic_folder`: an interrupted run never leaves a half-written
+  `out_dir` (nor destroys the one it replaces).
 
   Raises:
     FileExistsError: `out_dir` exists and is not empty, and `overwrite` is False.
@@ -77,18 +75,8 @@ def save_variables(variables: Mapping[str, Any], out_dir: str, *, overwrite: boo
     raise FileExistsError(f'{out_dir} exists and is not empty; pass overwrite=True to replace it.')
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise FileExistsError(f'{out_dir} exists and is not a directory.')
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.', dir=parent)
-  try:
-    written = os.path.join(staging, 'checkpoint')
-    with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(written, dict(variables))
-    if os.path.isdir(out_dir):
-      os.rename(out_dir, os.path.join(staging, 'replaced'))
-    os.rename(written, out_dir)
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
+  with atomic.atomic_folder(out_dir) as written, ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(written, dict(variables), force=True)  # `written` is new and empty.
 
 
 def hdf5_shapes(path: str) -> set[tuple[int, ...]] | None:
@@ -104,3 +92,15 @@ def hdf5_shapes(path: str) -> set[tuple[int, ...]] | None:
   with h5py.File(path, 'r') as f:
     f.visititems(lambda _, obj: shapes.add(obj.shape) if isinstance(obj, h5py.Dataset) else None)
   return shapes
+
+
+def require_file(path: str, formats: str) -> None:
+  """Raises NotFoundError naming `path` and the `formats` a loader reads, if it is no file."""
+  if not os.path.isfile(path):
+    raise NotFoundError(f'{path} does not exist; give {formats}.')
+
+
+def is_hdf5(path: str) -> bool:
+  """HDF5's signature at offset 0 (Keras writes no user block); needs no h5py."""
+  with open(path, 'rb') as f:
+    return f.read(8) == b'\x89HDF\r\n\x1a\n'

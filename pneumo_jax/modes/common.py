@@ -6,6 +6,8 @@ Eval, predict, explain (and ImageNet top-k) restore through `restore`, read file
 """
 
 import itertools
+import json
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -45,6 +47,11 @@ def for_classes(
   """Restored variables with their inference model; refuses a checkpoint with other classes."""
   have = models.num_classes_of(config, variables['params'])
   if have != len(names):
+    if differs := _model_settings_differ(config, workdir):
+      raise ConfigError(
+        f"checkpoint {step} in {workdir} was trained with {differs}: pass the run's model "
+        'settings (WORKDIR/config.json records them), or use the config the run was trained with'
+      )
     raise ConfigError(
       f'checkpoint {step} in {workdir} predicts {have} classes, but the dataset '
       f'({config.dataset.source_dir or "config.dataset"}) has {len(names)}: '
@@ -52,6 +59,22 @@ def for_classes(
       'trained on, or --workdir at a run trained on this one'
     )
   return Restored(models.build_inference_model(config, have), variables, step, list(names))
+
+
+def _model_settings_differ(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """'model.head='ordinal' (not 'softmax')'-style text for the model fields that decide a
+  checkpoint's outputs where WORKDIR/config.json records other values than `config`; '' when
+  none differ or nothing was recorded."""
+  try:
+    with open(os.path.join(workdir, 'config.json')) as f:
+      recorded = json.load(f)['model']
+  except (OSError, ValueError, KeyError, TypeError):
+    return ''
+  return ', '.join(
+    f'model.{k}={recorded[k]!r} (not {config.model[k]!r})'
+    for k in ('name', 'head')
+    if k in recorded and k in config.model and recorded[k] != config.model[k]
+  )
 
 
 def label_names(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
@@ -78,16 +101,17 @@ def view(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def example(path: str, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
   """A file as the model sees it in evaluation: stored as the builder stores it
-  (images.load_stored at the run's stored size and grey window), with the evaluation view
-  (preprocess.eval_central_fraction). Grey files are repeated to 3 channels (the device's
-  augmentation does the same to grey records), so files of both kinds batch together.
+  (images.load_stored at the run's stored size, grey window and suspect rule), with the
+  evaluation view (preprocess.eval_central_fraction). Grey files are repeated to 3 channels (the
+  device's augmentation does the same to grey records), so files of both kinds batch together.
 
   Raises:
-    DatasetError: the file cannot be read; names it.
+    DatasetError: the file cannot be read, or breaks the suspect rule; names it.
   """
   side = stored_side(config)
   window = images.GreyWindow.from_config(config.dataset)
-  image = images.load_stored(path, side, window=window)
+  suspect = images.SuspectRule.from_config(config.dataset)
+  image = images.load_stored(path, side, window=window, suspect=suspect)
   return {
     'image': np.broadcast_to(image, (side, side, 3)),
     **preprocess.central_view(side, side, preprocess.eval_central_fraction(config.input)),

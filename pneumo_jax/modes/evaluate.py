@@ -1,17 +1,48 @@
-"""--mode eval: metrics and reports of a checkpoint on a split of the run's dataset."""
+"""--mode eval: metrics and reports of a checkpoint on a split of a labelled source: the run's own
+dataset, or an external one (another source_dir or labels_csv), scored whole with `--split all`.
+"""
 
+import functools
 import json
 import os
+import re
+from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+from jax.experimental import multihost_utils
 
-from pneumo_jax import checkpoints
-from pneumo_jax.data import dataset_for, folder_builder, pipeline
-from pneumo_jax.evaluation import inference, metrics, model_card, reports
+import pneumo_jax
+from pneumo_jax import checkpoints, models, sharding
+from pneumo_jax.data import augment, dataset_for, folder_builder, images, pipeline, preprocess
+from pneumo_jax.errors import DatasetError
+from pneumo_jax.evaluation import (
+  calibration,
+  explain,
+  html_report,
+  inference,
+  metrics,
+  model_card,
+  operating_points,
+  reports,
+)
 from pneumo_jax.modes import common
+
+NAME = 'eval'
+HELP = 'metrics and reports of a checkpoint on a split (all: a whole labelled source)'
+FLAGS = ('split', 'checkpoint')
+NEEDS_WORKDIR = True
+
+ALL = folder_builder.WHOLE  # --split value: every image of the source (a whole build).
+CONFIG_FILE = 'config.json'  # The run's config, as training wrote it.
+# folder_builder.COLUMNS that name an image outside this tool → the per-image CSV's columns.
+_IDENTIFIERS = {'patient_ids': 'patient_id', 'study_uids': 'study_uid', 'sop_uids': 'sop_uid'}
+CALIBRATION, OPERATING_POINTS = 'calibration', 'operating_points'  # The report's added keys.
 
 
 def run(
@@ -21,69 +52,425 @@ def run(
   split: str = 'validation',
   checkpoint: str = 'latest',
 ) -> dict[str, Any]:
-  """Evaluates a checkpoint on a split; writes WORKDIR/eval/<split>_<step>{.json,_*.png,
-  _predictions.csv,_model_card.md} (see reports) and prints the metrics table. Returns the
-  metrics (metrics.compute's, with metrics.bootstrap_ci's under model_card.INTERVALS).
+  """Evaluates a checkpoint on a split; writes WORKDIR/eval/<split>_<step>{.json,.html,_*.png,
+  _predictions.csv,_model_card.md} (see reports, html_report) and prints the metrics table.
+  Returns the metrics (metrics.compute's of the model's probabilities, with
+  metrics.bootstrap_ci's under model_card.INTERVALS, and, when the run has a validation split,
+  CALIBRATION and OPERATING_POINTS).
 
-  The model card is also written to WORKDIR/model_card.md, where the latest evaluation's card
-  replaces the previous one: one fixed place for "the card of this run", while each report keeps
-  its own beside it. The checkpoint is found before the dataset is built, so a workdir without a
-  run is refused before anything is written.
+  Calibration (see `_calibration`): the temperature and operating points of this checkpoint
+  step are fitted on the run's validation split and kept in WORKDIR/calibration.json; an
+  evaluation of the validation split refits them, any other split or source uses the kept ones
+  (fitting them first from validation predictions when there are none). The calibration record
+  compares ECE, Brier score and NLL before and after the temperature; the operating points are
+  measured on the temperature-scaled probabilities, as predict writes them.
+
+  The source is the run's own when it is the one WORKDIR/config.json records (or no config was
+  recorded). Another source is external: its files are named `<source>_<split>_<step>…`, its
+  classes must all be the run's (WORKDIR/labels.txt; a class it lacks is scored as absent),
+  and a split-based evaluation says which of its images it scores (`--split all` scores every
+  one). WORKDIR/model_card.md, one fixed place for "the card of this run", is replaced by the
+  latest evaluation of the run's own source only; each report keeps its own card beside it.
+  The checkpoint is found before the dataset is built, so a workdir without a run is refused
+  before anything is written, and the output folders are checked to be writable before any
+  build or inference.
   """
   variables, step = checkpoints.load_for_inference(workdir, checkpoint)
-  builder = dataset_for(config, workdir)
+  own = _is_run_source(config, workdir)
+  lead = jax.process_index() == 0
+  if lead:
+    reports.check_writable(
+      os.path.join(workdir, 'eval'), 'the evaluation reports folder', create=False
+    )
+    kept = [calibration.CALIBRATION_FILE] + ([model_card.CARD_FILE] if own else [])
+    reports.check_writable(workdir, f'WORKDIR (for {" and ".join(kept)})', create=False)
+  builder = dataset_for(config, workdir, whole=split == ALL)
   folder_builder.split_labels(builder, split)  # A missing split fails here, naming the fix.
-  restored = common.for_classes(
-    config, workdir, variables, step, folder_builder.label_names(builder)
+  source = _source_of(builder)
+  names = checkpoints.load_label_names(workdir) or folder_builder.label_names(builder)
+  to_run = _class_map(folder_builder.label_names(builder), names, source)
+  absent = [n for i, n in enumerate(names) if i not in to_run]
+  restored = common.for_classes(config, workdir, variables, step, names)
+  if not own and split != ALL and lead:
+    _say_which_images(builder, split, source)
+  out = _predictions(config, builder, split, restored)
+  labels = to_run[out['label']]
+  result = {
+    **metrics.compute(labels, out['probs'], names),
+    model_card.INTERVALS: metrics.bootstrap_ci(labels, out['probs'], names),
+  }
+  entry = _calibration(config, workdir, split, step, own, restored, labels, out['probs'])
+  if entry is not None:
+    result[CALIBRATION] = calibration.report(labels, out['probs'], entry)
+    result[OPERATING_POINTS] = {
+      'chosen_on': entry['fitted_on'],
+      'step': step,
+      'predict_decides_at': operating_points.decision_point(config),
+      'rows': operating_points.evaluate(
+        labels,
+        calibration.scaled(out['probs'], entry['temperature']),
+        names,
+        entry[OPERATING_POINTS],
+      ),
+    }
+  worst = _confident_errors(config, restored, builder, split, labels, out)
+  if lead:
+    _write(
+      config, workdir, builder, split, step, checkpoint, result, labels, out, own, absent, worst
+    )
+  return result
+
+
+def _calibration(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  split: str,
+  step: int,
+  own: bool,
+  restored: common.Restored,
+  labels: np.ndarray,
+  probs: np.ndarray,
+) -> dict[str, Any] | None:
+  """The calibration entry of checkpoint `step` (calibration.fit's, with the operating points
+  chosen on the temperature-scaled probabilities): fitted on these predictions when they are the
+  run's validation split, else the one WORKDIR/calibration.json keeps, else fitted on the run's
+  validation split, predicted now. Kept (process 0 writes) whenever fitted. None when the run
+  has no validation split to fit on."""
+  if not (own and split == 'validation'):
+    entry = calibration.load(workdir, step)
+    if entry is not None:
+      return entry
+    try:
+      labels, probs = _validation_predictions(config, workdir, own, restored)
+    except DatasetError as e:
+      logging.warning('no calibration for step %d: %s', step, e)
+      return None
+  entry = calibration.fit(labels, probs)
+  entry[OPERATING_POINTS] = operating_points.choose(
+    labels, calibration.scaled(probs, entry['temperature']), restored.names
   )
-  model, names = restored.model, restored.names
+  if jax.process_index() == 0:
+    calibration.save(workdir, step, entry)
+  return entry
+
+
+def _validation_predictions(
+  config: ml_collections.ConfigDict, workdir: str, own: bool, restored: common.Restored
+) -> tuple[np.ndarray, np.ndarray]:
+  """(labels as the run's class ids, probabilities) of the run's own validation split: its
+  source as WORKDIR/config.json records it when `config` reads another."""
+  run_config = config if own else _recorded_config(config, workdir)
+  builder = dataset_for(run_config, workdir)
+  folder_builder.split_labels(builder, calibration.FITTED_ON)  # Missing: DatasetError.
+  to_run = _class_map(folder_builder.label_names(builder), restored.names, _source_of(builder))
+  out = _predictions(run_config, builder, calibration.FITTED_ON, restored)
+  return to_run[out['label']], out['probs']
+
+
+def _predictions(
+  config: ml_collections.ConfigDict,
+  builder: tfds.core.DatasetBuilder,
+  split: str,
+  restored: common.Restored,
+) -> dict[str, np.ndarray]:
+  """inference.predict over every record of `split` with the evaluation view."""
   input_cfg = ml_collections.ConfigDict(config.input.to_dict())
   input_cfg.eval_batch_size = common.global_batch(config)
   batches = pipeline.eval_batches(
     builder, split, input_cfg, process_index=jax.process_index(), process_count=jax.process_count()
   )
-  out = inference.predict(model, variables, batches, image_size=config.input.image_size)
-  result = {
-    **metrics.compute(out['label'], out['probs'], names),
-    model_card.INTERVALS: metrics.bootstrap_ci(out['label'], out['probs'], names),
-  }
-  if jax.process_index() == 0:
-    files = list(np.asarray(folder_builder.split_filenames(builder, split))[out['index']])
-    provenance = {
-      'split': split,
-      'step': step,
-      'dataset': str(builder.data_dir),
-      **common.view(config),
-    }
-    path = reports.write_eval(
-      workdir,
-      split,
-      step,
-      result,
-      names,
-      out['label'],
-      out['probs'],
-      provenance,
-      write_extra=lambda stem: reports.write_predictions(
-        f'{stem}_predictions.csv',
-        files,
-        out['probs'],
-        names,
-        {},
-        true_labels=[names[i] for i in out['label']],
-      ),
+  return inference.predict(
+    restored.model, restored.variables, batches, image_size=config.input.image_size
+  )
+
+
+def _recorded_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """`config` with the dataset settings WORKDIR/config.json records (the run's own source), each
+  of the type the field has (JSON turned tuples into lists), so that the run's build is found
+  again rather than rebuilt."""
+  with open(os.path.join(workdir, CONFIG_FILE)) as f:
+    recorded = json.load(f)['dataset']
+  out = ml_collections.ConfigDict(config.to_dict())
+  for key, value in recorded.items():
+    if key in out.dataset:
+      was_tuple = isinstance(out.dataset[key], tuple) and isinstance(value, list)
+      out.dataset[key] = tuple(value) if was_tuple else value
+  return out
+
+
+@functools.cache
+def _gradcam_layer(model: Any, layers: tuple[str, ...], size: int) -> str:
+  """The last of the backbone's Grad-CAM `layers` (its default), or when that is at most a 2×2
+  grid at this input size (a uniform map) the latest earlier one with a finer grid. The grids are
+  the shapes of the model's end points, traced once per model and size (jax.eval_shape: nothing
+  is computed or compiled)."""
+  image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  shapes = jax.eval_shape(
+    lambda x: model.init_with_output(jax.random.key(0), x, train=False)[0][1], image
+  )
+  for layer in reversed(layers):
+    if layer in shapes and max(shapes[layer].shape[1:3]) > 2:
+      return layer
+  return layers[-1]
+
+
+def _confident_errors(
+  config: ml_collections.ConfigDict,
+  restored: common.Restored,
+  builder: tfds.core.DatasetBuilder,
+  split: str,
+  labels: np.ndarray,
+  out: dict[str, np.ndarray],
+) -> tuple[str, list[html_report.Error]]:
+  """(Grad-CAM layer, the misclassified images the model was surest of (up to
+  html_report.MAX_ERRORS), each with its Grad-CAM overlay for the predicted class). Every
+  process computes its share; all return the same."""
+  probs = out['probs']
+  wrong = np.flatnonzero(probs.argmax(axis=-1) != labels)
+  rows = wrong[np.argsort(-probs[wrong].max(axis=-1), kind='stable')][: html_report.MAX_ERRORS]
+  size = config.input.image_size
+  backbone = models.backbone_of(config)
+  if not len(rows):
+    return backbone.default_gradcam_layer, []
+  layer = _gradcam_layer(restored.model, backbone.gradcam_layers, size)
+  source = builder.as_data_source(split)
+  side = pipeline.side(builder, config.input)
+  view = preprocess.central_view(side, side, preprocess.eval_central_fraction(config.input))
+
+  def examples():
+    for k, row in enumerate(rows):
+      image = images.fit(source[int(out['index'][row])]['image'], side)
+      yield {'image': np.broadcast_to(image, (side, side, 3)), **view}, k
+
+  mesh = sharding.make_mesh()
+  variables = sharding.replicate(restored.variables, mesh)
+  shown, cams = [], []
+  # At most the errors shown per batch: Grad-CAM and guided backprop cost a backward pass each.
+  batch_size = min(common.global_batch(config), sharding.round_up(html_report.MAX_ERRORS))
+  for batch in common.padded_batches(examples(), batch_size):
+    mine = {k: sharding.own_rows(batch[k]) for k in ('image', 'box', 'flip', 'colour')}
+    pixels = augment.from_batch(sharding.shard_batch(mine, mesh), size)
+    result = explain.explain(
+      restored.model, variables, pixels, layer=layer, cells=backbone.cell_centres.get(layer)
     )
-    with open(path) as f:  # The card is rendered from the report as written, as export can.
-      card = model_card.render(
-        config,
-        model_card.data_of(builder),
-        json.load(f),
-        checkpoint=checkpoint,
-        report_path=path,
-      )
-    model_card.write(f'{path.removesuffix(".json")}_model_card.md', card)
+    keep = batch['mask']
+    cams.append(multihost_utils.process_allgather(result['grad_cam'], tiled=True)[keep])
+    shown.append(multihost_utils.process_allgather(pixels, tiled=True)[keep])
+  every = folder_builder.split_filenames(builder, split)
+  names = restored.names
+  return layer, [
+    html_report.Error(
+      file=every[int(out['index'][row])],
+      true=names[int(labels[row])],
+      predicted=names[int(probs[row].argmax())],
+      confidence=float(probs[row].max()),
+      png=html_report.overlay_png(view_, cam),
+    )
+    for row, view_, cam in zip(rows, np.concatenate(shown), np.concatenate(cams), strict=True)
+  ]
+
+
+def _write(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  builder: tfds.core.DatasetBuilder,
+  split: str,
+  step: int,
+  checkpoint: str,
+  result: dict[str, Any],
+  labels: np.ndarray,
+  out: dict[str, np.ndarray],
+  own: bool,
+  absent: Sequence[str],
+  worst: tuple[str, Sequence[html_report.Error]],
+) -> None:
+  """The report, its per-image CSV, reliability diagram, model card (WORKDIR/model_card.md too
+  when `own`) and HTML page (with `worst`: `_confident_errors`' layer and images)."""
+  names = list(result['per_class'])
+  rows = out['index']
+  every = folder_builder.split_filenames(builder, split)
+  files = [every[i] for i in rows]
+  ids = {}
+  for column, header in _IDENTIFIERS.items():
+    values = folder_builder.split_column(builder, split, column)
+    if any(values):
+      for file, i in zip(files, rows, strict=True):
+        ids.setdefault(file, {})[header] = values[i]
+  source = _source_of(builder)
+  provenance = {
+    'split': split,
+    'step': step,
+    'dataset': str(builder.data_dir),
+    **common.view(config),
+    'pneumo_jax_version': pneumo_jax.__version__,
+  }
+  if not own:  # An external source: its name in the report, and the run's classes it lacks.
+    provenance.update(source=source, absent_classes=list(absent))
+  path = reports.write_eval(
+    workdir,
+    split,
+    step,
+    result,
+    names,
+    labels,
+    out['probs'],
+    provenance,
+    write_extra=lambda stem: _write_extra(stem, split, step, result, labels, out, files, ids),
+    source='' if own else _slug(source),
+  )
+  stem = path.removesuffix('.json')
+  with open(path) as f:  # The card and page are rendered from the report as written.
+    record = json.load(f)
+  data = model_card.data_of(builder)
+  card = model_card.render(config, data, record, checkpoint=checkpoint, report_path=path)
+  model_card.write(f'{stem}_model_card.md', card)
+  if own:
     model_card.write(os.path.join(workdir, model_card.CARD_FILE), card)
-    print(f'{split} split, checkpoint step {step} ({len(files)} images); report in {path}')
-    print(metrics.format_table(result, names))
+  figures = {
+    kind: f'{stem}_{kind}.png'
+    for kind in ('confusion_matrix', 'roc', 'reliability')
+    if os.path.exists(f'{stem}_{kind}.png')
+  }
+  of = '' if own else f' of {reports.printable(source)}'
+  page = html_report.write(
+    f'{stem}.html',
+    html_report.render(
+      record,
+      recipe=model_card.recipe_rows(config, record, checkpoint),
+      limits=model_card.limit_facts(config, data, record, checkpoint),
+      figures=figures,
+      errors=worst[1],
+      gradcam_layer=worst[0],
+      title=f'Evaluation of {config.model.name} at step {step}: {record["split"]} split{of}',
+      json_path=path,
+      version=pneumo_jax.__version__,
+    ),
+  )
+  print(f'{split} split{of}, checkpoint step {step} ({len(files)} images); report in {path}')
+  if absent:
+    print(f'No image of class(es) {", ".join(absent)} in {reports.printable(source)}')
+  _print_results(result, names)
+  print(f'HTML report: {reports.printable(page)}')
+  if own:
     print(f'model card: {os.path.join(workdir, model_card.CARD_FILE)}')
-  return result
+  else:
+    print(f"model card: {stem}_model_card.md (the run's own is unchanged)")
+
+
+def _print_results(result: dict[str, Any], names: Sequence[str]) -> None:
+  """The metrics table, and the calibration before and after when there is one."""
+  print(metrics.format_table(result, names))
+  if CALIBRATION in result:
+    c = result[CALIBRATION]
+    print(
+      f'calibration: temperature {c["temperature"]:.3f} (fitted on {c["fitted_on"]}); '
+      + ', '.join(
+        f'{k} {c["before"][k]:.4f} → {c["after"][k]:.4f}' for k in ('ece', 'brier', 'nll')
+      )
+    )
+
+
+def _write_extra(
+  stem: str,
+  split: str,
+  step: int,
+  result: dict[str, Any],
+  labels: np.ndarray,
+  out: dict[str, np.ndarray],
+  files: Sequence[str],
+  ids: dict[str, dict[str, str]],
+) -> None:
+  """The per-image CSV and, when calibrated, the reliability diagram, under `stem`."""
+  names = list(result['per_class'])
+  reports.write_predictions(
+    f'{stem}_predictions.csv',
+    files,
+    out['probs'],
+    names,
+    {},
+    true_labels=[names[i] for i in labels],
+    identifiers=ids,
+  )
+  if CALIBRATION in result:
+    scaled = calibration.scaled(out['probs'], result[CALIBRATION]['temperature'])
+    reports.plot_reliability(
+      f'{stem}_reliability.png',
+      {
+        f'{name} T = {t:.2f}': (calibration.reliability(labels, p), calibration.ece(labels, p))
+        for name, t, p in (
+          ('before', 1.0, out['probs']),
+          ('after', result[CALIBRATION]['temperature'], scaled),
+        )
+      },
+      calibration.ECE_BINS,
+      f'{split}, step {step}',
+    )
+
+
+def _source_of(builder: tfds.core.DatasetBuilder) -> str:
+  """The source a build read: its label file, else its folder."""
+  metadata = builder.info.metadata
+  return metadata.get('labels_csv') or metadata['source_dir']
+
+
+def _slug(source: str) -> str:
+  """A file-name stem naming a source (its base name, without a label file's extension)."""
+  name = os.path.splitext(os.path.basename(os.path.normpath(source)))[0]
+  return re.sub(r'[^a-z0-9]+', '_', name.lower()).strip('_') or 'source'
+
+
+def _source_in(dataset: dict[str, Any], workdir: str) -> str:
+  """The real path of the source a dataset config reads (as `dataset_for` resolves it)."""
+  if dataset.get('labels_csv'):
+    return os.path.realpath(dataset['labels_csv'])
+  if dataset.get('source_dir'):
+    return os.path.realpath(dataset['source_dir'])
+  if dataset.get('synthetic'):
+    return os.path.realpath(
+      os.path.join(dataset.get('data_dir') or os.path.join(workdir, 'data'), 'synthetic_stages')
+    )
+  return ''
+
+
+def _is_run_source(config: ml_collections.ConfigDict, workdir: str) -> bool:
+  """Whether `config` reads the source WORKDIR/config.json records; True without a record."""
+  try:
+    with open(os.path.join(workdir, CONFIG_FILE)) as f:
+      recorded = json.load(f)['dataset']
+  except (OSError, ValueError, KeyError, TypeError):
+    return True
+  return _source_in(recorded, workdir) == _source_in(config.dataset.to_dict(), workdir)
+
+
+def _class_map(source_names: Sequence[str], names: Sequence[str], source: str) -> np.ndarray:
+  """The run's class index of each of the source's classes (matched by name).
+
+  Raises:
+    DatasetError: a class of the source that the run does not know, named.
+  """
+  unknown = [n for n in source_names if n not in names]
+  if unknown:
+    raise DatasetError(
+      f'{reports.printable(source)} has class(es) {unknown} that the run does not know (its '
+      f'classes, WORKDIR/labels.txt: {list(names)}); rename or remove them, or evaluate a run '
+      'trained on them'
+    )
+  return np.asarray([list(names).index(n) for n in source_names], np.int32)
+
+
+def _say_which_images(builder: tfds.core.DatasetBuilder, split: str, source: str) -> None:
+  """Logs and prints that a split-based evaluation of an external source scores part of it."""
+  metadata = builder.info.metadata
+  parts = metadata['splits']
+  total = sum(len(p['labels']) for p in parts.values())
+  how = (
+    'as its split folders give them'
+    if metadata.get('source_kind') == 'split folders'
+    else 'drawn by dataset.split_seed'
+  )
+  line = (
+    f'scoring the {split} split of {reports.printable(source)} ({len(parts[split]["labels"])} '
+    f'of {total} images, {how}); --split {ALL} scores every image'
+  )
+  logging.info('%s', line)
+  print(line)

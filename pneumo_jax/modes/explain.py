@@ -11,8 +11,13 @@ from jax.experimental import multihost_utils
 from pneumo_jax import models, sharding
 from pneumo_jax.data import augment, images
 from pneumo_jax.errors import ConfigError
-from pneumo_jax.evaluation import explain
+from pneumo_jax.evaluation import explain, reports
 from pneumo_jax.modes import common
+
+NAME = 'explain'
+HELP = 'Grad-CAM and guided Grad-CAM panels of image files'
+FLAGS = ('inputs', 'checkpoint', 'layer', 'target_class')
+NEEDS_WORKDIR = True
 
 EXPLAIN_DIR = 'explain'
 
@@ -59,17 +64,19 @@ def run(
   layer: str | None = None,
   target_class: int | None = None,
 ) -> str:
-  """Writes one annotated panel per input (see explain.write_panel) under
+  """Writes one annotated panel per input (see explain.panel_figure) under
   WORKDIR/explain/step<step>_<layer>[_class<k>]/; returns that folder.
 
   Args:
-    inputs: image files, folders (searched recursively) or glob patterns.
+    inputs: image files, folders (searched recursively), glob patterns or CSVs with a path
+      column (images.expand_inputs).
     layer: the submodule Grad-CAM weighs (None: the backbone's default); it needs more than 2×2
       cells at input.image_size, else a warning names finer layers.
     target_class: class id to explain in every image; None → each image's predicted class.
 
   An input inside a folder named like a class (the training layout) shows that class as the
-  true one.
+  true one. A file that cannot be read or breaks dataset.min_image_side / max_aspect_ratio is
+  listed and skipped. The output folder is checked to be writable before anything is computed.
   """
   files = images.expand_inputs(inputs)
   model, variables, step, names = common.restore(config, workdir, checkpoint)
@@ -80,19 +87,21 @@ def run(
   size = config.input.image_size
   backbone = models.backbone_of(config)
   layer = layer or backbone.default_gradcam_layer
+  lead = jax.process_index() == 0  # Every process computes; process 0 writes and reports.
+  target = '' if target_class is None else f'_class{target_class}'
+  out_dir = os.path.join(workdir, EXPLAIN_DIR, f'step{step}_{layer.replace("/", "-")}{target}')
+  if lead:
+    reports.check_writable(out_dir, 'the explanations folder', create=False)
   warning = explain.grid_warning(
     layer,
     explain.layer_grid(model, variables, size, layer),
     size,
     _finer_layers(backbone, layer, size),
   )
-  lead = jax.process_index() == 0  # Every process computes; process 0 writes and reports.
   if warning and lead:
     print(f'Warning: {warning}')
   mesh = sharding.make_mesh()
   variables = sharding.replicate(variables, mesh)
-  target = '' if target_class is None else f'_class{target_class}'
-  out_dir = os.path.join(workdir, EXPLAIN_DIR, f'step{step}_{layer.replace("/", "-")}{target}')
   stems = _output_names(files)
   errors: dict[str, str] = {}
   readable: list[str] = []
@@ -121,24 +130,20 @@ def run(
     for row in np.flatnonzero(batch['mask']) if lead else ():
       path = readable[batch['index'][row]]
       one = {k: v[row] for k, v in result.items()}
-      explain.write_panel(
-        os.path.join(out_dir, f'{stems[path]}.png'),
-        shown[row],
-        one,
-        names,
-        layer=layer,
-        step=step,
-        true_label=_true_label(path, names),
+      panel = explain.panel_figure(
+        shown[row], one, names, layer=layer, step=step, true_label=_true_label(path, names)
       )
+      explain.write_panel(os.path.join(out_dir, f'{stems[path]}.png'), panel)
       predicted = int(one['probs'].argmax())
       print(
-        f'{path}: predicted {names[predicted]} ({one["probs"][predicted]:.1%}), '
+        f'{reports.printable(path)}: predicted {names[predicted]} ({one["probs"][predicted]:.1%}), '
         f'explained {names[int(one["target"])]}'
       )
   if lead or not readable:  # Nothing readable fails every process.
     common.report_errors(errors, len(files))
   if lead:
     print(
-      f'Explanations at {layer} (checkpoint step {step}) for {len(readable)} image(s) in {out_dir}'
+      f'Explanations at {layer} (checkpoint step {step}) for {len(readable)} image(s) in '
+      f'{reports.printable(out_dir)}'
     )
   return out_dir

@@ -10,7 +10,9 @@ tensorflow-datasets ships: no installed package ships the human-readable names. 
 has 1001 outputs (0 = background, then the synsets in sorted order), Keras's 1000 (no background).
 """
 
+import contextlib
 import importlib.resources
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +24,11 @@ from pneumo_jax.data import images, preprocess
 from pneumo_jax.errors import ConfigError
 from pneumo_jax.evaluation import inference
 from pneumo_jax.modes import common
+
+NAME = 'imagenet'
+HELP = 'top-5 ImageNet classes of config.init_checkpoint, to check converted weights'
+FLAGS = ('inputs',)
+NEEDS_WORKDIR = False  # WORKDIR, when given, keeps the converted weights for the next check.
 
 BACKGROUND = 'background'
 _BATCH = 8  # Images per forward pass (rounded up to the device count).
@@ -72,11 +79,11 @@ def top_k(
   return [[(names[c], float(p[c])) for c in row] for p, row in zip(probs, best, strict=True)]
 
 
-def print_top_k(
-  config: ml_collections.ConfigDict, inputs: Sequence[str], workdir: str, k: int = 5
+def run(
+  config: ml_collections.ConfigDict, workdir: str | None, inputs: Sequence[str], *, k: int = 5
 ) -> None:
-  """main.py --mode imagenet: prints the top-k classes of each input under config.init_checkpoint
-  (an orbax directory, or a raw weights file of the backbone, converted once into WORKDIR).
+  """Prints the top-k classes of each input under config.init_checkpoint (an orbax directory, or
+  a raw weights file of the backbone, converted once into WORKDIR, else into a temporary folder).
 
   Args:
     inputs: image files, folders (their images, sorted) or glob patterns.
@@ -87,8 +94,11 @@ def print_top_k(
       'config.init_checkpoint is empty: give the ImageNet weights to check (an '
       'orbax directory from converters/, or the raw file)'
     )
-  variables = checkpoints.read_weights(config.init_checkpoint, models.backbone_of(config), workdir)
-  for file, top in zip(files, top_k(config, variables, files, k), strict=True):
-    print(file)
-    for name, p in top:
-      print(f'  {p:7.2%}  {name}')
+  backbone = models.backbone_of(config)
+  cache = contextlib.nullcontext(workdir) if workdir else tempfile.TemporaryDirectory()
+  with cache as folder:
+    variables = checkpoints.read_weights(config.init_checkpoint, backbone, folder)
+    for file, top in zip(files, top_k(config, variables, files, k), strict=True):
+      print(file)
+      for name, p in top:
+        print(f'  {p:7.2%}  {name}')

@@ -10,9 +10,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from pneumo_jax.data import images
-from pneumo_jax.evaluation import inference, reports
+from pneumo_jax.data import dicom, images
+from pneumo_jax.evaluation import calibration, inference, operating_points, reports
 from pneumo_jax.modes import common
+
+NAME = 'predict'
+HELP = 'class probabilities of image files, as a CSV'
+FLAGS = ('inputs', 'checkpoint', 'tta')
+NEEDS_WORKDIR = True
 
 PREDICTIONS_DIR = 'predictions'
 
@@ -28,19 +33,34 @@ def run(
   """Classifies image files; writes WORKDIR/predictions/step<step>[_tta].csv and returns its path.
 
   Args:
-    inputs: image files, folders (searched recursively) or glob patterns; each must exist or
-      match (else NotFoundError, before anything is written).
+    inputs: image files, folders (searched recursively), glob patterns or CSVs with a path
+      column (images.expand_inputs); each must exist or match (else NotFoundError, before
+      anything is written).
     tta: average the probabilities with those of the left-right mirrored image.
 
-  One CSV row per input (see reports.write_predictions); a file that cannot be read is listed
-  and gets its error in its row, unless no input at all can be read (an error, nothing written).
-  The CSV's provenance (inputs, checkpoint, view) sits in the `.json` beside it; predictions made
-  with other inputs or settings get a new name (`..._2.csv`) instead of replacing it.
+  One CSV row per input (see reports.write_predictions), with a DICOM file's patient and UIDs
+  (dicom.identifiers) when any input is DICOM; a file that cannot be read or breaks
+  dataset.min_image_side / max_aspect_ratio is listed and gets its error in its row, unless no
+  input at all can be read (an error, nothing written). WORKDIR/predictions/ is checked to be
+  writable before anything is computed.
+  When WORKDIR/calibration.json keeps a temperature for the checkpoint's step (`--mode eval`
+  fits it on the validation split), the probabilities are temperature-scaled, and each cut's
+  decision at its config.operating_point threshold (Youden's J by default, chosen on the same
+  split) is written beside them as a `decision_<cut>` column of 1 (positive) or 0, e.g.
+  `decision_ge_stage_1`: "stage ≥ stage_1".
+  The CSV's provenance (inputs, checkpoint, view, whether calibrated) sits in the `.json` beside
+  it, with the temperature and thresholds applied; predictions made with other inputs or settings
+  get a new name (`..._2.csv`) instead of replacing it.
   Every process reads every file and runs its share of each batch; process 0 writes (the
   others return '').
   """
+  point = operating_points.decision_point(config)
   files = images.expand_inputs(inputs)
   model, variables, step, names = common.restore(config, workdir, checkpoint)
+  if jax.process_index() == 0:
+    reports.check_writable(
+      os.path.join(workdir, PREDICTIONS_DIR), 'the predictions folder', create=False
+    )
   errors: dict[str, str] = {}
   readable: list[str] = []
   batches = common.padded_batches(
@@ -61,9 +81,15 @@ def run(
   probs /= np.bincount(out['index'], minlength=len(readable))[:, None]
   if jax.process_index() > 0:
     return ''  # Process 0 writes the report.
+  entry = calibration.load(workdir, step)
+  decisions, applied = {}, None
+  if entry is not None:
+    probs, decisions, applied = _calibrated(probs, names, entry, point)
+    applied['file'] = os.path.join(workdir, calibration.CALIBRATION_FILE)
   provenance = {
     'step': step,
     'tta': tta,
+    'calibrated': entry is not None,
     **common.view(config),
     'num_inputs': len(files),
     'inputs_sha256': hashlib.sha256(
@@ -73,11 +99,47 @@ def run(
   stem = reports.claim_stem(
     os.path.join(workdir, PREDICTIONS_DIR, f'step{step}{"_tta" if tta else ""}'), provenance
   )
-  path = reports.write_predictions(f'{stem}.csv', files, probs, names, errors)
-  reports.write_json(f'{stem}.json', {'provenance': provenance, 'csv': os.path.basename(path)})
+  ids = {f: found for f in readable if (found := dicom.identifiers(f))}
+  path = reports.write_predictions(
+    f'{stem}.csv', files, probs, names, errors, identifiers=ids, decisions=decisions
+  )
+  reports.write_json(
+    f'{stem}.json',
+    {'provenance': provenance, 'calibration': applied, 'csv': os.path.basename(path)},
+  )
   print(
     f'Predicted {len(readable)} image(s) with checkpoint step {step}'
-    f'{" (flip TTA)" if tta else ""}: {path}'
+    f'{" (flip TTA)" if tta else ""}: {reports.printable(path)}'
   )
+  if entry is not None:
+    print(
+      f'Probabilities scaled by {calibration.describe(entry)}; decisions at '
+      f'{operating_points.POINTS[point]}: {", ".join(decisions) or "none"}'
+    )
   common.report_errors(errors, len(files))
   return path
+
+
+def _calibrated(
+  probs: np.ndarray, names: Sequence[str], entry: dict, point: str
+) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
+  """The probabilities scaled by the step's kept temperature, each cut's decision at its
+  `point` threshold (`decision_<cut>` columns), and what was applied (for the provenance)."""
+  probs = calibration.scaled(probs, entry['temperature'])
+  cuts = operating_points.cuts(names)
+  thresholds = {
+    cut: points.get(point)
+    for cut, points in entry.get('operating_points', {}).items()
+    if cut in cuts and points.get(point) is not None
+  }
+  decisions = {
+    f'decision_{cut}': operating_points.decide(probs, cuts[cut], t) for cut, t in thresholds.items()
+  }
+  applied = {
+    'temperature': entry['temperature'],
+    'fitted_on': entry['fitted_on'],
+    'n': entry['n'],
+    'operating_point': point,
+    'thresholds': thresholds,
+  }
+  return probs, decisions, applied

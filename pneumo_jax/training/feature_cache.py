@@ -1,24 +1,16 @@
 """Feature cache: the frozen part of a network runs once per image and view, not every step.
 
-The seed's recipe trains a new head on a frozen InceptionV3 for 6,000 steps of 16 images: the
-backbone runs 96,000 times over ~2,000 images, computing the same features again and again. When
-no batch norm below a phase's trainable layers uses batch statistics and the training
-augmentation reduces to a finite set of views (no random crop, no colour distortion; a flip
-gives two), the outputs of its frozen layers are a function of (image, view) alone. So they are
-computed once per training image and view, and once per validation image in the evaluation view,
-and the phase trains and evaluates from them (`models.taps.substitute`). Where the cut lies
-(`plan`): a phase training only heads caches the heads' inputs (`Backbone.feature_taps`, the
-pools before the logits: 8 KB per view); one that also trains top blocks (configs/two_phase.py's
-`top`) caches the last frozen block's output (`Backbone.blocks`), when it fits on disk (`room`).
-The batches are the uncached path's (same records, same flips, same dropout), so the trained
-layers learn the same numbers up to float rounding.
+When no batch norm below a phase's trainable layers uses batch statistics and the training
+augmentation reduces to a finite set of views (no random crop or colour distortion; a flip gives
+two), the outputs of its frozen layers depend on (image, view) alone. They are computed once per
+training image and view, and once per validation image in the evaluation view, and the phase
+trains and evaluates from them (`models.taps.substitute`) on the uncached path's batches, so the
+trained layers learn the same numbers up to float rounding. `plan` decides where the network is
+cut, `disk_shortfall` whether that fits on disk, `load_or_build` makes the cache.
 
-The cache lives on disk, memory-mapped, under WORKDIR/features/<key>/: sets larger than memory
-still work (the OS pages them in), and a resumed run reuses it. The key hashes everything the
-features depend on (the dataset build, image and stored size, views, the cut, dtype and every
-frozen variable's value), so a changed dataset, checkpoint or size never reuses a stale cache;
-building a new one removes the run's old ones. In a multi-process run every process computes
-its block of each batch and process 0 writes them all (`load_or_build`).
+It lives on disk, memory-mapped, under WORKDIR/features/<key>/, so sets larger than memory work
+and a resumed run reuses it. The key hashes everything the features depend on (dataset, sizes,
+views, the cut, dtype, every frozen variable's value); a new build removes the run's old caches.
 """
 
 import dataclasses
@@ -44,7 +36,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from pneumo_jax import distributed, scopes, sharding
+from pneumo_jax import atomic, distributed, scopes, sharding
 from pneumo_jax.data import folder_builder, pipeline, preprocess
 from pneumo_jax.evaluation import inference
 from pneumo_jax.models import Backbone, taps
@@ -63,29 +55,44 @@ class Cut:
   frozen: tuple[str, ...]
 
 
-def plan(cfg: ml_collections.ConfigDict, backbone: Backbone, trainable: Iterable[str]) -> Cut | str:
-  """Where a phase (its config `cfg`, its trainable parameter paths) can train from a cache,
-  or why it cannot, for one log line. Decided from the config alone, before any state.
+@dataclasses.dataclass(frozen=True)
+class Decision:
+  """Whether a phase trains from a feature cache: from the one at `cut`, or (`cut` None) through
+  the whole network, for `reason` (one log line)."""
+
+  cut: Cut | None
+  reason: str = ''
+
+  @property
+  def cached(self) -> bool:
+    return self.cut is not None
+
+
+def plan(cfg: ml_collections.ConfigDict, backbone: Backbone, trainable: Iterable[str]) -> Decision:
+  """Where a phase (its config `cfg`, its trainable parameter paths) can train from a cache, or
+  why it cannot. Decided from the config alone, before any state (disk space aside).
 
   Only heads train: the heads' inputs (`feature_taps`). Blocks train too, the lowest being
   blocks[k]: blocks[k − 1]'s output, plus the input of any trainable head that reads a frozen
   block (InceptionV3's aux head on Mixed_6e when only Mixed_7* train).
   """
   if not cfg.feature_cache:
-    return 'feature_cache is off'
+    return Decision(None, 'feature_cache is off')
   if cfg.input.random_crop:
-    return 'input.random_crop draws a new crop every step'
+    return Decision(None, 'input.random_crop draws a new crop every step')
   if cfg.input.color_distortion:
-    return 'input.color_distortion draws new colours every step'
+    return Decision(None, 'input.color_distortion draws new colours every step')
   if cfg.batch_norm == 'all':
-    return "batch_norm='all' normalises frozen layers with batch statistics"
+    return Decision(None, "batch_norm='all' normalises frozen layers with batch statistics")
   trained = {p.split('/')[0] for p in trainable}
   blocks = backbone.blocks
   if unknown := sorted(trained - set(blocks) - set(backbone.feature_taps)):
-    return f"{unknown[0]} trains and is neither a head nor one of the backbone's blocks"
+    return Decision(
+      None, f"{unknown[0]} trains and is neither a head nor one of the backbone's blocks"
+    )
   k = min((blocks.index(s) for s in trained if s in blocks), default=len(blocks))
   if k == 0:
-    return f'{blocks[0]} trains: no frozen layer is left to cache'
+    return Decision(None, f'{blocks[0]} trains: no frozen layer is left to cache')
   cut = {
     h: backbone.feature_taps[h]
     for h in sorted(trained & set(backbone.feature_taps))
@@ -93,10 +100,10 @@ def plan(cfg: ml_collections.ConfigDict, backbone: Backbone, trainable: Iterable
   }
   if k < len(blocks):
     cut[blocks[k - 1]] = re.escape(blocks[k - 1])
-  return Cut(cut, blocks[:k])
+  return Decision(Cut(cut, blocks[:k]))
 
 
-def room(
+def disk_shortfall(
   workdir: str,
   builder: tfds.core.DatasetBuilder,
   cfg: ml_collections.ConfigDict,
@@ -105,8 +112,8 @@ def room(
   variables: dict[str, Any],
 ) -> str | None:
   """Why `cut`'s cache would not fit on WORKDIR's disk beside `_SPARE` bytes for checkpoints
-  and reports, or None. A top-block cut is large (InceptionV3's Mixed_6d at 299: 0.9 MB per
-  image and view), a heads' cut small (PreLogits: 8 KB)."""
+  and reports (one log line); None when it fits. A top block's outputs are large, the heads'
+  pooled inputs small (README's feature cache paragraph gives sizes)."""
   size = cfg.input.image_size
   shapes = jax.eval_shape(
     lambda v: taps.capture(
@@ -189,75 +196,101 @@ def load_or_build(
   # Evaluation runs the inference model, which has no auxiliary head.
   evaluated = tuple(h for h in tapped if h != backbone.aux_logits)
   flips = bool(cfg.input.random_flip)
-  size = cfg.input.image_size
-  lead = jax.process_index() == 0
   key = distributed.share_text(_key(builder, cfg, backbone, cut, flips, variables))
-  root = os.path.join(workdir, CACHE_DIR)
-  path = os.path.join(root, key)
-  if not distributed.share_flag(os.path.exists(os.path.join(path, 'done.json'))):
-    tmp = f'{path}.incomplete-{os.getpid()}'
-    if lead:
-      if os.path.isdir(root):
-        shutil.rmtree(root)  # Stale caches of this run (another key) and killed builds.
-      os.makedirs(tmp)
-    t0 = time.time()
-    capture = jax.jit(
-      lambda v, inputs, flip: taps.capture(
-        model,
-        v,
-        taps.inputs({**inputs, 'flip': jnp.full_like(inputs['flip'], flip)}, size),
-        cut.taps,
-        tapped,
-        train=False,
-      ),
-      static_argnums=2,
-    )
-
-    def framing(fraction: float) -> ml_collections.ConfigDict:
-      batch = sharding.round_up(cfg.input.eval_batch_size)
-      return ml_collections.ConfigDict(
-        {**cfg.input.to_dict(), 'central_crop_fraction': fraction, 'eval_batch_size': batch}
-      )
-
-    compute = functools.partial(
-      _compute, tmp if lead else None, builder, capture, variables, mesh, interrupted
-    )
-    # Without random crops, training sees the whole image; evaluation its own view.
-    first, passes = compute('train', framing(1.0), tapped, (False, True)[: 1 + flips])
-    framed = framing(preprocess.eval_central_fraction(cfg.input))
-    passes += compute('validation', framed, evaluated, None)[1]
-    if lead:
-      with open(os.path.join(tmp, 'done.json'), 'w') as f:
-        # The first batch's time holds the compile: benchmarks leave it out of the rate.
-        json.dump(
-          {'heads': tapped, 'seconds': time.time() - t0, 'passes': passes, 'first_batch': first},
-          f,
-        )
-      os.replace(tmp, path)
-    distributed.share_flag(True)  # The others open the cache once process 0 has put it in place.
-    what = 'Built'
-  else:
-    what = 'Reusing'
+  path = os.path.join(workdir, CACHE_DIR, key)
+  found = distributed.share_flag(os.path.exists(os.path.join(path, 'done.json')))
+  if not found:
+    _build(path, builder, cfg, model, variables, cut, evaluated, mesh, interrupted)
   cache = Cache(
     path,
     cut.taps,
     {h: np.load(os.path.join(path, f'train_{h}.npy'), mmap_mode='r') for h in tapped},
     {h: np.load(os.path.join(path, f'validation_{h}.npy'), mmap_mode='r') for h in evaluated},
   )
+  _log_cache(cache, 'Reusing' if found else 'Built')
+  return cache
+
+
+def _build(
+  path: str,
+  builder: tfds.core.DatasetBuilder,
+  cfg: ml_collections.ConfigDict,
+  model: nn.Module,
+  variables: dict[str, Any],
+  cut: Cut,
+  evaluated: tuple[str, ...],
+  mesh: Mesh,
+  interrupted: Callable[[], None],
+) -> None:
+  """Computes the cache into a folder beside `path`, moved there once complete (process 0
+  writes; every process computes its block of each batch)."""
+  lead = jax.process_index() == 0
+  tmp = f'{path}{atomic.INCOMPLETE}{os.getpid()}'  # Left behind by a stopped build.
+  if lead:
+    root = os.path.dirname(path)
+    if os.path.isdir(root):
+      shutil.rmtree(root)  # Stale caches of this run (another key) and killed builds.
+    os.makedirs(tmp)
+  t0 = time.time()
+  size = cfg.input.image_size
+  capture = jax.jit(
+    lambda v, inputs, flip: taps.capture(
+      model,
+      v,
+      taps.inputs({**inputs, 'flip': jnp.full_like(inputs['flip'], flip)}, size),
+      cut.taps,
+      tuple(cut.taps),
+      train=False,
+    ),
+    static_argnums=2,
+  )
+  compute = functools.partial(
+    _compute, tmp if lead else None, builder, capture, variables, mesh, interrupted
+  )
+  # Without random crops, training sees the whole image; evaluation its own view.
+  views = (False, True)[: 1 + bool(cfg.input.random_flip)]
+  first, passes = compute('train', _framing(cfg, 1.0), tuple(cut.taps), views)
+  framed = _framing(cfg, preprocess.eval_central_fraction(cfg.input))
+  passes += compute('validation', framed, evaluated, None)[1]
+  if lead:
+    with open(os.path.join(tmp, 'done.json'), 'w') as f:
+      # The first batch's time holds the compile: benchmarks leave it out of the rate.
+      json.dump(
+        {
+          'heads': tuple(cut.taps),
+          'seconds': time.time() - t0,
+          'passes': passes,
+          'first_batch': first,
+        },
+        f,
+      )
+    os.replace(tmp, path)
+  distributed.share_flag(True)  # The others open the cache once process 0 has put it in place.
+
+
+def _framing(cfg: ml_collections.ConfigDict, fraction: float) -> ml_collections.ConfigDict:
+  """`cfg.input` for reading a split with this central crop, in whole global batches."""
+  batch = sharding.round_up(cfg.input.eval_batch_size)
+  return ml_collections.ConfigDict(
+    {**cfg.input.to_dict(), 'central_crop_fraction': fraction, 'eval_batch_size': batch}
+  )
+
+
+def _log_cache(cache: Cache, what: str) -> None:
   shape = next(iter(cache.train.values())).shape
+  path = cache.directory
   mb = sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path)) / 2**20
   logging.info(
     '%s the feature cache of %s (%d training images × %d view(s), %d validation images, '
     '%.0f MB): %s',
     what,
-    ', '.join(tapped),
+    ', '.join(cache.train),
     shape[0],
     shape[1],
     len(next(iter(cache.validation.values()), ())),
     mb,
     path,
   )
-  return cache
 
 
 def _compute(
@@ -291,10 +324,10 @@ def _compute(
   )
   for batch in batches:
     interrupted()
-    keep = _everyone(batch['mask'])
-    rows = _everyone(batch['index'])[keep]
+    keep = _all_processes_rows(batch['mask'])
+    rows = _all_processes_rows(batch['index'])[keep]
     for v, flip in enumerate(views or (False,)):
-      got = _everyone(capture(variables, _inputs(batch), flip))
+      got = _all_processes_rows(capture(variables, _inputs(batch), flip))
       if directory is None:
         continue
       for name in names:
@@ -315,7 +348,7 @@ def _compute(
   return first, passes
 
 
-def _everyone(x: Any) -> Any:
+def _all_processes_rows(x: Any) -> Any:
   """Every process's rows of a batch (a pytree of batch-split global arrays, or of this
   process's block as numpy), in the global batch's order, as numpy."""
   if jax.process_count() == 1:

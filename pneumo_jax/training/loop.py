@@ -1,10 +1,14 @@
-"""train_and_evaluate: the one training loop (phases, logging, evaluation, checkpoints, resume).
+"""train_and_evaluate: the training loop, in named stages.
 
-Running it again on the same WORKDIR resumes from the latest checkpoint: same step, same phase,
-same optimizer state, same next batch.
+`train_and_evaluate` holds WORKDIR's lock and returns a finished run's summary at once; otherwise
+a `_Training` owns the run. It sets up the dataset and the state (resumed, pretrained or fresh),
+decides which phases train from a feature cache, then trains phase by phase: `_start_phase`
+builds the phase's optimizer, model, cache and step, `_run_phase` runs the steps, and after each
+`_after_step` does what `due` says is due (log, evaluate and keep the best, checkpoint, stop on
+a signal). Running it again on the same WORKDIR resumes from the newest checkpoint that
+restores: same step, phase, optimizer state and next batch.
 """
 
-import collections
 import contextlib
 import dataclasses
 import functools
@@ -12,111 +16,48 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tensorflow_datasets as tfds
 from absl import logging
+from jax.sharding import Mesh
 
+import pneumo_jax
 from pneumo_jax import checkpoints, distributed, locks, scopes, sharding
 from pneumo_jax.data import dataset_for, folder_builder, pipeline, preprocess
 from pneumo_jax.errors import ConfigError
 from pneumo_jax.evaluation import inference, metrics
 from pneumo_jax.models import backbone_of, build_model
 from pneumo_jax.training import feature_cache, interrupt, optim
-from pneumo_jax.training.feature_cache import Cut
 from pneumo_jax.training.monitor import Monitor, read_records
+from pneumo_jax.training.phases import (
+  Phase,
+  batch_norm_train,
+  class_weights,
+  frozen_paths,
+  phase_at,
+  resolve_phases,
+)
 from pneumo_jax.training.step import TrainState, make_train_step
 
 SUMMARY_FILE = 'summary.json'
+# XLA options for a program that runs once (initialisation): without backend optimisation it
+# compiles in about half the time and still runs in a second.
+_RUN_ONCE_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0}
 
 
-class Phase(NamedTuple):
-  """Steps (start, end] of the run, trained with `cfg` (the config with the phase's overrides)."""
-
-  name: str
-  start: int
-  end: int
-  cfg: ml_collections.ConfigDict
-
-
-def resolve_phases(config: ml_collections.ConfigDict) -> list[Phase]:
-  """config.phases (named, in order) → Phases; none → one phase from the top-level fields."""
-  if not config.phases:
-    return [Phase('main', 0, config.num_steps, config)]
-  phases, start = [], 0
-  for name, overrides in config.phases.items():
-    if 'num_steps' not in overrides or overrides.num_steps <= 0:
-      raise ConfigError(f'config.phases.{name}.num_steps must be a positive number of steps')
-    cfg = ml_collections.ConfigDict(config.to_dict())
-    for key, value in overrides.items():
-      if key not in (
-        'num_steps',
-        'trainable_scopes',
-        'batch_norm',
-        'schedule',
-        'optimizer',
-        'feature_cache',
-      ):
-        raise ConfigError(
-          f'config.phases.{name}.{key} is not a per-phase field; use num_steps, '
-          'trainable_scopes, batch_norm, schedule, optimizer or feature_cache'
-        )
-      if isinstance(value, ml_collections.ConfigDict):
-        cfg[key].update(value)
-      else:
-        cfg[key] = value
-    phases.append(Phase(name, start, start + overrides.num_steps, cfg))
-    start += overrides.num_steps
-  return phases
-
-
-def batch_norm_train(cfg: ml_collections.ConfigDict) -> tuple[str, ...] | None:
-  """The model's `batch_norm_train` for a phase, from `batch_norm`:
-
-  'trainable' (default, the Keras rule): BN learns only inside the trainable scopes;
-  'frozen': every BN runs in inference mode (Keras's advice once a pretrained base is unfrozen);
-  'all': every BN normalises with batch statistics, as the seed's slim run did.
-  """
-  rule = cfg.batch_norm
-  if rule == 'trainable':
-    return scopes.parse(cfg.trainable_scopes)
-  if rule == 'frozen':
-    return ()
-  if rule == 'all':
-    return None
-  raise ConfigError(f"config.batch_norm={rule!r} is unknown; use 'trainable', 'frozen' or 'all'")
-
-
-def frozen_paths(variables: dict[str, Any], phases: list[Phase]) -> dict[str, set[str]]:
-  """{'params', 'batch_stats'} → paths of the leaves no phase changes: params outside every
-  phase's trainable scopes, moving statistics of the batch norms no phase trains. Checkpoints
-  leave them out; they are kept once, in WORKDIR/base."""
-  trained = {
-    k
-    for p in phases
-    for k, t in scopes.flatten(scopes.mask(variables['params'], p.cfg.trainable_scopes)).items()
-    if t
-  }
-  rules = [batch_norm_train(p.cfg) for p in phases]
-  params = scopes.flatten(variables['params'])
-  by_layer = collections.defaultdict(list)  # Layer path → its parameters' paths.
-  for k in params:
-    by_layer[k.rpartition('/')[0]].append(k)
-
-  def learns(path: str) -> bool:
-    """A batch norm's statistics at `P/<stat>` move when its rule matches a parameter under P/
-    (every backbone decides by its own BN parameters' paths, e.g. `P/beta` or `P/bias`)."""
-    own = by_layer.get(path.rpartition('/')[0])
-    return not own or any(r is None or any(scopes.matches(r, k) for k in own) for r in rules)
-
-  return {
-    'params': set(params) - trained,
-    'batch_stats': {k for k in scopes.flatten(variables['batch_stats']) if not learns(k)},
-  }
+def due(step: int, every: int) -> bool:
+  """Whether an action done every `every` steps (0: never) is due after step `step`: the one
+  rule of the loop's periodic actions, as big_vision's `itstime`."""
+  return bool(every) and step % every == 0
 
 
 def train_step_for(
@@ -148,13 +89,31 @@ def train_step_for(
   )
 
 
-def class_weights(cfg: ml_collections.ConfigDict, counts: np.ndarray) -> np.ndarray | None:
-  """'balanced' → n / (k · count_c), scikit-learn's rule; '' → none."""
-  if not cfg.class_weighting:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains per `config` in `workdir` (resuming if it holds checkpoints); returns the summary.
+
+  Holds the workdir's lock throughout, so a second run on it stops at once (locks.BusyError). A
+  run that already finished returns its summary before touching anything else. The first
+  SIGINT/SIGTERM during training saves a checkpoint after the current step and raises
+  interrupt.Stopped.
+  """
+  phases = resolve_phases(config)
+  with locks.workdir_lock(workdir), contextlib.ExitStack() as cleanup:
+    summary = _finished(workdir, phases[-1].end)
+    if summary:
+      logging.info('%s already finished (%d steps).', workdir, summary['step'])
+      return summary
+    return _Training(config, workdir, phases, cleanup).run()
+
+
+def _finished(workdir: str, total: int) -> dict[str, Any] | None:
+  """The summary of a run that ended (all steps or early stopping) with this many steps."""
+  path = os.path.join(workdir, SUMMARY_FILE)
+  if not os.path.exists(path):
     return None
-  if cfg.class_weighting != 'balanced':
-    raise ConfigError(f"config.class_weighting={cfg.class_weighting!r}: use '' or 'balanced'")
-  return counts.sum() / (len(counts) * np.maximum(counts, 1))
+  with open(path) as f:
+    summary = json.load(f)
+  return summary if summary.get('status') == 'done' and summary['num_steps'] == total else None
 
 
 def _state_dict(state: TrainState) -> dict[str, Any]:
@@ -162,55 +121,370 @@ def _state_dict(state: TrainState) -> dict[str, Any]:
   return {k: v for k, v in d.items() if v is not None}
 
 
-class _Run:
-  """Everything train_and_evaluate shares between phases."""
+class _PhaseOptimizer(NamedTuple):
+  """A phase's optimizer: which parameters it trains (a boolean tree), its learning-rate
+  schedule over the phase's own steps, and the optax transformation."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-    self.config, self.workdir = config, workdir
-    self.lead = jax.process_index() == 0
-    self.builder = dataset_for(config, workdir)
-    self.names = folder_builder.label_names(self.builder)
-    if self.lead:
-      checkpoints.save_label_names(workdir, self.names)
-    counts = {
-      s: np.bincount(folder_builder.split_labels(self.builder, s), minlength=len(self.names))
-      for s in self.builder.info.splits
-    }
-    for split, c in counts.items():
-      logging.info(
-        '%s: %d images, per class %s',
-        split,
-        c.sum(),
-        ', '.join(f'{n}={k}' for n, k in zip(self.names, c, strict=True)),
-      )
-    self.class_weights = class_weights(config, counts['train'])
-    self.mesh = sharding.make_mesh()
-    self.backbone = backbone_of(config)
-    self.eval_model = build_model(config, len(self.names))
-    self.best_value: float | None = None
-    self.best_step = 0
-    self.evals_since_best = 0
-    self.last_eval: dict[str, Any] = {}
-    self.best_eval: dict[str, Any] = {}
+  trainable: Any
+  schedule: optax.Schedule
+  tx: optax.GradientTransformation
 
-  def recover_best(self, best_step: int | None, records: list[dict[str, Any]]) -> None:
-    """On resume: the best so far and the evaluations since, from the logged validation records."""
+
+class _PhaseSetup(NamedTuple):
+  """What a phase trains with: its optimizer, its feature cache (None: the whole network runs),
+  the jitted step and the training batches of the cache's kind."""
+
+  optimizer: _PhaseOptimizer
+  cache: feature_cache.Cache | None
+  train_step: Callable
+  batches: Iterator[dict[str, Any]]
+
+
+@dataclasses.dataclass
+class _BestSoFar:
+  """The validation results so far: the latest, the best by `metric` and its step, and the
+  evaluations since the best (early stopping counts them)."""
+
+  metric: str
+  value: float | None = None
+  step: int = 0
+  best: dict[str, Any] = dataclasses.field(default_factory=dict)
+  last: dict[str, Any] = dataclasses.field(default_factory=dict)
+  evals_since: int = 0
+
+  def recover(self, best_step: int | None, records: list[dict[str, Any]]) -> None:
+    """On resume: the best (the checkpoint at `best_step`) and the evaluations since, from the
+    logged validation records."""
     evals = [r for r in records if r['split'] == 'validation']
     for r in evals:
       if r['step'] == best_step:
-        self.best_step, self.best_eval = best_step, {k: r[k] for k in metrics.HIGHER_IS_BETTER}
-        self.best_value = self.best_eval[self.config.best_metric]
+        self.step, self.best = best_step, {k: r[k] for k in metrics.HIGHER_IS_BETTER}
+        self.value = self.best[self.metric]
     if evals:
-      self.last_eval = {k: evals[-1][k] for k in metrics.HIGHER_IS_BETTER}
-      self.evals_since_best = sum(r['step'] > self.best_step for r in evals)
+      self.last = {k: evals[-1][k] for k in metrics.HIGHER_IS_BETTER}
+      self.evals_since = sum(r['step'] > self.step for r in evals)
 
-  def evaluate(
-    self, state: TrainState, monitor: Monitor, cache: feature_cache.Cache | None
-  ) -> dict[str, Any]:
-    """Validation metrics of `state` (its EMA when kept), from the phase's cache if it has one."""
+  def add(self, step: int, result: Mapping[str, Any]) -> bool:
+    """Records the evaluation of `step`; True when it is a new best (the first always is)."""
+    self.last = {k: result[k] for k in metrics.HIGHER_IS_BETTER}
+    value = self.last[self.metric]
+    if self.value is not None and not metrics.better(self.metric, value, self.value):
+      self.evals_since += 1
+      return False
+    self.value, self.step, self.best, self.evals_since = value, step, dict(self.last), 0
+    return True
+
+
+class _Training:
+  """One run in WORKDIR: its dataset, model state and step, checkpoints, log and best so far.
+  Only its own stages change them."""
+
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    phases: list[Phase],
+    cleanup: contextlib.ExitStack,
+  ):
+    self.started = time.time()
+    distributed.check_shared(workdir, 'WORKDIR')
+    self.config, self.workdir, self.phases = config, workdir, phases
+    self.lead = jax.process_index() == 0
+    self.builder = dataset_for(config, workdir)  # A wrong source_dir fails before any write.
+    self.names = folder_builder.label_names(self.builder)
+    if self.lead:
+      checkpoints.save_label_names(workdir, self.names)
+    self.class_weights = class_weights(config, _class_counts(self.builder, self.names)['train'])
+    self.mesh = sharding.make_mesh()
+    self.replicated = sharding.replicated(self.mesh)
+    self.backbone = backbone_of(config)
+    self.eval_model = build_model(config, len(self.names))
+    if self.lead:
+      with open(os.path.join(workdir, 'config.json'), 'w') as f:
+        f.write(config.to_json_best_effort(indent=2))
+    self.init_rng, self.dropout_rng = jax.random.split(jax.random.key(config.seed))
+    self.latest = checkpoints.manager(workdir, keep=config.keep_checkpoints, cleanup=True)
+    self.best_checkpoints = checkpoints.manager(workdir, checkpoints.BEST_DIR, keep=1, cleanup=True)
+    self.best = _BestSoFar(config.best_metric)
+    # Closing the batches stops grain's worker processes.
+    self.batches = cleanup.enter_context(_TrainBatches(self.builder, config, self.mesh))
+    self.step = 0
+    self.checkpointed_at = self.started
+
+  def run(self) -> dict[str, Any]:
+    """Sets up, trains every phase not yet done, and returns the summary (written by process 0)."""
+    variables = self._initial_variables()
+    self.step = self.latest.latest_step() or 0
+    decisions = {p.name: self._cache_decision(p, variables) for p in self.phases}
+    self.batches.reading(cached=decisions[phase_at(self.phases, self.step).name].cached)
+    self._restore_or_start(variables)
+    self.monitor = Monitor(self.workdir, self.phases[-1].end, self.step, active=self.lead)
+    self.best.recover(self.best_checkpoints.latest_step(), read_records(self.workdir))
+    self.log = _TrainLog(self.monitor, self.latest, self.config)
+    stopped_early = False
+    with interrupt.StopOnSignal() as self.stop:
+      for phase in self.phases:
+        if self.step < phase.end and not stopped_early:
+          stopped_early = self._run_phase(phase, decisions[phase.name])
+    self._close()
+    return self._summary(stopped_early)
+
+  # Set-up.
+
+  def _initial_variables(self) -> dict[str, Any]:
+    """{'params', 'batch_stats'} of a fresh model, on the mesh."""
+    size = self.config.input.image_size
+    init = jax.jit(
+      lambda r: self.eval_model.init(r, jnp.zeros((1, size, size, 3)), train=False),
+      out_shardings=self.replicated,
+    )
+    compiled = init.lower(self.init_rng).compile(compiler_options=_RUN_ONCE_COMPILER_OPTIONS)
+    variables = compiled(self.init_rng)
+    return {'params': variables['params'], 'batch_stats': variables['batch_stats']}
+
+  def _restore_or_start(self, variables: dict[str, Any]) -> None:
+    """Sets `state` and `base` (where the leaves no phase changes are kept): from the newest
+    checkpoint that restores (damaged ones set aside), else from config.init_checkpoint or
+    `variables`, writing base/."""
+    config = self.config
+    if not self.step and not config.init_checkpoint:
+      logging.warning(
+        '*' * 70 + '\nNO PRETRAINED WEIGHTS: config.init_checkpoint is empty, so '
+        f'{self.backbone.name} starts from RANDOM initialisation.\nFine-tuning needs ImageNet '
+        'weights: see converters/ and the README.\n' + '*' * 70
+      )
+    frozen = frozen_paths(variables, self.phases)
+    self.ema_mask = scopes.unflatten(
+      {k: k not in frozen['params'] for k in scopes.flatten(variables['params'])}
+    )
+    self.state = jax.device_put(  # On the mesh from the start, or the step compiles twice.
+      TrainState(
+        step=jnp.zeros([], jnp.int32),
+        params=variables['params'],
+        batch_stats=variables['batch_stats'],
+        opt_state=None,
+        ema_params=self._fresh_ema(variables['params']),
+      ),
+      self.replicated,
+    )
+    while self.step:
+      if self._resumed(frozen):
+        return
+    if config.init_checkpoint:
+      loaded = checkpoints.load_init(
+        config.init_checkpoint,
+        variables,
+        config.exclude_scopes,
+        config.ignore_missing_vars,
+        self.workdir,
+        self.backbone,
+      )
+      loaded = jax.device_put(loaded, self.replicated)
+      self.state = self.state.replace(
+        params=loaded['params'],
+        batch_stats=loaded['batch_stats'],
+        ema_params=self._fresh_ema(loaded['params']),
+      )
+    self.base = checkpoints.write_base(self.workdir, _state_dict(self.state), frozen)
+
+  def _resumed(self, frozen: dict[str, set[str]]) -> bool:
+    """Restores checkpoint `step`; when it is damaged, sets it aside, moves `step` to the next
+    newest (0: none) and returns False."""
+    phase = next(p for p in self.phases if p.start < self.step <= p.end)
+    opt_state = self._optimizer(phase).tx.init(self.state.params)
+    target = _state_dict(self.state.replace(opt_state=opt_state))
+    try:
+      restored, base = checkpoints.restore(self.latest, self.step, target, self.batches.current)
+    except checkpoints.DamagedCheckpointError as e:
+      moved = checkpoints.set_aside(self.latest, self.step)
+      self.step = self.latest.latest_step() or 0
+      logging.warning(
+        '%s. Moved it to %s for inspection; resuming from %s.',
+        e,
+        moved,
+        f'step {self.step}' if self.step else 'the start (no other checkpoint)',
+      )
+      return False
+    self.state, self.base = TrainState(**restored), base and base.within(frozen)
+    logging.info(
+      'Resumed from %s at step %d (phase %r).', self.latest.directory, self.step, phase.name
+    )
+    return True
+
+  def _fresh_ema(self, params: Any) -> Any:
+    """A copy of `params` (params and EMA are donated to the step separately); None: no EMA."""
+    return jax.tree.map(jnp.copy, params) if self.config.ema_decay else None
+
+  def _optimizer(self, phase: Phase) -> _PhaseOptimizer:
+    trainable = scopes.mask(self.state.params, phase.cfg.trainable_scopes)
+    if not any(scopes.flatten(trainable).values()):
+      raise ConfigError(
+        f'trainable_scopes={phase.cfg.trainable_scopes!r} (phase {phase.name!r}) '
+        'matches no parameter; patterns match parameter paths such as '
+        f'{self.backbone.logits_bias!r} from their start'
+      )
+    schedule = optim.make_schedule(phase.cfg.schedule, phase.end - phase.start)
+    tx = optim.make_optimizer(phase.cfg.optimizer, schedule, trainable, self.backbone.weight_decay)
+    return _PhaseOptimizer(trainable, schedule, tx)
+
+  # The cache decision.
+
+  def _cache_decision(self, phase: Phase, variables: dict[str, Any]) -> feature_cache.Decision:
+    """Whether `phase` trains from a feature cache: the config's plan, when its cache fits on
+    disk. Process 0's disk decides for all: every process must train the phase the same way."""
+    trainable = scopes.flatten(scopes.mask(variables['params'], phase.cfg.trainable_scopes))
+    decision = feature_cache.plan(phase.cfg, self.backbone, [k for k, t in trainable.items() if t])
+    if not decision.cached:
+      return decision
+    shortfall = feature_cache.disk_shortfall(
+      self.workdir, self.builder, phase.cfg, decision.cut, self.eval_model, variables
+    )
+    shortfall = distributed.share_text(shortfall or '')
+    return feature_cache.Decision(None, shortfall) if shortfall else decision
+
+  # One phase.
+
+  def _run_phase(self, phase: Phase, decision: feature_cache.Decision) -> bool:
+    """Trains `phase` from `step` to its end; True when early stopping ended the run."""
+    setup = self._start_phase(phase, decision)
+    self.checkpointed_at = time.time()
+    while self.step < phase.end:
+      self._train_one_step(setup)
+      if self._after_step(phase, setup):
+        return True
+    return False
+
+  def _start_phase(self, phase: Phase, decision: feature_cache.Decision) -> _PhaseSetup:
+    """The phase's optimizer (its state fresh when the phase starts now), model, cache, step
+    and batches."""
+    optimizer = self._optimizer(phase)
+    if self.step == phase.start:
+      init = jax.jit(optimizer.tx.init, out_shardings=self.replicated)
+      self.state = self.state.replace(opt_state=init(self.state.params))
+    logging.info(
+      'Phase %r: steps %d–%d, trainable %r, batch norm %r.',
+      phase.name,
+      phase.start,
+      phase.end,
+      phase.cfg.trainable_scopes,
+      phase.cfg.batch_norm,
+    )
+    model = self._phase_model(phase, decision.cached, optimizer.trainable)
+    cache = self._phase_cache(phase, decision, model)
+    train_step = train_step_for(
+      self.config,
+      model,
+      optimizer.tx,
+      optimizer.trainable,
+      class_weights=self.class_weights,
+      ema_mask=self.ema_mask,
+      feature_taps=cache.taps if cache else None,
+    )
+    jitted = jax.jit(
+      train_step,
+      in_shardings=(self.replicated, None, self.replicated),  # Batches come on the mesh.
+      out_shardings=(self.replicated, self.replicated),
+      donate_argnums=0,
+    )
+    return _PhaseSetup(optimizer, cache, jitted, self.batches.reading(cached=cache is not None))
+
+  def _phase_model(self, phase: Phase, cached: bool, trainable: Any) -> nn.Module:
+    """The phase's training model, with its batch-norm rule; a cached phase runs only the heads
+    that train (a frozen aux head adds no gradient)."""
+    aux = self.backbone.aux_logits
+    heads = {'create_aux_logits': aux in _trained_scopes(trainable)} if cached and aux else {}
+    return build_model(
+      self.config, len(self.names), batch_norm_train=batch_norm_train(phase.cfg), **heads
+    )
+
+  def _phase_cache(
+    self, phase: Phase, decision: feature_cache.Decision, model: nn.Module
+  ) -> feature_cache.Cache | None:
+    if not decision.cached:
+      logging.info(
+        'Phase %r runs the whole network: no feature cache, as %s.', phase.name, decision.reason
+      )
+      return None
+    return feature_cache.load_or_build(
+      self.workdir,
+      self.builder,
+      phase.cfg,
+      self.backbone,
+      model,
+      {'params': self.state.params, 'batch_stats': self.state.batch_stats},
+      decision.cut,
+      self.mesh,
+      # Nothing changed since the last checkpoint (or the start): a signal stops the build.
+      interrupted=lambda: self._stop_if_asked(self.stop.agreed()),
+    )
+
+  # The step loop.
+
+  def _train_one_step(self, setup: _PhaseSetup) -> None:
+    batch = next(setup.batches)
+    if setup.cache:
+      batch = sharding.shard_batch(setup.cache.train_batch(batch), self.mesh)
+    elif self.step == 0 and self.lead:
+      self.monitor.image_grid(
+        _first_images(batch, self.config.input.image_size),
+        sharding.local_rows(batch['label'])[:16],
+        self.names,
+      )
+    rng = jax.random.fold_in(self.dropout_rng, self.step)
+    self.state, step_metrics = setup.train_step(self.state, batch, rng)
+    self.step += 1
+    self.log.add(step_metrics)
+
+  def _after_step(self, phase: Phase, setup: _PhaseSetup) -> bool:
+    """The periodic actions due now, in order: log, evaluate and keep the best, checkpoint, stop
+    on a signal. The metrics are logged (once) before anything else, so a non-finite loss stops
+    the run before it is evaluated or saved. True when early stopping ends the run."""
+    step, now, config = self.step, time.time(), self.config
+    last = step == phase.end
+    evaluate = last or due(step, config.eval_every_steps)
+    save = (
+      last
+      or due(step, config.checkpoint_every_steps)
+      or _elapsed(self.checkpointed_at, now, config.checkpoint_every_secs)
+    )
+    logged = evaluate or save or self.log.due(step, now)
+    if logged:
+      self.log.flush(step, float(setup.optimizer.schedule(step - phase.start)))
+    stopped_early = evaluate and self._evaluate_and_keep_best(setup.cache)
+    signum = self.stop.agreed()  # After the actions above: a signal during them counts now.
+    if save or stopped_early or signum:
+      if not logged:
+        self.log.flush(step, float(setup.optimizer.schedule(step - phase.start)))
+      checkpoints.save(self.latest, step, _state_dict(self.state), setup.batches, self.base)
+      self.checkpointed_at = now
+    self._stop_if_asked(signum)  # Saved just above, with the data iterator: resume loses nothing.
+    if stopped_early:
+      logging.info(
+        'Early stopping at step %d: no %s improvement in %d evaluations.',
+        step,
+        config.best_metric,
+        config.early_stopping_patience,
+      )
+    return stopped_early
+
+  def _evaluate_and_keep_best(self, cache: feature_cache.Cache | None) -> bool:
+    """Evaluates on validation, saves a new best; True when early stopping should end the run."""
+    improved = self.best.add(self.step, self._evaluate(cache))
+    self.monitor.write(self.step, 'validation', self.best.last)
+    if improved:
+      if self.step in self.best_checkpoints.all_steps():
+        # Saved before this run resumed from an earlier checkpoint (a damaged one set aside, or a
+        # stop between the two saves); the resumed run recomputes the same state.
+        self.best_checkpoints.delete(self.step)
+      checkpoints.save(self.best_checkpoints, self.step, _state_dict(self.state), base=self.base)
+    patience = self.config.early_stopping_patience
+    return bool(patience) and self.best.evals_since >= patience
+
+  def _evaluate(self, cache: feature_cache.Cache | None) -> dict[str, Any]:
+    """Validation metrics of the state (its EMA when kept), from the phase's cache if it has one."""
     variables = {
-      'params': state.ema_params if state.ema_params is not None else state.params,
-      'batch_stats': state.batch_stats,
+      'params': self.state.ema_params if self.state.ema_params is not None else self.state.params,
+      'batch_stats': self.state.batch_stats,
     }
     if cache:
       labels = folder_builder.split_labels(self.builder, 'validation')
@@ -234,327 +508,138 @@ class _Run:
       image_size=self.config.input.image_size,
       feature_taps=cache.taps if cache else None,
     )
-    result = metrics.compute(out['label'], out['probs'], self.names)
-    self.last_eval = {k: result[k] for k in metrics.HIGHER_IS_BETTER}
-    monitor.write(int(state.step), 'validation', self.last_eval)
-    return result
+    return metrics.compute(out['label'], out['probs'], self.names)
+
+  # The end.
+
+  def _stop_if_asked(self, signum: int | None) -> None:
+    """Ends the run at `step` when `signum` came (callers have saved everything up to it)."""
+    if signum:
+      self._close()
+      raise interrupt.Stopped(self.step, signum)
+
+  def _close(self) -> None:
+    self.latest.wait_until_finished()
+    self.best_checkpoints.wait_until_finished()
+    self.monitor.close()
+
+  def _summary(self, stopped_early: bool) -> dict[str, Any]:
+    summary = {
+      'status': 'done',
+      'step': self.step,
+      'num_steps': self.phases[-1].end,
+      'wall_time_s': time.time() - self.started,
+      'metric': self.config.best_metric,
+      'final': self.best.last,
+      'best': self.best.best,
+      'best_step': self.best.step,
+      'stopped_early': stopped_early,
+      'pneumo_jax_version': pneumo_jax.__version__,
+    }
+    if self.lead:
+      with open(os.path.join(self.workdir, SUMMARY_FILE), 'w') as f:
+        json.dump(summary, f, indent=2)
+    return summary
 
 
-_ONE_SHOT = {'xla_backend_optimization_level': 0}  # XLA options for programs that run once.
+class _TrainBatches:
+  """The run's one stream of training batches, read with images (put on the mesh in the
+  background) or, in a cached phase, as record indices and views. Switching kinds carries the
+  position over, so the phases read one stream, and a checkpoint resumes it in either kind."""
 
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains per `config` in `workdir` (resuming if it holds checkpoints); returns the summary.
-
-  Holds the workdir's lock throughout, so a second run on it stops at once (locks.BusyError). A
-  run that already finished returns its summary before touching anything else. The first
-  SIGINT/SIGTERM during training saves a checkpoint after the current step and raises
-  interrupt.Stopped.
-  """
-  phases = resolve_phases(config)
-  with locks.workdir_lock(workdir), contextlib.ExitStack() as cleanup:
-    summary = _finished(workdir, phases[-1].end)
-    if summary:
-      logging.info('%s already finished (%d steps).', workdir, summary['step'])
-      return summary
-    return _train(config, workdir, phases, cleanup)
-
-
-def _finished(workdir: str, total: int) -> dict[str, Any] | None:
-  """The summary of a run that ended (all steps or early stopping) with this many steps."""
-  path = os.path.join(workdir, SUMMARY_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    summary = json.load(f)
-  return summary if summary.get('status') == 'done' and summary['num_steps'] == total else None
-
-
-def _train(
-  config: ml_collections.ConfigDict,
-  workdir: str,
-  phases: list[Phase],
-  cleanup: contextlib.ExitStack,
-) -> dict[str, Any]:
-  t_start = time.time()
-  distributed.check_shared(workdir, 'WORKDIR')
-  run = _Run(config, workdir)  # Builds the dataset: a wrong source_dir fails before any write.
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
-  total = phases[-1].end
-
-  rng = jax.random.key(config.seed)
-  init_rng, dropout_rng = jax.random.split(rng)
-  size = config.input.image_size
-  repl = sharding.replicated(run.mesh)
-  init = jax.jit(
-    lambda r: run.eval_model.init(r, jnp.zeros((1, size, size, 3)), train=False), out_shardings=repl
-  )
-  # Initialisation runs once: compiled without backend optimisation it takes half the time
-  # (6.6 s against 13 s for InceptionV3 on 2 CPU cores) and runs in a second.
-  variables = init.lower(init_rng).compile(compiler_options=_ONE_SHOT)(init_rng)
-  variables = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
-
-  mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints, cleanup=True)
-  best_mngr = checkpoints.manager(workdir, checkpoints.BEST_DIR, keep=1, cleanup=True)
-  step = mngr.latest_step() or 0
-  cuts = {p.name: _cut(run, p, variables, workdir) for p in phases}
-  stream = cleanup.enter_context(_Stream(run))  # Closing it stops grain's worker processes.
-  train_iter = stream.get(
-    isinstance(cuts[next((p for p in phases if step < p.end), phases[-1]).name], Cut)
-  )
-  if not step and not config.init_checkpoint:
-    logging.warning(
-      '*' * 70 + '\nNO PRETRAINED WEIGHTS: config.init_checkpoint is empty, so '
-      f'{run.backbone.name} starts from RANDOM initialisation.\nFine-tuning needs ImageNet '
-      'weights: see converters/ and the README.\n' + '*' * 70
-    )
-
-  def optimizer(phase: Phase):
-    trainable = scopes.mask(variables['params'], phase.cfg.trainable_scopes)
-    if not any(scopes.flatten(trainable).values()):
-      raise ConfigError(
-        f'trainable_scopes={phase.cfg.trainable_scopes!r} (phase {phase.name!r}) '
-        'matches no parameter; patterns match parameter paths such as '
-        f'{run.backbone.logits_bias!r} from their start'
-      )
-    schedule = optim.make_schedule(phase.cfg.schedule, phase.end - phase.start)
-    return (
-      trainable,
-      schedule,
-      optim.make_optimizer(phase.cfg.optimizer, schedule, trainable, run.backbone.weight_decay),
-    )
-
-  frozen = frozen_paths(variables, phases)
-  ema_mask = scopes.unflatten(
-    {k: k not in frozen['params'] for k in scopes.flatten(variables['params'])}
-  )
-
-  def fresh_ema(params):  # A copy: params and EMA are donated to the step separately.
-    return jax.tree.map(jnp.copy, params) if config.ema_decay else None
-
-  state = jax.device_put(  # On the mesh from the start, or the step compiles twice.
-    TrainState(
-      step=jnp.zeros([], jnp.int32),
-      params=variables['params'],
-      batch_stats=variables['batch_stats'],
-      opt_state=None,
-      ema_params=fresh_ema(variables['params']),
-    ),
-    repl,
-  )
-  if step:
-    phase = next(p for p in phases if p.start < step <= p.end)
-    target = _state_dict(state.replace(opt_state=optimizer(phase)[2].init(state.params)))
-    restored, base = checkpoints.restore(mngr, step, target, train_iter)
-    state, base = TrainState(**restored), base and base.within(frozen)
-    logging.info('Resumed from %s at step %d (phase %r).', mngr.directory, step, phase.name)
-  elif config.init_checkpoint:
-    loaded = checkpoints.load_init(
-      config.init_checkpoint,
-      variables,
-      config.exclude_scopes,
-      config.ignore_missing_vars,
-      workdir,
-      run.backbone,
-    )
-    loaded = jax.device_put(loaded, repl)
-    state = state.replace(
-      params=loaded['params'],
-      batch_stats=loaded['batch_stats'],
-      ema_params=fresh_ema(loaded['params']),
-    )
-  if not step:
-    base = checkpoints.write_base(workdir, _state_dict(state), frozen)
-  monitor = Monitor(workdir, total, step, active=run.lead)
-  run.recover_best(best_mngr.latest_step(), read_records(workdir))
-  log = _TrainLog(monitor, mngr, config.input.batch_size)
-  stopped_early = False
-  with interrupt.StopOnSignal() as stop:
-
-    def stop_if_asked(signum: int | None) -> None:
-      """Ends the run at `step` when `signum` came (callers have saved everything up to it)."""
-      if signum:
-        mngr.wait_until_finished()
-        best_mngr.wait_until_finished()
-        monitor.close()
-        raise interrupt.Stopped(step, signum)
-
-    for phase in phases:
-      if step >= phase.end or stopped_early:
-        continue
-      trainable, schedule, tx = optimizer(phase)
-      if step == phase.start:
-        state = state.replace(opt_state=jax.jit(tx.init, out_shardings=repl)(state.params))
-      logging.info(
-        'Phase %r: steps %d–%d, trainable %r, batch norm %r.',
-        phase.name,
-        phase.start,
-        phase.end,
-        phase.cfg.trainable_scopes,
-        phase.cfg.batch_norm,
-      )
-      cut = cuts[phase.name]
-      cached = isinstance(cut, Cut)
-      model = build_model(
-        config,
-        len(run.names),
-        batch_norm_train=batch_norm_train(phase.cfg),
-        # A cached phase runs only the heads that train (a frozen aux head adds no gradient).
-        **(
-          {'create_aux_logits': run.backbone.aux_logits in _trained_scopes(trainable)}
-          if cached and run.backbone.aux_logits
-          else {}
-        ),
-      )
-      cache = None
-      if cached:
-        cache = feature_cache.load_or_build(
-          workdir,
-          run.builder,
-          phase.cfg,
-          run.backbone,
-          model,
-          {'params': state.params, 'batch_stats': state.batch_stats},
-          cut,
-          run.mesh,
-          # Nothing changed since the last checkpoint (or the start): a signal stops the build.
-          interrupted=lambda: stop_if_asked(stop.agreed()),
-        )
-      else:
-        logging.info(
-          'Phase %r runs the whole network: no feature cache, as %s.',
-          phase.name,
-          cut,
-        )
-      train_iter = stream.get(cached)
-      train_step = jax.jit(
-        train_step_for(
-          config,
-          model,
-          tx,
-          trainable,
-          class_weights=run.class_weights,
-          ema_mask=ema_mask,
-          feature_taps=cache.taps if cache else None,
-        ),
-        in_shardings=(repl, None, repl),  # Batches arrive on the mesh (pipeline's `put`).
-        out_shardings=(repl, repl),
-        donate_argnums=0,
-      )
-      t_ckpt = time.time()
-      while step < phase.end:
-        batch = next(train_iter)
-        if cache:
-          batch = sharding.shard_batch(cache.train_batch(batch), run.mesh)
-        elif step == 0 and run.lead:
-          monitor.image_grid(
-            _first_images(batch, size), sharding.local_rows(batch['label'])[:16], run.names
-          )
-        state, m = train_step(state, batch, jax.random.fold_in(dropout_rng, step))
-        step += 1
-        log.add(m)
-        last = step == phase.end
-        now = time.time()
-        if (
-          last
-          or _due(step, config.log_every_steps)
-          or (config.log_every_secs and now - log.since >= config.log_every_secs)
-        ):
-          log.flush(step, float(schedule(step - phase.start)))
-        if last or _due(step, config.eval_every_steps):
-          log.flush(step, float(schedule(step - phase.start)))
-          stopped_early = _evaluate_and_keep_best(run, state, monitor, best_mngr, base, cache)
-        asked = stop.agreed()
-        if (
-          last
-          or stopped_early
-          or asked
-          or _due(step, config.checkpoint_every_steps)
-          or (config.checkpoint_every_secs and now - t_ckpt >= config.checkpoint_every_secs)
-        ):
-          log.flush(step, float(schedule(step - phase.start)))
-          checkpoints.save(mngr, step, _state_dict(state), train_iter, base)
-          t_ckpt = now
-        stop_if_asked(asked)  # Saved just above, with the data iterator: resume loses nothing.
-        if stopped_early:
-          logging.info(
-            'Early stopping at step %d: no %s improvement in %d evaluations.',
-            step,
-            config.best_metric,
-            config.early_stopping_patience,
-          )
-          break
-  mngr.wait_until_finished()
-  best_mngr.wait_until_finished()
-  monitor.close()
-  summary = {
-    'status': 'done',
-    'step': step,
-    'num_steps': total,
-    'wall_time_s': time.time() - t_start,
-    'metric': config.best_metric,
-    'final': run.last_eval,
-    'best': run.best_eval,
-    'best_step': run.best_step,
-    'stopped_early': stopped_early,
-  }
-  if run.lead:
-    with open(os.path.join(workdir, SUMMARY_FILE), 'w') as f:
-      json.dump(summary, f, indent=2)
-  return summary
-
-
-class _Stream:
-  """The training batches, read with images (put on the mesh in the background) or, in a cached
-  phase, as record indices and views; switching kinds carries the position over, so the phases
-  read one stream, and a checkpoint resumes it in either kind."""
-
-  def __init__(self, run: _Run):
-    self.run = run
-    self.it: Any = None
+  def __init__(
+    self, builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDict, mesh: Mesh
+  ):
+    self.builder, self.config, self.mesh = builder, config, mesh
+    self.current: Any = None
     self.cached: bool | None = None
 
-  def get(self, cached: bool) -> Any:
-    if self.it is not None and cached == self.cached:
-      return self.it
+  def reading(self, cached: bool) -> Any:
+    """The stream, of the kind a cached (or uncached) phase reads."""
+    if self.current is not None and cached == self.cached:
+      return self.current
     new = pipeline.train_iterator(
-      self.run.builder,
-      self.run.config.input,
-      seed=self.run.config.seed,
+      self.builder,
+      self.config.input,
+      seed=self.config.seed,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
       read_images=not cached,
-      put=None if cached else functools.partial(sharding.shard_batch, mesh=self.run.mesh),
+      put=None if cached else functools.partial(sharding.shard_batch, mesh=self.mesh),
     )
-    if self.it is not None:
-      new.set_state(self.it.get_state())
-      self.it.close()
-    self.it, self.cached = new, cached
+    if self.current is not None:
+      new.set_state(self.current.get_state())
+      self.current.close()
+    self.current, self.cached = new, cached
     return new
 
-  def __enter__(self) -> '_Stream':
+  def __enter__(self) -> '_TrainBatches':
     return self
 
   def __exit__(self, *exc: Any) -> None:
-    if self.it is not None:
-      self.it.close()
+    if self.current is not None:
+      self.current.close()
+
+
+class _TrainLog:
+  """Collects per-step metrics on device; fetches them only when logging (keeps steps async)."""
+
+  def __init__(
+    self, monitor: Monitor, latest: ocp.CheckpointManager, config: ml_collections.ConfigDict
+  ):
+    self.monitor, self.latest = monitor, latest
+    self.batch_size = config.input.batch_size
+    self.every_steps, self.every_secs = config.log_every_steps, config.log_every_secs
+    self.pending: list[dict[str, jax.Array]] = []
+    self.since = time.time()
+
+  def add(self, step_metrics: dict[str, jax.Array]) -> None:
+    self.pending.append(step_metrics)
+
+  def due(self, step: int, now: float) -> bool:
+    return due(step, self.every_steps) or _elapsed(self.since, now, self.every_secs)
+
+  def flush(self, step: int, learning_rate: float) -> None:
+    """Logs the mean since the last flush; stops on a non-finite loss before anything is saved."""
+    if not self.pending:
+      return
+    got = jax.device_get(self.pending)
+    for i, m in enumerate(got):
+      if not math.isfinite(float(m['total_loss'])):
+        self.latest.wait_until_finished()
+        raise FloatingPointError(
+          f'loss is {float(m["total_loss"])} at step {step - len(got) + i + 1}: training '
+          f'stopped. The last good checkpoint is step {self.latest.latest_step()} in '
+          f'{self.latest.directory}; lower the learning rate or set optimizer.grad_clip_norm.'
+        )
+    now = time.time()
+    scalars = {k: float(np.mean([m[k] for m in got])) for k in got[0]}
+    scalars['learning_rate'] = learning_rate
+    scalars['images_per_s'] = len(got) * self.batch_size / max(now - self.since, 1e-9)
+    self.monitor.write(step, 'train', scalars)
+    self.pending.clear()
+    self.since = now
+
+
+def _elapsed(since: float, now: float, every_secs: float) -> bool:
+  """Whether an action done every `every_secs` seconds (0: never) is due, last done at `since`."""
+  return bool(every_secs) and now - since >= every_secs
+
+
+def _class_counts(builder: tfds.core.DatasetBuilder, names: list[str]) -> dict[str, np.ndarray]:
+  """Images per class of each split, logged."""
+  counts = {
+    s: np.bincount(folder_builder.split_labels(builder, s), minlength=len(names))
+    for s in builder.info.splits
+  }
+  for split, c in counts.items():
+    per_class = ', '.join(f'{n}={k}' for n, k in zip(names, c, strict=True))
+    logging.info('%s: %d images, per class %s', split, c.sum(), per_class)
+  return counts
 
 
 def _trained_scopes(trainable: Any) -> set[str]:
   return {k.split('/')[0] for k, t in scopes.flatten(trainable).items() if t}
-
-
-def _cut(run: _Run, phase: Phase, variables: dict[str, Any], workdir: str) -> Cut | str:
-  """Where `phase` trains from a feature cache, else why it does not."""
-  trainable = scopes.flatten(scopes.mask(variables['params'], phase.cfg.trainable_scopes))
-  cut = feature_cache.plan(phase.cfg, run.backbone, [k for k, t in trainable.items() if t])
-  if isinstance(cut, str):
-    return cut
-  # Process 0's disk decides for all: every process must train the phase the same way.
-  full = feature_cache.room(workdir, run.builder, phase.cfg, cut, run.eval_model, variables)
-  return distributed.share_text(full or '') or cut
 
 
 def _first_images(batch: dict[str, Any], size: int) -> np.ndarray:
@@ -567,62 +652,3 @@ def _first_images(batch: dict[str, Any], size: int) -> np.ndarray:
       for i in range(len(host['image']))
     ]
   )
-
-
-class _TrainLog:
-  """Collects per-step metrics on device; fetches them only when logging (keeps steps async)."""
-
-  def __init__(self, monitor: Monitor, mngr: Any, batch_size: int):
-    self.monitor, self.mngr, self.batch_size = monitor, mngr, batch_size
-    self.pending: list[dict[str, jax.Array]] = []
-    self.since = time.time()
-
-  def add(self, step_metrics: dict[str, jax.Array]) -> None:
-    self.pending.append(step_metrics)
-
-  def flush(self, step: int, learning_rate: float) -> None:
-    """Logs the mean since the last flush; stops on a non-finite loss before anything is saved."""
-    if not self.pending:
-      return
-    got = jax.device_get(self.pending)
-    for i, m in enumerate(got):
-      if not math.isfinite(float(m['total_loss'])):
-        self.mngr.wait_until_finished()
-        raise FloatingPointError(
-          f'loss is {float(m["total_loss"])} at step {step - len(got) + i + 1}: training '
-          f'stopped. The last good checkpoint is step {self.mngr.latest_step()} in '
-          f'{self.mngr.directory}; lower the learning rate or set optimizer.grad_clip_norm.'
-        )
-    now = time.time()
-    scalars = {k: float(np.mean([m[k] for m in got])) for k in got[0]}
-    scalars['learning_rate'] = learning_rate
-    scalars['images_per_s'] = len(got) * self.batch_size / max(now - self.since, 1e-9)
-    self.monitor.write(step, 'train', scalars)
-    self.pending.clear()
-    self.since = now
-
-
-def _due(step: int, every: int) -> bool:
-  return bool(every) and step % every == 0
-
-
-def _evaluate_and_keep_best(
-  run: _Run,
-  state: TrainState,
-  monitor: Monitor,
-  best_mngr: Any,
-  base: checkpoints.Base | None,
-  cache: feature_cache.Cache | None,
-) -> bool:
-  """Evaluates on validation, saves a new best; True when early stopping should end the run."""
-  config = run.config
-  run.evaluate(state, monitor, cache)
-  value = run.last_eval[config.best_metric]
-  if run.best_value is None or metrics.better(config.best_metric, value, run.best_value):
-    run.best_value, run.best_step, run.best_eval = value, int(state.step), dict(run.last_eval)
-    run.evals_since_best = 0
-    checkpoints.save(best_mngr, int(state.step), _state_dict(state), base=base)
-  else:
-    run.evals_since_best += 1
-  patience = config.early_stopping_patience
-  return bool(patience) and run.evals_since_best >= patience

@@ -72,7 +72,8 @@ class Monitor:
     return f' | {100 * step / self.total:.0f}% {rate:.2f} steps/s ETA {left / 60:.1f} min'
 
   def image_grid(self, images: np.ndarray, labels: np.ndarray, names: Sequence[str]) -> None:
-    """The first training batch as the net sees it (the seed's my_show_image.py)."""
+    """The first training batch as the net sees it (train_images.png and TensorBoard), to check
+    the augmentation and labels by eye."""
     if not self.active:
       return
     n = min(len(images), 16)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pneumo_jax import scopes
+from pneumo_jax import heads, scopes
 from pneumo_jax.models import taps
 
 
@@ -28,15 +28,6 @@ class TrainState:
   batch_stats: Any
   opt_state: Any
   ema_params: Any = None  # None unless config.ema_decay > 0.
-
-
-def cross_entropy(
-  logits: jax.Array, labels: jax.Array, num_classes: int, label_smoothing: float, weights: jax.Array
-) -> jax.Array:
-  """Per-example-weighted mean cross-entropy, with slim's label smoothing."""
-  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
-  losses = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
-  return jnp.mean(losses * weights)
 
 
 def make_train_step(
@@ -60,7 +51,8 @@ def make_train_step(
   cached outputs never run).
 
   Args:
-    model: a backbone's module whose `batch_norm_train` says which BN layers learn.
+    model: a backbone's module whose `batch_norm_train` says which BN layers learn and whose
+      `head` (pneumo_jax.heads) gives the loss.
     tx: from `optim.make_optimizer` with the same `trainable` mask.
     trainable: tree of bools shaped like the params.
     class_weights: per-class loss weights (Keras's `class_weight`), or None for 1.
@@ -75,6 +67,7 @@ def make_train_step(
   is_trainable = scopes.flatten(trainable)
   ema_follows = is_trainable if ema_mask is None else scopes.flatten(ema_mask)
   num_classes = model.num_classes
+  head = heads.get(model.head)
 
   def step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
     flat = scopes.flatten(state.params)
@@ -96,13 +89,11 @@ def make_train_step(
           rngs={'dropout': rng},
           mutable=['batch_stats'],
         )
-      loss = cross_entropy(logits, labels, num_classes, label_smoothing, weights)
+      loss = head.loss(logits, labels, num_classes, label_smoothing, weights)
       aux_loss = jnp.zeros([], jnp.float32)
       if aux_logits in end_points:
-        aux_loss = cross_entropy(
-          end_points[aux_logits], labels, num_classes, label_smoothing, weights
-        )
-      accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+        aux_loss = head.loss(end_points[aux_logits], labels, num_classes, label_smoothing, weights)
+      accuracy = jnp.mean(jnp.argmax(head.scores(logits), -1) == labels)
       total = loss + aux_loss_weight * aux_loss
       return total, (
         new_vars['batch_stats'],

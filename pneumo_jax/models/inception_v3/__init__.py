@@ -49,6 +49,7 @@ def _create(
 ) -> InceptionV3:
   kwargs = dict(
     num_classes=num_classes,
+    head=model_cfg.head,
     create_aux_logits=model_cfg.create_aux_logits,
     dropout_keep_prob=model_cfg.dropout_keep_prob,
     depth_multiplier=model_cfg.depth_multiplier,
@@ -78,6 +79,16 @@ def _recognise(path: str) -> bool:
   return os.path.isfile(path) and not zipfile.is_zipfile(path)  # V1 (PyTorch's files are zips).
 
 
+def _describe(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  model = config.model
+  return (
+    f'depth multiplier {model.depth_multiplier:g}',
+    f'min depth {model.min_depth}',
+    f'aux head {"on" if model.create_aux_logits else "off"} '
+    f'(loss weight {config.aux_loss_weight:g})',
+  )
+
+
 BACKBONE = Backbone(
   name='inception_v3',
   create=_create,
@@ -97,4 +108,6 @@ BACKBONE = Backbone(
   load_weights=_load_weights,
   weight_formats='a TF-Slim InceptionV3 .ckpt or a Keras InceptionV3 .h5',
   recognise=_recognise,
+  inference_overrides={'create_aux_logits': False},
+  describe=_describe,
 )

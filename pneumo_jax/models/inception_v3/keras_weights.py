@@ -4,13 +4,9 @@ Used by `init_checkpoint` (a raw `.h5` is read once and cached as orbax) and by 
 converters.keras_to_orbax`. Takes both layouts Keras writes: the legacy one of the official ImageNet
 download (`<layer>/<layer>/<var>:0`, under `model_weights/` in a whole-model save), matched to a
 model by the order of its `layer_names`, and Keras 3's `*.weights.h5`
-(`layers/<class>_<k>/vars/<i>`), where k counts a class's layers in the model's topological order.
-Neither is keyed by architecture, so the file is loaded by Keras itself into
-`keras.applications.InceptionV3`, which knows both rules and rejects a file of another network. Its
-layers are then walked in the order the Keras code creates them (inputs before outputs, a Mixed
-block's branches in concatenation order). Sorted by name, slim's conv scopes come in that same order
-(Branch_0 < Branch_1 …, Conv2d_0a < 0b … < 1a), so the k-th Keras conv/BN pair becomes the k-th slim
-scope, and every shape is checked on the way.
+(`layers/<class>_<k>/vars/<i>`). Neither is keyed by architecture, so Keras itself loads the file
+into `keras.applications.InceptionV3` (rejecting another network's), whose layers, walked in
+creation order, pair one to one with slim's conv scopes sorted by name; every shape is checked.
 
 What comes out: 1000 ImageNet classes in Keras's order, with no "background" class 0 (slim's
 checkpoint has 1001) and no aux head, i.e. variables for `InceptionV3(num_classes=1000,
@@ -19,8 +15,7 @@ kernel) and the model returns its logits (Keras's model adds the softmax). To fi
 head, keep `AuxLogits` in exclude_scopes: it starts afresh. Keras's batch norm has no scale and
 epsilon 0.001, as slim's (checked below).
 
-Needs Keras 3 with any backend. Without KERAS_BACKEND set, that is Keras's default, TensorFlow, when
-installed (it builds the Keras model in seconds; JAX takes about half a minute), else JAX.
+Needs Keras 3 with any backend (Keras's default, TensorFlow, when installed, else JAX).
 """
 
 import importlib.util

@@ -10,16 +10,17 @@ One extension: slim's aux head cannot run when Mixed_6e is smaller than its 5×5
 pool. Wherever slim itself runs, the two compute the same function.
 """
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pneumo_jax import scopes
+from pneumo_jax import heads
 from pneumo_jax.errors import ConfigError
+from pneumo_jax.models import layers
+from pneumo_jax.models.layers import NormFactory
 
 BN_EPSILON = 0.001
 BN_DECAY = 0.9997
@@ -185,70 +186,20 @@ def _squeeze(x: jax.Array, scope: str) -> jax.Array:
   return x[:, 0, 0, :]
 
 
-class BatchNorm(nn.Module):
-  """slim's batch_norm with scale=False: variables beta, moving_mean, moving_variance.
-
-  Statistics are computed in float32 whatever the compute dtype. As TF's fused kernel does, the
-  moving variance is updated with the unbiased (n/(n-1)) batch variance while normalisation uses
-  the biased one.
-  """
-
-  dtype: Any = jnp.float32
-  decay: float = BN_DECAY
-
-  @nn.compact
-  def __call__(self, x: jax.Array, use_batch_stats: bool) -> jax.Array:
-    features = x.shape[-1]
-    beta = self.param('beta', nn.initializers.zeros, (features,), jnp.float32)
-    moving_mean = self.variable(
-      'batch_stats', 'moving_mean', lambda: jnp.zeros((features,), jnp.float32)
-    )
-    moving_var = self.variable(
-      'batch_stats', 'moving_variance', lambda: jnp.ones((features,), jnp.float32)
-    )
-    x32 = x.astype(jnp.float32)
-    if use_batch_stats:
-      mean = jnp.mean(x32, axis=(0, 1, 2))
-      var = jnp.mean(jnp.square(x32 - mean), axis=(0, 1, 2))
-      if not self.is_initializing():
-        n = math.prod(x.shape[:3])
-        unbiased = var * (n / max(n - 1, 1))
-        moving_mean.value = self.decay * moving_mean.value + (1 - self.decay) * mean
-        moving_var.value = self.decay * moving_var.value + (1 - self.decay) * unbiased
-    else:
-      mean, var = moving_mean.value, moving_var.value
-    y = (x32 - mean) * jax.lax.rsqrt(var + BN_EPSILON) + beta
-    return y.astype(self.dtype)
-
-
 class ConvBN(nn.Module):
-  """slim's conv2d under inception_v3_arg_scope: conv (no bias) → BatchNorm → activation.
-
-  Its batch norm uses batch statistics only when `train` is set and, if `batch_norm_train` is
-  given, the path of its beta matches one of those regexes; otherwise it runs in inference mode.
-  """
+  """slim's conv2d under inception_v3_arg_scope: conv (no bias), then `norm` (the model's batch
+  norm with its activation, scope `BatchNorm`)."""
 
   spec: ConvSpec
+  norm: NormFactory
   dtype: Any = jnp.float32
-  activation: Callable[[jax.Array], jax.Array] = nn.relu
-  batch_norm_train: Sequence[str] | None = None
-  batch_norm_decay: float = BN_DECAY
   kernel_init: Callable[..., jax.Array] = _he_init
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     s = self.spec
     kernel = self.param('weights', self.kernel_init, (*s.kernel, x.shape[-1], s.depth), jnp.float32)
-    y = _conv(x, kernel, s.stride, s.padding, self.dtype)
-    use_batch_stats = train
-    if train and self.batch_norm_train is not None:
-      use_batch_stats = scopes.matches(
-        self.batch_norm_train, '/'.join(self.path) + '/BatchNorm/beta'
-      )
-    y = BatchNorm(dtype=self.dtype, decay=self.batch_norm_decay, name='BatchNorm')(
-      y, use_batch_stats
-    )
-    return self.activation(y)
+    return self.norm(name='BatchNorm')(_conv(x, kernel, s.stride, s.padding, self.dtype), train)
 
 
 class Conv(nn.Module):
@@ -281,30 +232,19 @@ class Pool(nn.Module):
     return nn.avg_pool(x, s.window, strides, s.padding, count_include_pad=False)
 
 
-class _Settings(nn.Module):
-  """Fields every layer with a batch norm needs, shared by the blocks below."""
-
-  dtype: Any = jnp.float32
-  activation: Callable[[jax.Array], jax.Array] = nn.relu
-  batch_norm_train: Sequence[str] | None = None
-  batch_norm_decay: float = BN_DECAY
-
-  def conv_bn(self, spec: ConvSpec, x: jax.Array, train: bool, **kwargs: Any) -> jax.Array:
-    return ConvBN(
-      spec,
-      dtype=self.dtype,
-      activation=self.activation,
-      batch_norm_train=self.batch_norm_train,
-      batch_norm_decay=self.batch_norm_decay,
-      name=spec.name,
-      **kwargs,
-    )(x, train)
+def _conv_bn(
+  spec: ConvSpec, norm: NormFactory, dtype: Any, x: jax.Array, train: bool, **kwargs: Any
+) -> jax.Array:
+  """A ConvBN submodule named after `spec` (called inside a compact method)."""
+  return ConvBN(spec, norm, dtype, name=spec.name, **kwargs)(x, train)
 
 
-class Branch(_Settings):
+class Branch(nn.Module):
   """One `Branch_<i>` of a Mixed block: its ops applied in sequence."""
 
-  ops: tuple[Op, ...] = ()
+  ops: tuple[Op, ...]
+  norm: NormFactory
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -312,52 +252,50 @@ class Branch(_Settings):
       if isinstance(op, PoolSpec):
         x = Pool(op, name=op.name)(x)
       elif isinstance(op, ConvSpec):
-        x = self.conv_bn(op, x, train)
+        x = _conv_bn(op, self.norm, self.dtype, x, train)
       else:
-        x = jnp.concatenate([self.conv_bn(c, x, train) for c in op], axis=-1)
+        x = jnp.concatenate([_conv_bn(c, self.norm, self.dtype, x, train) for c in op], axis=-1)
     return x
 
 
-class Mixed(_Settings):
+class Mixed(nn.Module):
   """An Inception block: its branches see the same input and are concatenated on channels."""
 
-  branches: tuple[tuple[Op, ...], ...] = ()
+  branches: tuple[tuple[Op, ...], ...]
+  norm: NormFactory
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     return jnp.concatenate(
       [
-        Branch(
-          dtype=self.dtype,
-          activation=self.activation,
-          batch_norm_train=self.batch_norm_train,
-          batch_norm_decay=self.batch_norm_decay,
-          ops=ops,
-          name=f'Branch_{i}',
-        )(x, train)
+        Branch(ops, self.norm, self.dtype, name=f'Branch_{i}')(x, train)
         for i, ops in enumerate(self.branches)
       ],
       axis=-1,
     )
 
 
-class AuxLogits(_Settings):
+class AuxLogits(nn.Module):
   """slim's auxiliary head on Mixed_6e; its conv is named after its (reduced) kernel size."""
 
-  num_classes: int = 1001
-  depths: tuple[int, int] = (128, 768)  # Conv2d_1b_1x1, Conv2d_2a_*; scaled by the caller.
+  outputs: int
+  depths: tuple[int, int]  # Conv2d_1b_1x1, Conv2d_2a_*; scaled by the caller.
+  norm: NormFactory
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     window = _reduced_kernel(x, (5, 5))  # slim keeps 5×5 here and fails on smaller maps.
     pool = PoolSpec('AvgPool_1a_5x5', 'avg', window, 3, 'VALID')
     x = Pool(pool, name=pool.name)(x)
-    x = self.conv_bn(ConvSpec('Conv2d_1b_1x1', self.depths[0], (1, 1)), x, train)
+    x = _conv_bn(ConvSpec('Conv2d_1b_1x1', self.depths[0], (1, 1)), self.norm, self.dtype, x, train)
     kh, kw = _reduced_kernel(x, (5, 5))
     spec = ConvSpec(f'Conv2d_2a_{kh}x{kw}', self.depths[1], (kh, kw), 1, 'VALID')
-    x = self.conv_bn(spec, x, train, kernel_init=nn.initializers.truncated_normal(0.01))
+    init = nn.initializers.truncated_normal(0.01)
+    x = _conv_bn(spec, self.norm, self.dtype, x, train, kernel_init=init)
     x = Conv(
-      self.num_classes, nn.initializers.truncated_normal(0.001), self.dtype, name='Conv2d_2b_1x1'
+      self.outputs, nn.initializers.truncated_normal(0.001), self.dtype, name='Conv2d_2b_1x1'
     )(x)
     return _squeeze(x, 'AuxLogits').astype(jnp.float32)
 
@@ -368,7 +306,7 @@ class Logits(nn.Module):
   Returns (logits, PreLogits) with PreLogits [B, 1, 1, C] after dropout, as slim's endpoint.
   """
 
-  num_classes: int
+  outputs: int
   dropout_keep_prob: float
   dtype: Any = jnp.float32
 
@@ -379,7 +317,7 @@ class Logits(nn.Module):
     pool = PoolSpec(f'AvgPool_1a_{kh}x{kw}', 'avg', (kh, kw), 2, 'VALID')
     x = Pool(pool, name=pool.name)(x)
     x = nn.Dropout(1.0 - self.dropout_keep_prob, deterministic=not train, name='Dropout_1b')(x)
-    logits = Conv(self.num_classes, _he_init, self.dtype, name='Conv2d_1c_1x1')(x)
+    logits = Conv(self.outputs, _he_init, self.dtype, name='Conv2d_1c_1x1')(x)
     return _squeeze(logits, 'Logits').astype(jnp.float32), x
 
 
@@ -389,7 +327,8 @@ class InceptionV3(nn.Module):
   Logits are returned in float32 whatever `dtype`, so losses and metrics need no casts.
   """
 
-  num_classes: int = 1001
+  num_classes: int = 1001  # The classes K; the classifiers have `heads.get(head).outputs(K)`.
+  head: str = 'softmax'  # config.model.head (pneumo_jax.heads).
   create_aux_logits: bool = True
   dropout_keep_prob: float = 0.8
   depth_multiplier: float = 1.0
@@ -413,36 +352,31 @@ class InceptionV3(nn.Module):
         f'InceptionV3 needs images [B, H, W, C] with H, W >= {MIN_SIZE} (input.image_size); '
         f'got {images.shape}.'
       )
-    common = dict(
-      dtype=self.dtype,
-      activation=self.activation,
-      batch_norm_train=self.batch_norm_train,
-      batch_norm_decay=self.batch_norm_decay,
+    # slim's batch_norm under inception_v3_arg_scope: no scale, its epsilon, the model's decay.
+    norm = layers.batch_norm_factory(
+      self, epsilon=BN_EPSILON, use_scale=False, names=layers.SLIM_NAMES
     )
     end_points = {}
     x = images
     for spec in _architecture(self._depth):
       if isinstance(spec, ConvSpec):
-        x = ConvBN(spec, name=spec.name, **common)(x, train)
+        x = _conv_bn(spec, norm, self.dtype, x, train)
       elif isinstance(spec, PoolSpec):
         x = Pool(spec, name=spec.name)(x)
       else:
-        x = Mixed(branches=spec.branches, name=spec.name, **common)(x, train)
+        x = Mixed(spec.branches, norm, self.dtype, name=spec.name)(x, train)
       end_points[spec.name] = x
 
+    outputs = heads.get(self.head).outputs(self.num_classes)
     if self.create_aux_logits and self.num_classes:
-      aux = AuxLogits(
-        num_classes=self.num_classes,
-        depths=(self._depth(128), self._depth(768)),
-        name='AuxLogits',
-        **common,
-      )
+      depths = (self._depth(128), self._depth(768))
+      aux = AuxLogits(outputs, depths, norm, self.dtype, name='AuxLogits')
       end_points['AuxLogits'] = aux(end_points['Mixed_6e'], train)
 
-    logits, pre_logits = Logits(
-      self.num_classes, self.dropout_keep_prob, dtype=self.dtype, name='Logits'
-    )(x, train)
+    logits, pre_logits = Logits(outputs, self.dropout_keep_prob, dtype=self.dtype, name='Logits')(
+      x, train
+    )
     end_points['PreLogits'] = pre_logits
     end_points['Logits'] = logits
-    end_points['Predictions'] = jax.nn.softmax(logits, axis=-1)
+    end_points['Predictions'] = heads.get(self.head).probs(logits)
     return logits, end_points

@@ -223,7 +223,6 @@ def run(
       '--sweep_parallel: a multi-process sweep runs its trials one at a time, each on all '
       'processes; leave it at 1'
     )
-  base = list(command or [sys.executable, '-m', 'pneumo_jax'])
   overrides = dict(overrides or {})
   config, sweep = grid.expand(config_file, overrides)
   injected = {}
@@ -232,18 +231,17 @@ def run(
   names = grid.trial_names(sweep, overrides)
   trials = [_Trial(n, t, os.path.join(workdir, n)) for n, t in zip(names, sweep, strict=True)]
   with locks.workdir_lock(workdir):  # One sweep per workdir; trials lock their own.
-    origin = _origin(config_file)
-    results: dict[str, dict[str, Any]] = {}
-    pending = []
-    for trial in trials:
-      _check_origin(trial, origin)
-      done = _is_done(_read_summary(trial.workdir))
-      results[trial.name] = _result(trial, 'done' if done else 'pending')
-      if not done:
-        pending.append(trial)
-    if in_process:  # Process 0's reading decides: every process must run the same trials.
-      names_left = json.loads(distributed.share_text(json.dumps([t.name for t in pending])))
-      pending = [t for t in trials if t.name in names_left]
+    sweep_run = _SweepRun(
+      config_file,
+      workdir,
+      config,
+      overrides,
+      injected,
+      trials,
+      list(command or [sys.executable, '-m', 'pneumo_jax']),
+      in_process,
+    )
+    pending = sweep_run.pending()
     logging.info(
       'sweep %s: %d trials, %d finished before, %d to run, %d at a time',
       config_file,
@@ -254,35 +252,77 @@ def run(
     )
     if prepare_data:
       _prepare_data(config, pending, injected)
-
-    def write_tables():
-      if in_process and jax.process_index():
-        return
-      report.write_results(
-        workdir, [results[t.name] for t in trials], config.best_metric, config_file, overrides
-      )
-
-    write_tables()
-
-    def record_of(trial: _Trial) -> dict[str, Any]:
-      argv = [
-        *base,
-        '--config',
-        config_file,
-        '--workdir',
-        trial.workdir,
-        '--nosweep',
-        *(_flag(k, v) for k, v in {**overrides, **injected, **trial.overrides}.items()),
-      ]
-      return {'config': origin, 'overrides': {**overrides, **trial.overrides}, 'argv': argv}
-
+    sweep_run.write_tables()
     if in_process:
-      for trial in pending:
-        result = _train_here(trial, _trial_config(config, trial, injected), record_of(trial))
-        results[trial.name] = result
-        logging.info('sweep trial %s: %s %s', trial.name, result['status'], result['error'])
-        write_tables()
-      return [results[t.name] for t in trials]
+      sweep_run.train_here(pending)
+    else:
+      sweep_run.train_in_processes(pending, parallel)
+    return [sweep_run.results[t.name] for t in trials]
+
+
+@dataclasses.dataclass
+class _SweepRun:
+  """One run of a sweep: its trials, their results so far, and how each trial is launched."""
+
+  config_file: str
+  workdir: str
+  config: ml_collections.ConfigDict
+  overrides: dict[str, Any]  # The command line's, for every trial.
+  injected: dict[str, Any]  # Set for every trial by the sweep itself (the shared data_dir).
+  trials: list[_Trial]
+  command: list[str]
+  in_process: bool
+  results: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+  def pending(self) -> list[_Trial]:
+    """The trials not finished before (process 0's reading, in a multi-process run: every
+    process must run the same trials); fills `results` with each trial's status."""
+    origin = _origin(self.config_file)
+    pending = []
+    for trial in self.trials:
+      _check_origin(trial, origin)
+      done = _is_done(_read_summary(trial.workdir))
+      self.results[trial.name] = _result(trial, 'done' if done else 'pending')
+      if not done:
+        pending.append(trial)
+    if self.in_process:
+      names_left = json.loads(distributed.share_text(json.dumps([t.name for t in pending])))
+      pending = [t for t in self.trials if t.name in names_left]
+    return pending
+
+  def write_tables(self) -> None:
+    if self.in_process and jax.process_index():
+      return
+    report.write_results(
+      self.workdir,
+      [self.results[t.name] for t in self.trials],
+      self.config.best_metric,
+      self.config_file,
+      self.overrides,
+    )
+
+  def record_of(self, trial: _Trial) -> dict[str, Any]:
+    """trial.json's record: the config, the trial's overrides, the command that runs it alone."""
+    argv = [
+      *self.command,
+      '--config',
+      self.config_file,
+      '--workdir',
+      trial.workdir,
+      '--nosweep',
+      *(_flag(k, v) for k, v in {**self.overrides, **self.injected, **trial.overrides}.items()),
+    ]
+    overrides = {**self.overrides, **trial.overrides}
+    return {'config': _origin(self.config_file), 'overrides': overrides, 'argv': argv}
+
+  def train_here(self, pending: list[_Trial]) -> None:
+    """Runs `pending` in this process, one after another."""
+    for trial in pending:
+      cfg = _trial_config(self.config, trial, self.injected)
+      self._finished(_train_here(trial, cfg, self.record_of(trial)))
+
+  def train_in_processes(self, pending: list[_Trial], parallel: int) -> None:
+    """Runs `pending` as trial processes, `parallel` at a time."""
     env = dict(os.environ)
     # Trials import what this process imports (a config's `from configs import …` included)
     # from wherever it was started: its script's folder, or the current one under `-m`.
@@ -293,15 +333,16 @@ def run(
     with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
       futures = []
       for trial in pending:
-        record = record_of(trial)
+        record = self.record_of(trial)
         futures.append(pool.submit(_run_trial, trial, record['argv'], env, record))
       try:
         for future in concurrent.futures.as_completed(futures):
-          result = future.result()
-          results[result['name']] = result
-          logging.info('sweep trial %s: %s %s', result['name'], result['status'], result['error'])
-          write_tables()
+          self._finished(future.result())
       except BaseException:  # Ctrl-C included: start no more trials; running ones get the signal.
         pool.shutdown(wait=False, cancel_futures=True)
         raise
-    return [results[t.name] for t in trials]
+
+  def _finished(self, result: dict[str, Any]) -> None:
+    self.results[result['name']] = result
+    logging.info('sweep trial %s: %s %s', result['name'], result['status'], result['error'])
+    self.write_tables()

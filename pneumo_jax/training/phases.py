@@ -1,0 +1,117 @@
+"""The training rules a config sets: its phases, which batch norms learn in each, which
+variables no phase changes, and the loss's class weights.
+
+A run is one phase (the top-level fields) or several named ones in `config.phases`, each
+overriding a few fields. The loop, validation and the model card read them from here.
+"""
+
+import collections
+from typing import Any, NamedTuple
+
+import ml_collections
+import numpy as np
+
+from pneumo_jax import scopes
+from pneumo_jax.errors import ConfigError
+
+# The fields a phase may override; the rest stay the run's.
+PER_PHASE_FIELDS = (
+  'num_steps',
+  'trainable_scopes',
+  'batch_norm',
+  'schedule',
+  'optimizer',
+  'feature_cache',
+)
+
+
+class Phase(NamedTuple):
+  """Steps (start, end] of the run, trained with `cfg` (the config with the phase's overrides)."""
+
+  name: str
+  start: int
+  end: int
+  cfg: ml_collections.ConfigDict
+
+
+def resolve_phases(config: ml_collections.ConfigDict) -> list[Phase]:
+  """config.phases (named, in order) → Phases; none → one phase from the top-level fields."""
+  if not config.phases:
+    return [Phase('main', 0, config.num_steps, config)]
+  phases, start = [], 0
+  for name, overrides in config.phases.items():
+    if 'num_steps' not in overrides or overrides.num_steps <= 0:
+      raise ConfigError(f'config.phases.{name}.num_steps must be a positive number of steps')
+    cfg = ml_collections.ConfigDict(config.to_dict())
+    for key, value in overrides.items():
+      if key not in PER_PHASE_FIELDS:
+        raise ConfigError(
+          f'config.phases.{name}.{key} is not a per-phase field; use num_steps, '
+          'trainable_scopes, batch_norm, schedule, optimizer or feature_cache'
+        )
+      if isinstance(value, ml_collections.ConfigDict):
+        cfg[key].update(value)
+      else:
+        cfg[key] = value
+    phases.append(Phase(name, start, start + overrides.num_steps, cfg))
+    start += overrides.num_steps
+  return phases
+
+
+def phase_at(phases: list[Phase], step: int) -> Phase:
+  """The phase that trains step `step + 1` (the last phase once every step is done)."""
+  return next((p for p in phases if step < p.end), phases[-1])
+
+
+def batch_norm_train(cfg: ml_collections.ConfigDict) -> tuple[str, ...] | None:
+  """The model's `batch_norm_train` for a phase, from `batch_norm`:
+
+  'trainable' (default, the Keras rule): BN learns only inside the trainable scopes;
+  'frozen': every BN runs in inference mode (Keras's advice once a pretrained base is unfrozen);
+  'all': every BN normalises with batch statistics, as the seed's slim run did.
+  """
+  rule = cfg.batch_norm
+  if rule == 'trainable':
+    return scopes.parse(cfg.trainable_scopes)
+  if rule == 'frozen':
+    return ()
+  if rule == 'all':
+    return None
+  raise ConfigError(f"config.batch_norm={rule!r} is unknown; use 'trainable', 'frozen' or 'all'")
+
+
+def frozen_paths(variables: dict[str, Any], phases: list[Phase]) -> dict[str, set[str]]:
+  """{'params', 'batch_stats'} → paths of the leaves no phase changes: params outside every
+  phase's trainable scopes, moving statistics of the batch norms no phase trains. Checkpoints
+  leave them out; they are kept once, in WORKDIR/base."""
+  trained = {
+    k
+    for p in phases
+    for k, t in scopes.flatten(scopes.mask(variables['params'], p.cfg.trainable_scopes)).items()
+    if t
+  }
+  rules = [batch_norm_train(p.cfg) for p in phases]
+  params = scopes.flatten(variables['params'])
+  by_layer = collections.defaultdict(list)  # Layer path → its parameters' paths.
+  for k in params:
+    by_layer[k.rpartition('/')[0]].append(k)
+
+  def learns(path: str) -> bool:
+    """A batch norm's statistics at `P/<stat>` move when its rule matches a parameter under P/
+    (every backbone decides by its own BN parameters' paths, e.g. `P/beta` or `P/bias`)."""
+    own = by_layer.get(path.rpartition('/')[0])
+    return not own or any(r is None or any(scopes.matches(r, k) for k in own) for r in rules)
+
+  return {
+    'params': set(params) - trained,
+    'batch_stats': {k for k in scopes.flatten(variables['batch_stats']) if not learns(k)},
+  }
+
+
+def class_weights(cfg: ml_collections.ConfigDict, counts: np.ndarray) -> np.ndarray | None:
+  """'balanced' → n / (k · count_c), scikit-learn's rule; '' → none."""
+  if not cfg.class_weighting:
+    return None
+  if cfg.class_weighting != 'balanced':
+    raise ConfigError(f"config.class_weighting={cfg.class_weighting!r}: use '' or 'balanced'")
+  return counts.sum() / (len(counts) * np.maximum(counts, 1))

@@ -21,6 +21,7 @@ missing) raises DamagedCheckpointError, one line naming the step, its folder and
 training moves such a step to WORKDIR/damaged/ (`set_aside`) and resumes from the one before.
 """
 
+import asyncio
 import contextlib
 import glob
 import hashlib
@@ -264,14 +265,15 @@ class _DamageReports(logging_lib.Filter):
   each with its traceback when the task is freed."""
 
   def filter(self, record: logging_lib.LogRecord) -> bool:
-    return not (record.exc_info and _damage(record.exc_info[1]) is not None)
+    return not (record.exc_info and _abandoned_read(record.exc_info[1]))
 
 
 def _quiet_abandoned_reads() -> None:
   """Once a restore fails, its other reads still report, each with a traceback, hundreds of lines
   after the one that matters: asyncio logs their uncollected failures (_DamageReports), and
-  tensorstore completes them into the event loop orbax has closed, which reaches
-  sys.unraisablehook as 'Event loop is closed'. Those reports, and only those, are dropped."""
+  tensorstore completes them into the event loop orbax has closed, and coroutines freed with
+  their read failed reach sys.unraisablehook. Those reports (`_abandoned_read`), and only those,
+  are dropped."""
   asyncio_log = logging_lib.getLogger('asyncio')
   if not any(isinstance(f, _DamageReports) for f in asyncio_log.filters):
     asyncio_log.addFilter(_DamageReports())
@@ -280,12 +282,24 @@ def _quiet_abandoned_reads() -> None:
     return
 
   def hook(unraisable: Any) -> None:
-    error = unraisable.exc_value
-    if not (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'):
+    if not _abandoned_read(unraisable.exc_value):
       previous(unraisable)
 
   hook.drops_closed_loop_reports = True  # type: ignore[attr-defined]
   sys.unraisablehook = hook
+
+
+def _abandoned_read(error: BaseException | None) -> bool:
+  """Whether `error` reports a read a failed restore left behind: the closed event loop itself,
+  or orbax's wrapper of a read that failed on damage, was cancelled or met the closed loop."""
+  chain = [error]
+  while chain[-1] is not None and len(chain) < 10:
+    chain.append(chain[-1].__cause__ or chain[-1].__context__)
+  return _damage(error) is not None or any(
+    isinstance(x, asyncio.CancelledError)
+    or (isinstance(x, RuntimeError) and str(x) == 'Event loop is closed')
+    for x in chain
+  )
 
 
 @contextlib.contextmanager

@@ -1,24 +1,15 @@
 """Orbax checkpoints: a run's state and data iterator, initialisation from pretrained weights.
 
-Layout under WORKDIR:
-  base/            the leaves no phase of the run changes (frozen params, moving statistics of
-                   frozen batch norms), written once when the run starts, with the sha256 of their
-                   content in its orbax metadata;
-  checkpoints/<step>/{state,data,base_ref}   the last `keep_checkpoints`;
-  best/<step>/{state,base_ref}               the best by `config.best_metric`;
-  damaged/<subdir>/<step>/   steps that failed to restore, moved there by training, never deleted.
-`state` holds step, opt_state and the params, batch_stats and (with EMA on) ema_params that can
-change, keyed by the model's TF-Slim scope names; `data` the grain iterator's position; `base_ref`
-(JSON) the base's sha256 and the paths taken from it. A head-only checkpoint is thus the head and
-its optimizer state instead of the whole network twice (params and EMA), and the workdir stays
-self-sufficient (no reference to where the pretrained weights came from): copy it and predict
-works. Restoring checks that base/ still hashes to what the checkpoint recorded. The EMA of a
-frozen leaf is the leaf itself (the train step skips frozen leaves), so base/ serves both.
-Checkpoints without `base_ref`, written before base/ existed, hold the full state and still load.
-
-A step whose files cannot be read back (truncated by a full disk or a copy cut short, corrupted,
-missing) raises DamagedCheckpointError, one line naming the step, its folder and the likely cause;
-training moves such a step to WORKDIR/damaged/ (`set_aside`) and resumes from the one before.
+Layout under WORKDIR: `base/` (the leaves no phase changes, written once, with the sha256 of
+their content), `checkpoints/<step>/{state,data,base_ref}` (the last `keep_checkpoints`),
+`best/<step>/{state,base_ref}` and `damaged/<subdir>/<step>/` (steps that failed to restore,
+moved there by training, never deleted). `state` holds what can change (step, optimizer state,
+trainable params, batch statistics, EMA), keyed by scope names; `data` the grain iterator's
+position; `base_ref` the base's hash and the paths taken from it, checked on every restore. So a
+head-only checkpoint is the head and its optimizer state, and the workdir is self-sufficient:
+copy it and predict works. Checkpoints written before base/ existed hold everything and load.
+A step whose files cannot be read back raises DamagedCheckpointError: one line with the step,
+its folder and the likely cause (truncated, corrupted, missing).
 """
 
 import asyncio

@@ -237,14 +237,17 @@ def build(
   stem = os.path.splitext(os.path.basename(scan.what))[0]
   slug = re.sub(r'[^a-z0-9]+', '_', stem.lower()).strip('_') or 'folder'
   name = f'{slug[:40]}_{fingerprint}'
-  if not whole:  # Fail early, before taking the lock: the read pass may only add groups.
+  # TFDS renames a build to its version directory only once complete (docs/datasets.md).
+  done = os.path.join(data_dir, ClassFolder.name, name, str(ClassFolder.VERSION))
+  # Fail early, before taking the lock and reading every image (the read pass may only add
+  # groups); a finished build of this fingerprint was split already (a by-patient split of a
+  # large collection takes seconds).
+  if not whole and not os.path.isdir(done):
     patients = [e.patient for e in scan.examples]
     _split(scan, range(len(scan.examples)), patients, [''] * len(patients), settings)
   with locks.build_lock(data_dir):
     _remove_leftovers(data_dir)
     try:
-      # TFDS renames a build to its version directory only once complete (see the module doc).
-      done = os.path.join(data_dir, ClassFolder.name, name, str(ClassFolder.VERSION))
       if os.path.isdir(done):  # Reuse: its channel count is recorded; read no image.
         with open(os.path.join(done, 'metadata.json')) as f:
           prepared = {'channels': json.load(f)['channels']}

@@ -42,6 +42,7 @@ BASE_DIR = 'base'
 BASE_REF = 'base_ref'  # The JSON item naming the base a checkpoint was saved against.
 DAMAGED_DIR = 'damaged'  # WORKDIR/damaged/<subdir>/<step>: steps that failed to restore, kept.
 LABELS_FILE = 'labels.txt'  # The class names, one a line, in output order.
+CONFIG_FILE = 'config.json'  # The run's resolved config, as training wrote it.
 # Entry of a saved state → the base collection its frozen leaves come from.
 _FROM_BASE = {'params': 'params', 'ema_params': 'params', 'batch_stats': 'batch_stats'}
 
@@ -79,6 +80,17 @@ def load_label_names(workdir: str) -> list[str] | None:
     return None
   with open(path) as f:
     return f.read().splitlines()
+
+
+def load_recorded_config(workdir: str) -> dict[str, Any] | None:
+  """WORKDIR/config.json as training wrote it; None when absent or unreadable (a workdir made
+  before it was written, or copied without it)."""
+  try:
+    with open(os.path.join(workdir, CONFIG_FILE)) as f:
+      recorded = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return recorded if isinstance(recorded, dict) else None
 
 
 def manager(

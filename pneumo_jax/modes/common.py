@@ -6,8 +6,6 @@ Eval, predict, explain (and ImageNet top-k) restore through `restore`, read file
 """
 
 import itertools
-import json
-import os
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -65,11 +63,7 @@ def _model_settings_differ(config: ml_collections.ConfigDict, workdir: str) -> s
   """'model.head='ordinal' (not 'softmax')'-style text for the model fields that decide a
   checkpoint's outputs where WORKDIR/config.json records other values than `config`; '' when
   none differ or nothing was recorded."""
-  try:
-    with open(os.path.join(workdir, 'config.json')) as f:
-      recorded = json.load(f)['model']
-  except (OSError, ValueError, KeyError, TypeError):
-    return ''
+  recorded = (checkpoints.load_recorded_config(workdir) or {}).get('model', {})
   return ', '.join(
     f'model.{k}={recorded[k]!r} (not {config.model[k]!r})'
     for k in ('name', 'head')

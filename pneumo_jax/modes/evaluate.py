@@ -39,7 +39,6 @@ FLAGS = ('split', 'checkpoint')
 NEEDS_WORKDIR = True
 
 ALL = folder_builder.WHOLE  # --split value: every image of the source (a whole build).
-CONFIG_FILE = 'config.json'  # The run's config, as training wrote it.
 # folder_builder.COLUMNS that name an image outside this tool → the per-image CSV's columns.
 _IDENTIFIERS = {'patient_ids': 'patient_id', 'study_uids': 'study_uid', 'sop_uids': 'sop_uid'}
 CALIBRATION, OPERATING_POINTS = 'calibration', 'operating_points'  # The report's added keys.
@@ -188,8 +187,7 @@ def _recorded_config(config: ml_collections.ConfigDict, workdir: str) -> ml_coll
   """`config` with the dataset settings WORKDIR/config.json records (the run's own source), each
   of the type the field has (JSON turned tuples into lists), so that the run's build is found
   again rather than rebuilt."""
-  with open(os.path.join(workdir, CONFIG_FILE)) as f:
-    recorded = json.load(f)['dataset']
+  recorded = checkpoints.load_recorded_config(workdir)['dataset']
   out = ml_collections.ConfigDict(config.to_dict())
   for key, value in recorded.items():
     if key in out.dataset:
@@ -434,10 +432,8 @@ def _source_in(dataset: dict[str, Any], workdir: str) -> str:
 
 def _is_run_source(config: ml_collections.ConfigDict, workdir: str) -> bool:
   """Whether `config` reads the source WORKDIR/config.json records; True without a record."""
-  try:
-    with open(os.path.join(workdir, CONFIG_FILE)) as f:
-      recorded = json.load(f)['dataset']
-  except (OSError, ValueError, KeyError, TypeError):
+  recorded = (checkpoints.load_recorded_config(workdir) or {}).get('dataset')
+  if not isinstance(recorded, dict):
     return True
   return _source_in(recorded, workdir) == _source_in(config.dataset.to_dict(), workdir)
 

@@ -200,7 +200,7 @@ class _Training:
     self.backbone = backbone_of(config)
     self.eval_model = build_model(config, len(self.names))
     if self.lead:
-      with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      with open(os.path.join(workdir, checkpoints.CONFIG_FILE), 'w') as f:
         f.write(config.to_json_best_effort(indent=2))
     self.init_rng, self.dropout_rng = jax.random.split(jax.random.key(config.seed))
     self.latest = checkpoints.manager(workdir, keep=config.keep_checkpoints, cleanup=True)

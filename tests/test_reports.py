@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pneumo_jax import atomic
 from pneumo_jax.evaluation import calibration, metrics, reports
 
 NAMES = ['stage0', 'stage1', 'stage2']
@@ -185,13 +186,13 @@ def test_a_report_made_with_other_settings_is_kept_not_replaced(tmp_path):
 def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):
   path = tmp_path / 'p.csv'
   path.write_text('old')
-  with pytest.raises(RuntimeError), reports.atomic_path(str(path)) as tmp:
+  with pytest.raises(RuntimeError), atomic.atomic_file(str(path)) as tmp:
     with open(tmp, 'w') as f:
       f.write('half')
     raise RuntimeError('killed mid-write')
   assert path.read_text() == 'old'
   assert os.listdir(tmp_path) == ['p.csv']  # No temporary file left behind.
-  with reports.atomic_path(str(path)) as tmp, open(tmp, 'w') as f:
+  with atomic.atomic_file(str(path)) as tmp, open(tmp, 'w') as f:
     f.write('new')
   assert path.read_text() == 'new' and os.listdir(tmp_path) == ['p.csv']
 

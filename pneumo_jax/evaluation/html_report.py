@@ -23,6 +23,7 @@ import numpy as np
 from matplotlib import colormaps
 from PIL import Image
 
+from pneumo_jax import atomic
 from pneumo_jax.evaluation import metrics, model_card, operating_points, reports
 
 MAX_ERRORS = 16  # The most confident errors shown.
@@ -248,6 +249,6 @@ def render(
 
 def write(path: str, page: str) -> str:
   """Writes the page atomically (a reader never opens half of it); returns `path`."""
-  with reports.atomic_path(path) as tmp, open(tmp, 'w', encoding='utf-8') as f:
+  with atomic.atomic_file(path) as tmp, open(tmp, 'w', encoding='utf-8') as f:
     f.write(page)
   return path

@@ -17,9 +17,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 import pneumo_jax
-from pneumo_jax import models
+from pneumo_jax import atomic, models
 from pneumo_jax.data import folder_builder
-from pneumo_jax.evaluation import metrics, reports
+from pneumo_jax.evaluation import metrics
 from pneumo_jax.training.phases import resolve_phases
 
 CARD_FILE = 'model_card.md'  # In WORKDIR: the card of the latest evaluation.
@@ -96,7 +96,7 @@ def render(
 
 def write(path: str, card: str) -> str:
   """Writes `card` to `path` atomically, so a reader never sees half a card; returns `path`."""
-  with reports.atomic_path(path) as tmp, open(tmp, 'w') as f:
+  with atomic.atomic_file(path) as tmp, open(tmp, 'w') as f:
     f.write(card)
   return path
 

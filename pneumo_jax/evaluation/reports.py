@@ -41,11 +41,6 @@ def eval_stem(workdir: str, split: str, step: int, source: str = '') -> str:
   return os.path.join(workdir, 'eval', f'{source}_{split}_{step}' if source else f'{split}_{step}')
 
 
-# The reports' atomic writer (a temporary file beside `path`, renamed onto it when the block
-# succeeds): pneumo_jax/atomic.py's, which every module that replaces a file shares.
-atomic_path = atomic.atomic_file
-
-
 def check_writable(folder: str, what: str, *, create: bool = True) -> None:
   """Fails, naming `folder` and `what` it is for, when a file cannot be created there (read-only,
   full, not a folder): called before a mode computes, so nothing is spent on results that could
@@ -82,7 +77,7 @@ def printable(path: str) -> str:
 
 
 def write_json(path: str, record: dict[str, Any]) -> None:
-  with atomic_path(path) as tmp, open(tmp, 'w') as f:
+  with atomic.atomic_file(path) as tmp, open(tmp, 'w') as f:
     json.dump(record, f, indent=2)
 
 
@@ -117,7 +112,7 @@ def _plot_confusion_matrix(
 
 
 def _save_figure(fig: Figure, path: str) -> None:
-  with atomic_path(path) as tmp:
+  with atomic.atomic_file(path) as tmp:
     fig.savefig(tmp, dpi=120)
 
 
@@ -271,7 +266,7 @@ def write_predictions(
     )
   rows, truths = iter(probs), iter(true_labels or ())
   calls = iter(zip(*decisions.values(), strict=True)) if decisions else None
-  with atomic_path(path) as tmp, open(tmp, 'w', newline='', **CSV_ENCODING) as f:
+  with atomic.atomic_file(path) as tmp, open(tmp, 'w', newline='', **CSV_ENCODING) as f:
     writer = csv.writer(f)
     writer.writerow(header)
     for file in files:

@@ -36,7 +36,7 @@ from configs import default
 from pneumo_jax import scopes, validate
 from pneumo_jax.data import dataset_for, folder_builder, images, pipeline
 from pneumo_jax.models import backbone_of, build_model
-from pneumo_jax.training import feature_cache, loop, optim
+from pneumo_jax.training import feature_cache, loop, optim, phases
 from pneumo_jax.training.monitor import read_records
 from pneumo_jax.training.step import TrainState
 
@@ -150,7 +150,7 @@ def step_rate(config: ml_collections.ConfigDict, builder, num_classes: int) -> f
   device-resident batch of stored records; the first call (compile) is not timed, later calls
   are dispatched back to back."""
   backbone = backbone_of(config)
-  model = build_model(config, num_classes, batch_norm_train=loop.batch_norm_train(config))
+  model = build_model(config, num_classes, batch_norm_train=phases.batch_norm_train(config))
   n, size = config.input.batch_size, config.input.image_size
   key = jax.random.key(0)
   batch = jax.device_put(next(pipeline.eval_batches(builder, 'train', _with_batch(config, n))))

@@ -15,7 +15,7 @@ from configs import default
 from pneumo_jax import scopes, sharding
 from pneumo_jax.data import augment, preprocess
 from pneumo_jax.models.inception_v3 import BACKBONE, InceptionV3
-from pneumo_jax.training import loop, optim
+from pneumo_jax.training import optim, phases
 from pneumo_jax.training.step import TrainState, make_train_step
 from tests import reference
 
@@ -154,10 +154,10 @@ def test_mixed_precision_step_keeps_float32_parameters():
 def test_balanced_class_weights():
   c = default.get_config()
   c.class_weighting = 'balanced'
-  w = loop.class_weights(c, np.array([60, 20, 20]))
+  w = phases.class_weights(c, np.array([60, 20, 20]))
   np.testing.assert_allclose(w, [100 / 180, 100 / 60, 100 / 60])
   c.class_weighting = ''
-  assert loop.class_weights(c, np.array([1, 2])) is None
+  assert phases.class_weights(c, np.array([1, 2])) is None
 
 
 def data_parallel_run() -> dict[str, np.ndarray]:

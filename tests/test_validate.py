@@ -5,7 +5,7 @@ import pytest
 from configs import default
 from pneumo_jax import validate
 from pneumo_jax.errors import ConfigError, DatasetError
-from pneumo_jax.training import loop
+from pneumo_jax.training import phases
 
 
 def _config(**overrides):
@@ -102,7 +102,7 @@ def test_default_scopes_are_the_backbones_head():
   assert (c.exclude_scopes, c.trainable_scopes) == ('Logits,AuxLogits',) * 2
   c.model.name = 'densenet121'
   assert (c.exclude_scopes, c.trainable_scopes) == ('classifier',) * 2
-  assert loop.resolve_phases(c)[0].cfg.trainable_scopes == 'classifier'
+  assert phases.resolve_phases(c)[0].cfg.trainable_scopes == 'classifier'
   validate.check(c, devices=1)
   c.trainable_scopes = '.*'
   c.model.name = 'inception_v3'

@@ -10,7 +10,8 @@ this one and override.
 
 import ml_collections
 
-from pneumo_jax import models
+from pneumo_jax import heads, models
+from pneumo_jax.evaluation import metrics
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -33,6 +34,20 @@ def get_config() -> ml_collections.ConfigDict:
   # label, unknown split, repeated path) are an error naming their line numbers, or skipped and
   # listed with skip_corrupt. Its content is part of the build's fingerprint.
   c.dataset.labels_csv = ''
+  # 'single': one class per image (folders, or a label file's label column). 'multilabel':
+  # several findings per film, from labels_csv only: columns path (optional patient_id, split)
+  # and one per finding, each cell 1 (present), 0 (absent), -1 (uncertain) or blank (not
+  # mentioned), also as 1.0/0.0/-1.0 (CheXpert's file); any other value is an error naming the
+  # line and column. Its splits keep every finding's positives in each split (docs/datasets.md).
+  # model.head and best_metric follow it unless set.
+  c.dataset.task = 'single'
+  # Multilabel: the finding columns, in order, as a list or a comma string ('Effusion,Nodule');
+  # empty → every column but path, patient_id and split.
+  c.dataset.label_columns = ml_collections.FieldReference('', field_type=object)
+  # Multilabel: what a -1 (uncertain) cell becomes: 'ignore' (masked out of the loss and the
+  # metrics), 'zeros' (absent) or 'ones' (present): CheXpert's U-Ignore, U-Zeros, U-Ones.
+  c.dataset.uncertain = 'ignore'
+  c.dataset.blank = 'zeros'  # Multilabel: what a blank cell becomes (the same choices).
   # Class names in label order, as a list or a comma string ('none,mild,moderate,severe':
   # ordinal grades need their order). Must name exactly the classes of the folders or label
   # file. Empty → sorted names.
@@ -129,7 +144,10 @@ def get_config() -> ml_collections.ConfigDict:
   # (CORN: K − 1 "grade > k" outputs whose class probabilities respect the classes' order, for
   # graded classes such as stages 0–3 in dataset.class_names' order; the aux head likewise).
   # label_smoothing then smooths each "grade > k" target and class weights weigh each example.
-  c.model.head = 'softmax'
+  # 'sigmoid': one sigmoid per finding with binary cross-entropy, ignored labels masked
+  # (dataset.task='multilabel' only; the other two are single-label only). Unset, it follows
+  # dataset.task: 'softmax' for single, 'sigmoid' for multilabel.
+  c.model.head = heads.default_for(c.dataset.get_ref('task'))
 
   # --- Initialisation, as slim's --checkpoint_path / --checkpoint_exclude_scopes. ---
   c.init_checkpoint = ''  # Orbax dir with params + batch_stats (see converters/); '' → random.
@@ -163,8 +181,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- Loss. ---
   c.aux_loss_weight = 0.4  # Weight of the aux head's cross-entropy.
-  c.label_smoothing = 0.0
-  c.class_weighting = ''  # 'balanced' → weight classes by n / (k · count), scikit-learn's rule.
+  c.label_smoothing = 0.0  # Findings (sigmoid): targets become 1 − ε/2 and ε/2.
+  # 'balanced' → weight classes by n / (k · count), scikit-learn's rule; for findings, per
+  # finding, its negatives and positives each n / (2 · count) over its used labels.
+  c.class_weighting = ''
   c.ema_decay = 0.0  # > 0 (e.g. 0.999): keep an EMA of the weights; eval/predict use it.
 
   # --- Optimizer (slim's flags and defaults). ---
@@ -207,10 +227,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_secs = 0  # > 0: also save this often (slim's --save_interval_secs).
   c.keep_checkpoints = 3  # Latest checkpoints kept (the best is kept apart, in WORKDIR/best).
   c.early_stopping_patience = 0  # > 0: stop after this many evals without a new best.
-  c.best_metric = 'kappa'  # Validation metric that picks the best checkpoint and ranks sweeps:
-  # accuracy | balanced_accuracy | kappa (quadratic weighted) | auc_macro | loss (lower wins).
+  # Validation metric that picks the best checkpoint and ranks sweeps: accuracy |
+  # balanced_accuracy | kappa (quadratic weighted; single-label only) | auc_macro | loss (lower
+  # wins). Unset, it follows dataset.task: kappa for single, auc_macro (mean of the findings'
+  # ROC AUCs) for multilabel.
+  c.best_metric = metrics.default_best_metric(c.dataset.get_ref('task'))
   # The threshold at which --mode predict writes each "class ≥ k" decision (decision_ge_<class>
-  # columns), once --mode eval has chosen the thresholds on the validation split:
+  # columns; for findings each finding's decision_<finding>), once --mode eval has chosen the
+  # thresholds on the validation split:
   # youden (Youden's J) | sensitivity_90 | sensitivity_95 (the highest reaching that sensitivity).
   c.operating_point = 'youden'
   return c

@@ -45,6 +45,5 @@ def get_config() -> ml_collections.ConfigDict:
   )
   c.eval_every_steps = 250
   c.checkpoint_every_steps = 250
-  c.best_metric = 'kappa'
   c.early_stopping_patience = 6
   return c

@@ -87,8 +87,14 @@ flags.DEFINE_string(
     "InceptionV3's Mixed_7c).",
   ),
 )
-flags.DEFINE_integer(
-  'target_class', None, _for_modes('target_class', 'class to explain (default: predicted).')
+flags.DEFINE_string(
+  'target_class',
+  None,
+  _for_modes(
+    'target_class',
+    'class (or finding) to explain, by name or id (default: the predicted class; for findings, '
+    'each one predicted present).',
+  ),
 )
 flags.DEFINE_string(
   'export_dir',

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 
 from pneumo_jax import heads, models, scopes
-from pneumo_jax.data import folder_builder
+from pneumo_jax.data import folder_builder, pipeline, sources
 from pneumo_jax.errors import ConfigError
 from pneumo_jax.evaluation import metrics, operating_points
 from pneumo_jax.training import optim, phases
@@ -57,7 +57,20 @@ def check(config: ml_collections.ConfigDict, devices: int | None = None) -> None
       'dataset.full_resolution=True (records keep their size and are fitted to the default '
       'side when read): unset one of them'
     )
-  heads.get(config.model.head)
+  task = sources.task_of(config.dataset)
+  if heads.get(config.model.head).multilabel != (task == 'multilabel'):
+    raise ConfigError(
+      f'model.head={config.model.head!r} does not fit dataset.task={task!r}: findings '
+      '(multilabel) train a sigmoid head, single-label classes softmax or ordinal; unset '
+      'model.head to follow dataset.task'
+    )
+  if task == 'multilabel' and config.best_metric == 'kappa':
+    raise ConfigError(
+      "best_metric='kappa' is undefined with dataset.task='multilabel' (findings are not "
+      'grades): use auc_macro (the default for findings) or one of '
+      f'{sorted(set(metrics.HIGHER_IS_BETTER) - {"kappa"})}'
+    )
+  pipeline.check_class_balanced(config.input, task)
   if config.model.dtype not in _DTYPES:
     raise ConfigError(f'model.dtype={config.model.dtype!r}: use one of {list(_DTYPES)}')
   if config.best_metric not in metrics.HIGHER_IS_BETTER:
@@ -67,7 +80,7 @@ def check(config: ml_collections.ConfigDict, devices: int | None = None) -> None
   operating_points.decision_point(config)
   scopes.parse(config.exclude_scopes)
   folder_builder.check_settings(config.dataset)
-  phases.class_weights(config, np.ones(2))
+  phases.class_weights(config, np.arange(2))  # Checks the field only.
   for phase in phases.resolve_phases(config):
     where = f' (phase {phase.name!r})' if config.phases else ''
     if not scopes.parse(phase.cfg.trainable_scopes):

@@ -85,7 +85,7 @@ def test_ordinal_loss_ignores_task_k_for_grades_below_k():
 def test_head_names_are_checked():
   c = default.get_config()
   c.model.head = 'corn'
-  with pytest.raises(ConfigError, match=r"model.head='corn'.*'ordinal', 'softmax'"):
+  with pytest.raises(ConfigError, match=r"model.head='corn'.*'ordinal', 'sigmoid', 'softmax'"):
     validate.check(c)
 
 

@@ -106,13 +106,12 @@ def test_the_page_is_self_contained_and_escaped(tmp_path):
   assert list(tmp_path.glob('eval/.*')) == []  # Atomic: no temporary file left.
 
 
-@pytest.mark.skipif(_BROWSER is None, reason='chromium is not on PATH (CI installs it)')
-def test_chromium_renders_the_text_and_decodes_every_image(tmp_path):
-  path, result = _page(tmp_path)
+def _rendered_dom(path: str, tmp_path: pathlib.Path) -> str:
+  """The DOM headless Chromium builds from the page at `path`, with the image-decoding probe."""
   probed = tmp_path / 'probed.html'
   page = pathlib.Path(path).read_text(encoding='utf-8')
   probed.write_text(page.replace('</body>', _PROBE), encoding='utf-8')
-  dom = subprocess.run(
+  return subprocess.run(
     [
       _BROWSER,
       '--headless',
@@ -127,6 +126,12 @@ def test_chromium_renders_the_text_and_decodes_every_image(tmp_path):
     timeout=120,
     check=True,
   ).stdout
+
+
+@pytest.mark.skipif(_BROWSER is None, reason='chromium is not on PATH (CI installs it)')
+def test_chromium_renders_the_text_and_decodes_every_image(tmp_path):
+  path, result = _page(tmp_path)
+  dom = _rendered_dom(path, tmp_path)
   assert 'decoded 6 of 6' in dom, dom[-500:]
   for heading in (
     'Model card summary',
@@ -151,10 +156,74 @@ def test_chromium_renders_the_text_and_decodes_every_image(tmp_path):
       '--disable-gpu',
       f'--screenshot={screenshot}',
       '--window-size=1200,1600',
-      probed.as_uri(),
+      (tmp_path / 'probed.html').as_uri(),
     ],
     capture_output=True,
     timeout=120,
     check=True,
   )
   assert screenshot.stat().st_size > 10_000
+
+
+def _findings_page(tmp_path):
+  """A multi-label report (3 findings, 80 films, some labels ignored), as --mode eval writes it."""
+  findings = ['effusion', 'nodule', 'fibrosis']
+  rng = np.random.default_rng(0)
+  present = rng.random((80, 3)) < 0.4
+  probs = 1 / (1 + np.exp(-(rng.normal(size=(80, 3)) + 2 * present - 1)))
+  labels = np.where(rng.random((80, 3)) < 0.1, -1, present.astype(int))
+  entry = calibration.fit(labels, probs, findings)
+  scaled = calibration.scaled(probs, entry['temperature'])
+  entry['operating_points'] = operating_points.choose(labels, scaled, findings)
+  result = {
+    **metrics.compute(labels, probs, findings),
+    model_card.INTERVALS: metrics.bootstrap_ci(labels, probs, findings, resamples=100),
+    'calibration': calibration.report(labels, probs, entry, findings),
+    'operating_points': {
+      'chosen_on': 'validation',
+      'step': 9,
+      'predict_decides_at': 'youden',
+      'rows': operating_points.evaluate(labels, scaled, findings, entry['operating_points']),
+    },
+  }
+  path = reports.write_eval(
+    str(tmp_path), 'test', 9, result, findings, labels, probs, {'split': 'test'}
+  )
+  with open(path) as f:
+    record = json.load(f)
+  stem = path.removesuffix('.json')
+  page = html_report.render(
+    record,
+    recipe=[('Backbone', '`densenet121`, sigmoid head')],
+    limits=['Not a medical device.'],
+    figures={'roc': f'{stem}_roc.png'},
+    errors=[],
+    gradcam_layer='denseblock4',
+    title='Evaluation of densenet121 at step 9: test split',
+    json_path=path,
+    version='0.0.test',
+  )
+  return html_report.write(f'{stem}.html', page), result
+
+
+def test_a_findings_page_gives_each_findings_figures(tmp_path):
+  path, result = _findings_page(tmp_path)
+  page = pathlib.Path(path).read_text(encoding='utf-8')
+  assert not (tmp_path / 'eval' / 'test_9_confusion_matrix.png').exists()
+  assert page.count('<img src="data:image/png;base64,') == 1  # ROC; no matrix, no diagram.
+  ci = result[model_card.INTERVALS]['per_finding']
+  for name in ('effusion', 'nodule', 'fibrosis'):
+    auc = ci[name]['auc']
+    assert f'<td>{name}</td>' in page
+    assert f'{auc["estimate"]:.3f} ({auc["low"]:.3f} – {auc["high"]:.3f})' in page
+  assert 'ROC per finding' in page and 'A temperature per finding' in page
+  assert f'{result["auc_micro"]:.3f}' in page and 'kappa' not in page
+
+
+@pytest.mark.skipif(_BROWSER is None, reason='chromium is not on PATH (CI installs it)')
+def test_chromium_renders_a_findings_page(tmp_path):
+  path, _ = _findings_page(tmp_path)
+  dom = _rendered_dom(path, tmp_path)
+  assert 'decoded 1 of 1' in dom, dom[-500:]
+  assert '<h2>ROC per finding</h2>' in dom and 'No misclassified image' in dom
+  assert '<th>finding</th><th>operating point</th>' in dom

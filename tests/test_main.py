@@ -73,7 +73,7 @@ def _wait_for_training(workdir: str, proc: subprocess.Popen, timeout: float = 30
   pytest.fail('training did not start')
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_busy_workdir_then_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
   workdir = str(tmp_path / 'w')
   # Heads only (the quickest step to compile), through the whole network (no feature cache).

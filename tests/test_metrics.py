@@ -129,3 +129,14 @@ def test_format_table():
   for word in [*metrics.HIGHER_IS_BETTER, *NAMES, 'confusion matrix']:
     assert word in table
   assert 'n/a' in table  # stage3's AUC.
+
+
+def test_labels_of_findings_take_the_findings_path():
+  """[N, F] labels are findings (metrics.compute_findings); [N] labels keep the class metrics."""
+  labels, probs = _predictions()
+  single = metrics.compute(labels, probs, NAMES)
+  assert 'per_finding' not in single and 'auc_micro' not in single
+  findings = metrics.compute(np.eye(4, dtype=int)[labels], probs, NAMES)
+  assert list(findings['per_finding']) == NAMES and findings['kappa'] is None
+  for name in NAMES:  # One-vs-rest per class is each finding's binary task.
+    assert findings['per_finding'][name]['auc'] == pytest.approx(single['per_class'][name]['auc'])

@@ -330,6 +330,7 @@ print('ACCURACY', result['accuracy'])
 """
 
 
+@pytest.mark.long
 def test_four_devices_give_the_same_results(run, inputs):
   """eval_batch_size 6 is not a multiple of 4: the modes round batches up and pad them."""
   shutil.rmtree(os.path.join(run[1], 'explain'), ignore_errors=True)

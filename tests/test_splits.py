@@ -1,5 +1,6 @@
 """Splits by image (today's stratified split, unchanged) and by patient (none in two splits)."""
 
+import dataclasses
 import hashlib
 import json
 
@@ -265,3 +266,87 @@ def test_by_patient_names_the_short_class():
   message = str(e.value)
   assert "class 'rare' (3 images, 1 patients): " in message and '\n' not in message
   assert "'class0'" not in message
+
+
+def findings(num: int, prevalence=(0.3, 0.1, 0.04), seed: int = 0):
+  """Multilabel patients: 1–4 films each, each finding present in a patient with its
+  prevalence and shown on all their films, 5% of the cells ignored (-1). Returns labels [N, F],
+  patient ids and finding names."""
+  rng = np.random.default_rng(seed)
+  films = rng.integers(1, 5, num)
+  present = (rng.random((num, len(prevalence))) < prevalence).astype(np.int64)
+  labels = present[np.repeat(np.arange(num), films)]
+  labels[rng.random(labels.shape) < 0.05] = -1
+  groups = [f'person{p}' for p in np.repeat(np.arange(num), films)]
+  return labels, groups, [f'finding{i}' for i in range(len(prevalence))]
+
+
+@pytest.mark.parametrize(
+  'settings', [Settings(0.2), Settings(0.2, 0.1), Settings(0.15, 0.15, split_seed=7)]
+)
+def test_multilabel_by_patient_keeps_every_finding(settings):
+  labels, groups, names = findings(300)
+  result = splits.assign(labels, names, settings, groups=groups)
+  assert all(len(s) == 1 for s in group_splits(result, groups).values())
+  assert sorted(np.concatenate(list(result.order.values())).tolist()) == list(range(len(labels)))
+  wanted = {'validation': settings.validation_fraction, 'test': settings.test_fraction}
+  positives = (labels == 1).sum(0)
+  for name, idx in result.order.items():
+    assert (result.split[idx] == name).all()
+    assert ((labels[idx] == 1).sum(0) > 0).all() and ((labels[idx] == 0).sum(0) > 0).all()
+    if name != 'train':  # Iterative stratification: each finding's positive images within
+      # one patient's films (at most 4) of the split's share of them.
+      off = (labels[idx] == 1).sum(0) - wanted[name] * positives
+      assert np.abs(off).max() <= 4, (name, off)
+      assert abs(len(idx) / len(labels) - wanted[name]) < 0.02
+  # Seeded: the same settings deal the same split, another seed another.
+  assert orders(splits.assign(labels, names, settings, groups=groups)) == orders(result)
+  moved = dataclasses.replace(settings, split_seed=settings.split_seed + 1)
+  other = splits.assign(labels, names, moved, groups=groups)
+  assert set(other.order['validation'].tolist()) != set(result.order['validation'].tolist())
+  # Without patients, by image: the same rule with each film its own group.
+  by_image = splits.assign(labels, names, settings)
+  assert all(((labels[i] == 1).sum(0) > 0).all() for i in by_image.order.values())
+
+
+def test_multilabel_k_folds_partition_and_keep_every_finding():
+  labels, groups, names = findings(200)
+  k = 5
+  results = [
+    splits.assign(labels, names, Settings(test_fraction=0.1, num_folds=k, fold=f), groups=groups)
+    for f in range(k)
+  ]
+  assert len({frozenset(r.order['test'].tolist()) for r in results}) == 1
+  test = set(results[0].order['test'].tolist())
+  validations = [set(r.order['validation'].tolist()) for r in results]
+  assert sum(map(len, validations)) == len(labels) - len(test)
+  assert set().union(*validations) == set(range(len(labels))) - test
+  for r in results:
+    assert all(len(s) == 1 for s in group_splits(r, groups).values())
+    for idx in r.order.values():
+      assert ((labels[idx] == 1).sum(0) > 0).all()
+
+
+def test_multilabel_rare_finding_is_named():
+  labels, groups, names = findings(100, prevalence=(0.3, 0.0))
+  labels[:3, 1] = 1  # Three films with the rare finding, from at most three patients.
+  rare_patients = len(set(groups[:3]))
+  with pytest.raises(DatasetError) as e:
+    splits.assign(labels, names, Settings(num_folds=5), groups=groups, source='labels.csv')
+  message = str(e.value)
+  assert message.startswith('in labels.csv, dataset.num_folds=5 and dataset.test_fraction=0.0 ')
+  assert f"finding 'finding1' (3 positive images, {rare_patients} patients): train " in message
+  assert '(smallest fold)' in message and "'finding0'" not in message and '\n' not in message
+  splits.assign(labels, names, Settings(0.2), groups=list(range(len(labels))))  # By image: 3 do.
+
+
+def test_multilabel_predefined_splits_kept():
+  labels, groups, names = findings(200)
+  fixed = ['test' if int(g[len('person') :]) < 40 else '' for g in groups]
+  fixed[-1] = 'validation'
+  result = splits.assign(labels, names, Settings(0.2), groups=groups, fixed=fixed)
+  for i, f in enumerate(fixed):
+    if f:
+      assert result.split[i] == f
+  assert {str(result.split[i]) for i, g in enumerate(groups) if g == groups[-1]} == {'validation'}
+  assert set(result.order['test'].tolist()) == {i for i, f in enumerate(fixed) if f == 'test'}

@@ -152,12 +152,14 @@ def test_mixed_precision_step_keeps_float32_parameters():
 
 
 def test_balanced_class_weights():
+  """From the train labels; a class no train image has still gets a weight (as if counted once)."""
   c = default.get_config()
   c.class_weighting = 'balanced'
-  w = phases.class_weights(c, np.array([60, 20, 20]))
-  np.testing.assert_allclose(w, [100 / 180, 100 / 60, 100 / 60])
+  labels = np.repeat([0, 1, 2], [60, 20, 20])
+  w = phases.class_weights(c, labels, num_classes=4)
+  np.testing.assert_allclose(w, [100 / 240, 100 / 80, 100 / 80, 100 / 4])
   c.class_weighting = ''
-  assert phases.class_weights(c, np.array([1, 2])) is None
+  assert phases.class_weights(c, labels) is None
 
 
 def data_parallel_run() -> dict[str, np.ndarray]:

@@ -1,6 +1,8 @@
 """A TFDS builder over an image collection (class folders, split folders or a label file, as
 `sources` finds them): array_record shards of each image decoded once, stored at the size
-training uses, with the class names and per-record identifiers in the build's metadata.
+training uses, with the class names and per-record identifiers in the build's metadata. A
+multilabel label file (dataset.task='multilabel') gives each record a label per finding (1, 0 or
+-1 for ignored) instead of a class.
 
 One read pass checks every file (unreadable and suspicious ones fail the build, or are skipped
 with dataset.skip_corrupt), decides the channel count (1 when every image is grey) and hashes
@@ -33,7 +35,7 @@ from absl import logging
 from etils import epath
 from PIL import Image
 
-from pneumo_jax import locks
+from pneumo_jax import locks, progress
 from pneumo_jax.data import dicom, sources, splits
 from pneumo_jax.data.images import (
   DEFAULT_WINDOW,
@@ -52,11 +54,13 @@ __all__ = [
   'DatasetError',
   'build',
   'check_settings',
+  'label_counts',
   'label_names',
   'split_column',
   'split_filenames',
   'split_labels',
   'stored_shape',
+  'task',
 ]
 
 # Bump when the stored records change for the same input, so that old builds are not reused.
@@ -90,7 +94,7 @@ class _Record:
   """One example as a build writes it: its file, class and identifiers."""
 
   path: str  # As sources.Example.path.
-  label: int
+  label: int | tuple[int, ...]  # As sources.Example.label.
   patient_id: str = ''  # '' when unknown.
   study_uid: str = ''  # DICOM only.
   sop_uid: str = ''  # DICOM only.
@@ -144,7 +148,7 @@ class ClassFolder(tfds.core.GeneratorBasedBuilder):
       features=tfds.features.FeaturesDict(
         {
           'image': _image_feature(config.stored_size, config.channels, config.encoding),
-          'label': tfds.features.ClassLabel(names=list(scan.classes)),
+          'label': _label_feature(scan),
           # The path's bytes (os.fsencode), so that a name that is not UTF-8 is kept exactly.
           'filename': tfds.features.Text(),
         }
@@ -176,18 +180,21 @@ class ClassFolder(tfds.core.GeneratorBasedBuilder):
     lines = ''.join(f'{i}:{name}\n' for i, name in enumerate(config.scan.classes))
     (epath.Path(self.data_dir) / 'labels.txt').write_text(lines)
     return {
-      _TFDS_WHOLE if name == WHOLE else name: self._generate_examples(recs)
+      _TFDS_WHOLE if name == WHOLE else name: self._generate_examples(recs, name)
       for name, recs in config.records.items()
     }
 
-  def _generate_examples(self, records: Sequence[_Record]) -> Iterator[tuple[int, dict]]:
+  def _generate_examples(
+    self, records: Sequence[_Record], split: str
+  ) -> Iterator[tuple[int, dict]]:
     config = self.builder_config
     root = config.scan.root
     with concurrent.futures.ThreadPoolExecutor(_WORKERS) as pool:  # Pillow frees the GIL.
       images = pool.map(lambda rec: _record_image(os.path.join(root, rec.path), config), records)
+      images = progress.track(images, f'Writing the {split} split', len(records), 'img')
       for i, (rec, image) in enumerate(zip(records, images, strict=True)):
         name = os.fsencode(rec.path)
-        yield i, {'image': image, 'label': rec.label, 'filename': name}
+        yield i, {'image': image, 'label': _label_value(rec.label), 'filename': name}
 
 
 def build(
@@ -230,6 +237,8 @@ def build(
   }
   record_format = [stored, _CHANNEL_RULE, RESIZE_FILTER.name, window, dataclasses.astuple(suspect)]
   found = [scan.kind, scan.root, scan.classes, scan.content, scan.stats, scan.broken]
+  if scan.task != 'single':  # Single-label builds keep the names they had before tasks.
+    found += [scan.task, scan.label_policy]
   examples = [dataclasses.astuple(e) for e in scan.examples]
   fingerprint = hashlib.sha256(
     json.dumps([_FORMAT_VERSION, found, examples, settings, num_shards, record_format]).encode()
@@ -274,6 +283,15 @@ def _log_build(builder: tfds.core.DatasetBuilder, scan: sources.Source) -> None:
     logging.warning('Skipped %d unreadable image(s) in %s: %s', len(skipped), scan.what, skipped)
   sizes = {k: len(v['labels']) for k, v in meta['splits'].items()}
   logging.info('Dataset %s: %s', builder.data_dir, ', '.join(f'{k} {v}' for k, v in sizes.items()))
+  if task(builder) == 'multilabel':
+    counts = label_counts(builder)
+    logging.info(
+      'images per finding (positive/negative/ignored): %s',
+      '; '.join(
+        f'{name}: ' + ', '.join(f'{k} {"/".join(map(str, c[f]))}' for k, c in counts.items())
+        for f, name in enumerate(label_names(builder))
+      ),
+    )
   if WHOLE in sizes:
     return
   if scan.kind == 'split folders':
@@ -319,14 +337,40 @@ def stored_shape(builder: tfds.core.DatasetBuilder) -> tuple[int | None, int | N
   return size, size, int(metadata['channels'])
 
 
+def task(builder: tfds.core.DatasetBuilder) -> str:
+  """The build's dataset.task: 'single' (a class per record) or 'multilabel' (findings)."""
+  return builder.info.metadata.get('task', 'single')  # Builds made before tasks: single.
+
+
 def label_names(builder: tfds.core.DatasetBuilder) -> list[str]:
-  """Class names in label order (sorted subfolder names)."""
+  """Class names in label order (sorted subfolder names, or dataset.class_names' order); for a
+  multilabel build the findings, in the label file's column order (or dataset.label_columns')."""
+  if task(builder) == 'multilabel':
+    return list(builder.info.metadata['findings'])
   return list(builder.info.features['label'].names)
 
 
 def split_labels(builder: tfds.core.DatasetBuilder, split: str) -> np.ndarray:
-  """Int labels of every record of `split`, in record order, without decoding any image."""
-  return np.asarray(_split_metadata(builder, split)['labels'], dtype=np.int32)
+  """Labels of every record of `split`, in record order, without decoding any image: int32 [N]
+  class indices, or for a multilabel build int32 [N, F], per finding 1 (present), 0 (absent)
+  or -1 (ignored: uncertain or blank under dataset.uncertain / dataset.blank = 'ignore')."""
+  labels = np.asarray(_split_metadata(builder, split)['labels'], dtype=np.int32)
+  if task(builder) == 'multilabel':
+    return labels.reshape(len(labels), len(label_names(builder)))  # Also [0, F] when empty.
+  return labels
+
+
+def label_counts(builder: tfds.core.DatasetBuilder) -> dict[str, np.ndarray]:
+  """Per split: int64 [K] images per class, or for a multilabel build [F, 3] images per finding
+  that are positive, negative and ignored (in that order)."""
+  counts = {}
+  for split in builder.info.metadata['splits']:
+    labels = split_labels(builder, split)
+    if task(builder) == 'multilabel':
+      counts[split] = np.stack([np.sum(labels == v, axis=0) for v in (1, 0, -1)], axis=1)
+    else:
+      counts[split] = np.bincount(labels, minlength=len(label_names(builder)))
+  return counts
 
 
 def split_filenames(builder: tfds.core.DatasetBuilder, split: str) -> list[str]:
@@ -461,9 +505,10 @@ def _prepare(
   is grey, else 3.
   """
   with concurrent.futures.ThreadPoolExecutor(_WORKERS) as pool:
-    found = list(
-      pool.map(lambda e: _inspect(os.path.join(scan.root, e.path), window, suspect), scan.examples)
+    read = pool.map(
+      lambda e: _inspect(os.path.join(scan.root, e.path), window, suspect), scan.examples
     )
+    found = list(progress.track(read, 'Reading images', len(scan.examples), 'img'))
   bad = dict(scan.broken)
   bad.update({e.path: r.error for e, r in zip(scan.examples, found, strict=True) if r.error})
   listing = '\n'.join(f'  {r}' for r in bad.values())
@@ -475,10 +520,11 @@ def _prepare(
   if bad:
     logging.warning('dataset.skip_corrupt: leaving out %d image(s):\n%s', len(bad), listing)
   keep = [i for i, r in enumerate(found) if not r.error]
-  have = {scan.examples[i].label for i in keep}
-  empty = [c for label, c in enumerate(scan.classes) if label not in have]
-  if empty:
-    raise DatasetError(f'class(es) {empty} of {scan.what} hold no readable images; add some')
+  if scan.task == 'single':  # Findings: the split checks each finding's images.
+    have = {scan.examples[i].label for i in keep}
+    empty = [c for label, c in enumerate(scan.classes) if label not in have]
+    if empty:
+      raise DatasetError(f'class(es) {empty} of {scan.what} hold no readable images; add some')
   ids = [r.ids for r in found]
   patients = [e.patient or ids[i].get('patient_id', '') for i, e in enumerate(scan.examples)]
   facts = {
@@ -487,7 +533,10 @@ def _prepare(
     'source_kind': scan.kind,
     'skipped_corrupt': sorted(bad),
     'channels': 1 if all(r.grey for r in found if not r.error) else 3,
+    'task': scan.task,
   }
+  if scan.task == 'multilabel':
+    facts.update(findings=list(scan.classes), label_policy=dict(scan.label_policy))
   if settings.get('whole'):
     order = np.random.default_rng(settings['split_seed']).permutation(len(keep))
     parts = {WHOLE: [keep[i] for i in order]}
@@ -538,8 +587,11 @@ def _split(
   held = [j for j, s in enumerate(given) if s and s not in freed] if freed else []
   pool = sorted(set(range(len(examples))) - set(held))
   options = {k: settings[k] for k in ('validation_fraction', 'test_fraction', 'num_folds', 'fold')}
+  labels = np.array([examples[j].label for j in pool], np.int64)
+  if scan.task == 'multilabel':
+    labels = labels.reshape(len(pool), len(scan.classes))  # Also [0, F] when nothing is free.
   result = splits.assign(
-    [examples[j].label for j in pool],
+    labels,
     scan.classes,
     splits.Settings(**options, split_seed=settings['split_seed']),
     groups=[groups[j] for j in pool],
@@ -564,6 +616,18 @@ def _split(
     'validation_from': ('folds' if len(freed) == 2 else 'train') if freed and any(given) else '',
   }
   return {name: [keep[j] for j in part] for name, part in order.items()}, facts
+
+
+def _label_feature(scan: sources.Source) -> tfds.features.FeatureConnector:
+  """The record's label: a class, or per finding 1, 0 or -1."""
+  if scan.task == 'multilabel':
+    return tfds.features.Tensor(shape=(len(scan.classes),), dtype=np.int8)
+  return tfds.features.ClassLabel(names=list(scan.classes))
+
+
+def _label_value(label: int | tuple[int, ...]) -> int | np.ndarray:
+  """What a record stores for `label` (`_label_feature`)."""
+  return label if isinstance(label, int) else np.asarray(label, np.int8)
 
 
 def _image_feature(

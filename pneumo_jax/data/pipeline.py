@@ -79,18 +79,21 @@ class _EvalExample:
   side: int
   channels: int
   central_fraction: float
+  label_shape: tuple[int, ...] = ()  # Of padding's label: (F,) for a multilabel build.
 
   def __call__(self, index: int) -> dict[str, np.ndarray]:
     view = preprocess.central_view(self.side, self.side, self.central_fraction)
     if index < 0:
-      image, label, mask = np.zeros((self.side, self.side, self.channels), np.uint8), 0, False
+      image = np.zeros((self.side, self.side, self.channels), np.uint8)
+      label, mask = np.zeros(self.label_shape, np.int32), False
     else:
       record = self.source[int(index)]
-      image, label, mask = images.fit(record['image'], self.side), record['label'], True
+      image, label = images.fit(record['image'], self.side), np.int32(record['label'])
+      mask = True
     return {
       'image': image,
       **view,
-      'label': np.int32(label),
+      'label': label,
       'index': np.int32(index),
       'mask': np.bool_(mask),
     }
@@ -116,20 +119,23 @@ def train_iterator(
   """Endless shuffled training batches of this process's shard of the 'train' split.
 
   Yields {'image': uint8 [B, S, S, C], 'box', 'flip', 'colour' (the views, see
-  preprocess.draw), 'label': int32 [B]} with B = input.batch_size // process_count; with
+  preprocess.draw), 'label': int32 [B], or [B, F] for a multilabel build (folder_builder.
+  split_labels)} with B = input.batch_size // process_count; with
   `read_images` off, 'index' (record indices) instead of 'image'. `put` (e.g. placing a batch on
   the devices) runs in a background thread that keeps two batches ahead, so the accelerator
   never waits for the host's transfer. Iterators that differ only in `read_images` and `put`
   have interchangeable states (`get_state` / `set_state`). The processes' batches are slices of
   one global stream (`_Share`), the same for any process count. With
   input.class_balanced, each batch cycles through the classes in turn (each class reshuffled
-  per pass over it), so classes are seen equally often however unequal their counts.
+  per pass over it), so classes are seen equally often however unequal their counts (not for a
+  multilabel build: `check_class_balanced`).
   Save and restore the position with `grain.checkpoint.CheckpointSave/CheckpointRestore`.
   With input.num_workers > 1 each worker batches its own slice of the same image stream.
   (grain 0.2.18 sends a single worker's batches through a pipe instead of shared memory, and
   its close() may then wait 25 s: prefer 0 or at least 2 workers.)
   """
   batch = _local_batch(input_cfg.batch_size, process_count, 'input.batch_size')
+  check_class_balanced(input_cfg, folder_builder.task(builder))
   labels = folder_builder.split_labels(builder, 'train')
   num_classes = len(folder_builder.label_names(builder))
   # Independent random streams: [0] augmentation, [1:] the shuffle of each index stream.
@@ -195,8 +201,9 @@ def eval_batches(
   """One pass over this process's share of `split` with the evaluation view, in full padded
   batches.
 
-  Yields {'image' (uint8, stored), 'box', 'flip', 'colour' (the view), 'label', 'index' (record
-  index in the split, -1 for padding), 'mask' (False for padding)}, B = input.eval_batch_size //
+  Yields {'image' (uint8, stored), 'box', 'flip', 'colour' (the view), 'label' (int32 [B], or
+  [B, F] for a multilabel build; 0 for padding), 'index' (record index in the split, -1 for
+  padding), 'mask' (False for padding)}, B = input.eval_batch_size //
   process_count, each passed through `put` (as in train_iterator) when given: the process's
   block of each global batch (`eval_rows`).
   """
@@ -208,6 +215,7 @@ def eval_batches(
     side(builder, input_cfg),
     folder_builder.stored_shape(builder)[2],
     preprocess.eval_central_fraction(input_cfg),
+    folder_builder.split_labels(builder, split).shape[1:],
   )
   ds = grain.MapDataset.source(rows).map(example).to_iter_dataset(_read_options(batch))
   return iter(_prefetch(ds.batch(batch), put))
@@ -222,6 +230,16 @@ def eval_rows(n: int, batch: int, process_index: int, process_count: int) -> np.
   padded = np.full(math.ceil(n / size) * size, -1, np.int64)
   padded[:n] = np.arange(n)
   return padded.reshape(-1, process_count, batch)[:, process_index].reshape(-1)
+
+
+def check_class_balanced(input_cfg: ml_collections.ConfigDict, task: str) -> None:
+  """Raises ConfigError for input.class_balanced with findings: a film belongs to several
+  findings or none, so there are no classes to cycle through."""
+  if input_cfg.class_balanced and task == 'multilabel':
+    raise ConfigError(
+      "input.class_balanced=True does not apply to dataset.task='multilabel' (a film has "
+      "several findings or none); unset it, and weigh rare findings with class_weighting='balanced'"
+    )
 
 
 def num_workers(input_cfg: ml_collections.ConfigDict) -> int:
@@ -267,3 +285,23 @@ def _local_batch(global_batch: int, process_count: int, field: str) -> int:
       f'processes ({process_count})'
     )
   return global_batch // process_count
+
+
+def view_images(
+  builder: tfds.core.DatasetBuilder,
+  input_cfg: ml_collections.ConfigDict,
+  index: np.ndarray,
+  flip: np.ndarray,
+) -> np.ndarray:
+  """float32 [n, S, S, 3] in [-1, 1] (S = input.image_size): the train records `index`, flipped
+  where `flip`, as a feature cache build feeds them to the network (its reads: whole images,
+  central_crop_fraction 1.0, as training without random crops sees them), by the numpy reference
+  (preprocess.apply). A phase trained from the cache reads no image; this draws its first batch."""
+  example = _EvalExample(
+    builder.as_data_source('train'),
+    side(builder, input_cfg),
+    folder_builder.stored_shape(builder)[2],
+    central_fraction=1.0,
+  )
+  views = [{**example(int(i)), 'flip': np.bool_(f)} for i, f in zip(index, flip, strict=True)]
+  return np.stack([preprocess.apply(v['image'], v, input_cfg.image_size) for v in views])

@@ -7,6 +7,11 @@ identical images from `duplicate_groups`), scikit-learn's `StratifiedGroupKFold`
 groups into folds of like class mix, so a group never straddles two splits. Predefined splits
 (`fixed`) are kept; the fractions apply to the free examples. docs/datasets.md gives the rules:
 how fractions become folds, k folds, groups of several classes, fixed splits.
+
+Multilabel examples (labels [N, F] of 1 present, 0 absent, -1 ignored) are dealt by group (a
+patient, a set of copies, else the image alone) with iterative stratification (Sechidis,
+Tsoumakas and Vlahavas 2011), so that each split holds about its share of every finding's
+positive images; each split must end up with a positive and a negative image of every finding.
 """
 
 import collections
@@ -85,12 +90,14 @@ def assign(
   fixed: Sequence[str | None] | None = None,
   source: str = 'the dataset',
 ) -> Splits:
-  """Splits examples into train / validation / test, stratified by class (see the module doc).
+  """Splits examples into train / validation / test, stratified by class, or by finding for
+  multilabel examples (see the module doc).
 
   Args:
-    labels: per example, its class index into `classes`.
+    labels: per example, its class index into `classes`; or, [N, F], its value per finding
+      (1 present, 0 absent, -1 ignored).
     classes: class names, in label order (they seed the by-image split and name classes in
-      messages).
+      messages); or the F finding names.
     settings: checked split settings.
     groups: per example, its patient (or duplicate set) id; '' or None: unknown, the example is
       its own group. None: every example is its own group. Every group a singleton: the split is
@@ -100,20 +107,22 @@ def assign(
     source: the folder or file the examples come from, for messages.
 
   Raises:
-    DatasetError: some split would hold no example of a class (naming the classes and their
-      counts per split), or there are too few groups to split by group.
+    DatasetError: some split would hold no example of a class, or no positive or no negative
+      image of a finding (naming them and their counts per split), or there are too few groups
+      to split by group.
   """
   labels = np.asarray(labels, dtype=np.int64)
   group_index, group_names = _group_index(groups, len(labels))
   split = _fixed(fixed, len(labels))
   has_test = settings.test_fraction > 0 or bool(np.any(split == 'test'))
   names = [s for s in SPLITS if s != 'test' or has_test]
-  if len(np.unique(group_index)) == len(labels):
+  if labels.ndim == 1 and len(np.unique(group_index)) == len(labels):
     pre = _by_image(labels, classes, settings, split, names, source)
     crossing = ()
   else:
     crossing = _follow_fixed(group_index, group_names, split)
-    _by_group(labels, classes, settings, group_index, split, names, source)
+    deal = _by_findings if labels.ndim == 2 else _by_group
+    deal(labels, classes, settings, group_index, split, names, source)
     pre = {name: np.flatnonzero(split == name) for name in names}
   rng = np.random.default_rng(settings.split_seed)  # One generator, drawn split by split.
   order = {}
@@ -355,6 +364,156 @@ def _by_group(
   _raise_short(first, settings, source)
 
 
+def _by_findings(
+  labels: np.ndarray,
+  findings: Sequence[str],
+  settings: Settings,
+  group_index: np.ndarray,
+  split: np.ndarray,
+  names: Sequence[str],
+  source: str,
+) -> None:
+  """Deals the free groups of multilabel examples into `split` by `_stratify` (module doc): the
+  fractions as shares, or the test share then k equal folds."""
+  fixed = split.copy()
+  free = np.flatnonzero(fixed == '')
+  positive = labels == 1
+  rng = np.random.default_rng(settings.split_seed)
+  t, v = settings.test_fraction, settings.validation_fraction
+  if settings.folded:
+    k = settings.num_folds
+    rest = free
+    if t > 0:
+      test, rest = _stratify(free, (t, 1 - t), positive, group_index, rng)
+      split[test] = 'test'
+    _need_groups(rest, k, f'{k} folds', group_index, settings, source)
+    folds = _stratify(rest, (1 / k,) * k, positive, group_index, rng)
+    split[folds[settings.fold]] = 'validation'
+    kept = {name: np.flatnonzero(fixed == name) for name in ('train', 'validation')}
+    # Every fold is checked, so that a sweep fails at once rather than at its last fold.
+    checked = {
+      'train': [np.concatenate([np.setdiff1d(rest, f), kept['train']]) for f in folds],
+      'validation': [np.concatenate([f, kept['validation']]) for f in folds],
+    }
+  else:
+    shares = {**({'test': t} if t > 0 else {}), 'validation': v, 'train': 1 - t - v}
+    wanted = ', '.join(shares)
+    _need_groups(free, len(shares), wanted, group_index, settings, source)
+    parts = _stratify(free, tuple(shares.values()), positive, group_index, rng)
+    for name, part in zip(shares, parts, strict=True):
+      split[part] = name
+    checked = {}
+  split[split == ''] = 'train'
+  for name in names:
+    checked.setdefault(name, [np.flatnonzero(split == name)])
+  short = _short_findings(labels, findings, settings, group_index, checked)
+  _raise_short(
+    short,
+    settings,
+    source,
+    'a positive or a negative image of a finding',
+    'images with and without those findings',
+  )
+
+
+def _need_groups(
+  examples: np.ndarray,
+  parts: int,
+  wanted: str,
+  group_index: np.ndarray,
+  settings: Settings,
+  source: str,
+) -> None:
+  """Raises DatasetError when `examples` come from fewer groups than the `parts` they must
+  fill."""
+  num_groups = len(np.unique(group_index[examples]))
+  if len(examples) and num_groups < parts:
+    raise DatasetError(
+      f'in {source}, {settings.describe()}: {len(examples)} images of {num_groups} patient(s) '
+      f'are too few to split by patient into {wanted}; add images of more patients or lower '
+      'the fractions / number of folds'
+    )
+
+
+def _stratify(
+  examples: np.ndarray,
+  shares: Sequence[float],
+  positive: np.ndarray,
+  group_index: np.ndarray,
+  rng: np.random.Generator,
+) -> list[np.ndarray]:
+  """Iterative stratification (Sechidis, Tsoumakas and Vlahavas 2011, "On the stratification of
+  multi-label data", Algorithm 1) of the groups of `examples` into parts of the given `shares`:
+  each part's wish for a finding is its share of the finding's positive images (and for the
+  total, of all images). The finding with the fewest groups left goes first; each of its groups
+  (in seeded order) goes to the part that has none of it yet, then the part wishing for most
+  of it, then for most images overall, then a seeded draw; last, the groups without any
+  positive go to the part wishing for most images. A group is dealt whole.
+
+  Returns:
+    Per part, its example indices (sorted).
+  """
+  groups, inverse = np.unique(group_index[examples], return_inverse=True)
+  shares = np.asarray(shares, np.float64)
+  size = np.bincount(inverse, minlength=len(groups)).astype(np.float64)
+  found = np.zeros((len(groups), positive.shape[1]), np.float64)
+  np.add.at(found, inverse, positive[examples])
+  wish = shares[:, None] * found.sum(0)  # [parts, findings]: positive images still wished for.
+  wish_total = shares * size.sum()
+  has = np.zeros(wish.shape, bool)  # Whether a part holds a positive of the finding yet.
+  part = np.full(len(groups), -1)
+
+  def deal(group: int, finding: int | None) -> None:
+    keys = [rng.random(len(shares)), wish_total]  # np.lexsort: the last key decides first.
+    if finding is not None:
+      keys += [wish[:, finding], (shares > 0) & ~has[:, finding]]
+    best = int(np.lexsort(keys)[-1])
+    part[group] = best
+    wish[best] -= found[group]
+    wish_total[best] -= size[group]
+    has[best] |= found[group] > 0
+
+  while True:
+    left = ((found > 0) & (part < 0)[:, None]).sum(0)
+    if not left.any():
+      break
+    fewest = np.flatnonzero(left == left[left > 0].min())
+    finding = int(rng.choice(fewest))
+    for group in rng.permutation(np.flatnonzero((found[:, finding] > 0) & (part < 0))):
+      deal(int(group), finding)
+  for group in rng.permutation(np.flatnonzero(part < 0)):
+    deal(int(group), None)
+  of_example = part[inverse]
+  return [np.sort(examples[of_example == j]) for j in range(len(shares))]
+
+
+def _short_findings(
+  labels: np.ndarray,
+  findings: Sequence[str],
+  settings: Settings,
+  group_index: np.ndarray,
+  checked: dict[str, list[np.ndarray]],
+) -> list[str]:
+  """One entry per finding and kind (positive, negative) missing from some split (each split
+  given as the example sets to check: with k folds, one per fold)."""
+  short = []
+  for f, finding in enumerate(findings):
+    for kind, value in (('positive', 1), ('negative', 0)):
+      found = {
+        name: min(int(np.sum(labels[idx, f] == value)) for idx in sets)
+        for name, sets in checked.items()
+      }
+      if not all(found.values()):
+        of_kind = labels[:, f] == value
+        patients = len(np.unique(group_index[of_kind]))
+        where = ', '.join(f'{name} {c}' for name, c in found.items())
+        short.append(
+          f'finding {finding!r} ({int(of_kind.sum())} {kind} images, {patients} patients): '
+          f'{where}{_worst(settings)}'
+        )
+  return short
+
+
 def _short(
   labels: np.ndarray,
   classes: Sequence[str],
@@ -425,12 +584,18 @@ def _worst(settings: Settings) -> str:
   return ' (smallest fold)' if settings.folded else ''
 
 
-def _raise_short(short: list[str], settings: Settings, source: str) -> None:
+def _raise_short(
+  short: list[str],
+  settings: Settings,
+  source: str,
+  what: str = 'an example of a class',
+  add: str = 'images to those classes',
+) -> None:
   if short:
     raise DatasetError(
-      f'in {source}, {settings.describe()} leave some split without an example of a class: '
+      f'in {source}, {settings.describe()} leave some split without {what}: '
       + '; '.join(short)
-      + '; add images to those classes or change the fractions / number of folds'
+      + f'; add {add} or change the fractions / number of folds'
     )
 
 

@@ -7,11 +7,16 @@ image to image, so a model must look at the opacities rather than at global grey
 files are deliberately awkward (16-bit grey, palette, RGBA, an upper-case .JPG, a README) so
 that the demo exercises the builder's format handling; the builder's handling of hidden files
 (a file browser's .DS_Store) is tested apart, so the project's own data holds none.
+
+`make_multilabel` writes a multi-label set instead: the same grey bodies carrying independent
+findings, each a visible mark of its own kind at its own place, with a CheXpert-style label file.
 """
 
+import csv
 import json
 import os
 import shutil
+from collections.abc import Sequence
 
 import numpy as np
 from absl import logging
@@ -31,6 +36,19 @@ _FIELDS = {
   'image_size': 'dataset.synthetic_image_size',
   'seed': 'dataset.split_seed',
 }
+# make_multilabel's findings, in order: (mark, centre y, centre x) as fractions of the side, in
+# the lung fields and away from each other.
+_MARKS = (
+  ('disc', 0.68, 0.30),
+  ('bar', 0.34, 0.68),
+  ('stripes', 0.68, 0.70),
+  ('disc', 0.34, 0.30),
+  ('bar', 0.56, 0.50),
+  ('stripes', 0.26, 0.50),
+)
+_PREVALENCE = 0.4  # Of each finding, per patient, independently.
+_UNCERTAIN = 0.1  # Share of cells marked -1: the film shows the mark at half strength.
+_BLANK = 0.15  # Share of a finding's absent cells left blank (not mentioned).
 
 
 def check_stage_folder(
@@ -136,6 +154,71 @@ def remove_incomplete(path: str) -> list[str]:
       'Removed %d incomplete synthetic folder(s) that killed runs left: %s', len(found), found
     )
   return found
+
+
+def make_multilabel(
+  directory: str,
+  *,
+  findings: Sequence[str] = ('effusion', 'nodule', 'fibrosis'),
+  patients: int = 40,
+  films_per_patient: int = 3,
+  size: int = 75,
+  seed: int = 0,
+) -> str:
+  """Writes a multi-label set under `directory` and returns its label file's path
+  (`directory/labels.csv`, for dataset.task='multilabel').
+
+  Each patient has each finding with probability 0.4, independently, and every film of the
+  patient shows it: finding i is mark i of a disc (bright), a bar (dark) or stripes, each at
+  its own place (up to 6 findings). The label file has CheXpert's layout and values: path,
+  patient_id, then a column per finding holding 1.0 or 0.0; about 10% of the cells are -1.0
+  (uncertain; that film shows the mark at half strength) and 15% of the absent ones are blank
+  (not mentioned). Films are `images/patient 007/film 1 (PA).png` (spaces and parentheses, as
+  exported names have). The same arguments write the same files.
+  """
+  if not 1 <= len(findings) <= len(_MARKS) or len(set(findings)) < len(findings):
+    raise ValueError(f'findings={findings!r}: give 1 to {len(_MARKS)} distinct names')
+  if patients < 1 or films_per_patient < 1 or size < 32:
+    raise ValueError(
+      f'patients={patients} and films_per_patient={films_per_patient} must be at least 1 and '
+      f'size={size} at least 32'
+    )
+  rows = []
+  for p in range(patients):
+    rng = np.random.default_rng([seed, p])
+    present = rng.random(len(findings)) < _PREVALENCE
+    for k in range(1, films_per_patient + 1):
+      uncertain = rng.random(len(findings)) < _UNCERTAIN
+      blank = ~present & ~uncertain & (rng.random(len(findings)) < _BLANK)
+      strength = np.where(uncertain, 0.5, present.astype(float))
+      image = _xray(rng, 0, size).astype(np.float64)
+      for s, (kind, cy, cx) in zip(strength, _MARKS, strict=False):
+        if s:
+          image += s * _mark(kind, cy + rng.normal(0, 0.015), cx + rng.normal(0, 0.015), size)
+      path = os.path.join('images', f'patient {p:03d}', f'film {k} (PA).png')
+      os.makedirs(os.path.join(directory, os.path.dirname(path)), exist_ok=True)
+      Image.fromarray(np.clip(np.rint(image), 0, 255).astype(np.uint8)).save(
+        os.path.join(directory, path)
+      )
+      cells = np.where(uncertain, '-1.0', np.where(blank, '', np.where(present, '1.0', '0.0')))
+      rows.append([path, f'P{p:03d}', *cells.tolist()])
+  labels = os.path.join(directory, 'labels.csv')
+  with atomic.atomic_file(labels) as tmp, open(tmp, 'w', newline='', encoding='utf-8') as f:
+    writer = csv.writer(f)
+    writer.writerow(['path', 'patient_id', *findings])
+    writer.writerows(rows)
+  return labels
+
+
+def _mark(kind: str, cy: float, cx: float, size: int) -> np.ndarray:
+  """A finding's mark centred at (cy, cx) (fractions of the side), as grey levels to add."""
+  y, x = np.mgrid[0:size, 0:size] / size
+  if kind == 'disc':
+    return 70 * _soft_ellipse(y, x, cy, cx, 0.07, 0.07, 0.01)
+  if kind == 'bar':
+    return -70 * _soft_ellipse(y, x, cy, cx, 0.035, 0.14, 0.005)
+  patch = _soft_ellipse(y, x, cy, cx, 0.1, 0.1, 0.01)
+  return 60 * (np.sin(2 * np.pi * (y - cy) / 0.07) > 0) * patch  # Bright stripes.
 
 
 def _save(grey: np.ndarray, path: str) -> None:

@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 
 from pneumo_jax import atomic, heads
 from pneumo_jax.errors import ConfigError
+from pneumo_jax.evaluation.metrics import PRESENT_AT
 
 
 @jax.custom_vjp
@@ -243,13 +244,18 @@ def _title(
   layer: str,
   step: int,
   true_label: int | None,
+  multilabel: bool,
 ) -> str:
+  second = f'layer {layer} · checkpoint step {step}'
+  if multilabel:  # Independent findings: those present, then the one explained.
+    present = [f'{n} ({p:.1%})' for n, p in zip(label_names, probs, strict=True) if p >= PRESENT_AT]
+    first = f'present: {", ".join(present)}' if present else 'no finding present'
+    return f'{first}\nexplaining {label_names[target]} ({probs[target]:.1%}) · {second}'
   predicted = int(probs.argmax())
   first = f'predicted {label_names[predicted]} ({probs[predicted]:.1%})'
   if true_label is not None:
     verdict = 'correct' if true_label == predicted else 'wrong'
     first += f' · true {label_names[true_label]} ({verdict})'
-  second = f'layer {layer} · checkpoint step {step}'
   if target != predicted:
     second = f'explaining {label_names[target]} ({probs[target]:.1%}) · {second}'
   return f'{first}\n{second}'
@@ -263,18 +269,20 @@ def panel_figure(
   layer: str,
   step: int,
   true_label: int | None = None,
+  multilabel: bool = False,
 ) -> Figure:
   """One image's explanation as a Figure of three panels on the model input's exact framing.
 
   (a) the input as the model saw it (grey when its channels are equal), (b) Grad-CAM over it with
   a colour bar, (c) guided Grad-CAM in grey (`guided_grey`); the title names the prediction, the
-  truth if known, the explained class if it is not the prediction, the layer and the step. Axes
+  truth if known, the explained class if it is not the prediction, the layer and the step (for
+  findings, `multilabel`: the findings present, at PRESENT_AT, and the one explained). Axes
   are placed in pixels so that every image pixel covers a whole number of screen pixels.
 
   Args:
     view: the preprocessed model input, [H, W, 3] in [-1, 1].
     result: one image's rows of `explain`'s output.
-    label_names: the class names, by id.
+    label_names: the class (finding) names, by id.
     layer: the layer Grad-CAM weighed (as passed to `explain`).
     step: the checkpoint's training step.
     true_label: the image's class id, if known.
@@ -327,7 +335,7 @@ def panel_figure(
   for ax in (a, b, c):
     ax.set_axis_off()
   fig.suptitle(
-    _title(label_names, np.asarray(result['probs']), target, layer, step, true_label),
+    _title(label_names, np.asarray(result['probs']), target, layer, step, true_label, multilabel),
     y=1 - 6 / height,
     va='top',
   )

@@ -4,7 +4,9 @@ One self-contained file: CSS inline, every figure inline as a PNG data URI, no s
 fetched, so it opens offline on a hospital PC and can be mailed as it is. It holds the model
 card's summary (recipe and known limits), the metrics with their bootstrap intervals, the
 confusion matrix, ROC and reliability diagram, the calibration and operating-point tables, and
-the most confident errors as thumbnails with their Grad-CAM overlays.
+the most confident errors as thumbnails with their Grad-CAM overlays. A multi-label run's page
+(findings) has a per-finding table (the model card's, with intervals and the operating point),
+per-finding temperatures, and no confusion matrix; its errors are (film, finding) calls.
 
 The page is `string.Template` text (report.html, beside this module) filled with pieces escaped
 by `html.escape`; nothing in it is interpreted from the data.
@@ -37,7 +39,8 @@ PAGE = string.Template(
 
 
 class Error(NamedTuple):
-  """One misclassified image for the report: its file, classes, confidence and overlay PNG."""
+  """One misclassified image for the report: its file, classes (for a finding: 'effusion
+  absent' / 'effusion present'), confidence and overlay PNG."""
 
   file: str
   true: str
@@ -93,9 +96,34 @@ def _row(*cells: str, numeric: Sequence[bool] = ()) -> str:
   return '<tr>' + ''.join(tds) + '</tr>'
 
 
+def _finding_temperatures(record: Mapping[str, Any]) -> list[str]:
+  """A table of each finding's temperature and ECE before and after it."""
+  rows = [
+    _row(
+      html.escape(name),
+      _num(f['temperature']),
+      *(_num(f[when] and f[when]['ece'], 4) for when in ('before', 'after')),
+      numeric=(False, True, True, True),
+    )
+    for name, f in record['per_finding'].items()
+  ]
+  return [
+    '<table><tr><th>finding</th><th>temperature</th><th>ECE before</th><th>ECE after</th></tr>',
+    *rows,
+    '</table>',
+  ]
+
+
 def _calibration(record: Mapping[str, Any] | None, reliability_png: str | None, split: str) -> str:
   if not record:
     return '<p>No temperature: the run has no validation split to fit it on.</p>'
+  findings = 'per_finding' in record
+  if findings:
+    what = 'A temperature per finding (its logit divided by it; 1: not fitted)'
+    unchanged = 'The AUCs do not change with it. Below: every used finding label pooled.'
+  else:
+    what = f'Temperature <strong>{record["temperature"]:.3f}</strong>'
+    unchanged = 'Accuracy, kappa and the confusion matrix do not change with it.'
   rows = [
     _row(
       html.escape(title),
@@ -109,32 +137,47 @@ def _calibration(record: Mapping[str, Any] | None, reliability_png: str | None, 
       ('nll', 'NLL'),
     )
   ]
-  figure = f'<img src="{_file_uri(reliability_png)}" alt="reliability diagram">'
   return '\n'.join(
     [
-      f'<p>Temperature <strong>{record["temperature"]:.3f}</strong>, fitted on the '
+      *(_finding_temperatures(record) if findings else []),
+      f'<p>{what}, fitted on the '
       f'{html.escape(record["fitted_on"])} split ({record["fitted_n"]} images) by minimising '
       'the negative log-likelihood'
       + (' (this split: "after" is in-sample)' if record['fitted_on'] == split else '')
-      + '; predict applies it. Accuracy, kappa and the confusion matrix do not change with '
-      'it.</p>',
+      + f'; predict applies it. {unchanged}</p>',
       '<table><tr><th>measure</th><th>before</th><th>after</th></tr>',
       *rows,
       '</table>',
-      f'<div class="figures">{figure}</div>' if reliability_png else '',
+      (
+        f'<div class="figures"><img src="{_file_uri(reliability_png)}" '
+        'alt="reliability diagram"></div>'
+        if reliability_png
+        else ''
+      ),
     ]
   )
 
 
-def _operating_points(record: Mapping[str, Any] | None, split: str) -> str:
+def _operating_points(record: Mapping[str, Any] | None, split: str, findings: bool) -> str:
   if not record or not record['rows']:
-    return '<p>None: no cut of the classes has both positives and negatives on validation.</p>'
+    return (
+      '<p>None: no finding has both positives and negatives on validation.</p>'
+      if findings
+      else '<p>None: no cut of the classes has both positives and negatives on validation.</p>'
+    )
   chosen = record['chosen_on']
   same = ' (this split: the figures are optimistic)' if chosen == split else ''
+  rule = (
+    "an image is positive for a finding when the finding's probability is at least the "
+    'threshold (its ignored labels count nowhere)'
+    if findings
+    else "an image is positive when its summed probability of the cut's classes is at least "
+    'the threshold'
+  )
   rows = []
   for r in record['rows']:
     cells = [
-      html.escape(operating_points.cut_title(r['cut'])),
+      html.escape(r['cut'] if findings else operating_points.cut_title(r['cut'])),
       html.escape(operating_points.POINTS[r['point']]),
       _num(r['threshold'], 4),
     ]
@@ -144,11 +187,11 @@ def _operating_points(record: Mapping[str, Any] | None, split: str) -> str:
   return '\n'.join(
     [
       f'<p>Thresholds chosen on the <strong>{html.escape(chosen)}</strong> split{same} at '
-      f'checkpoint step {record["step"]} and applied unchanged here; an image is positive when '
-      "its summed probability of the cut's classes is at least the threshold. Predict decides at "
+      f'checkpoint step {record["step"]} and applied unchanged here; {rule}. Predict decides at '
       f'{html.escape(operating_points.POINTS[record["predict_decides_at"]])} '
       '(<code>operating_point</code>). Intervals: 95% percentile bootstrap.</p>',
-      '<table><tr><th>question</th><th>operating point</th><th>threshold</th>'
+      f'<table><tr><th>{"finding" if findings else "question"}</th><th>operating point</th>'
+      '<th>threshold</th>'
       '<th>sensitivity</th><th>specificity</th><th>PPV</th><th>NPV</th></tr>',
       *rows,
       '</table>',
@@ -156,9 +199,17 @@ def _operating_points(record: Mapping[str, Any] | None, split: str) -> str:
   )
 
 
-def _errors(errors: Sequence[Error], layer: str) -> str:
+def _errors(errors: Sequence[Error], layer: str, findings: bool) -> str:
   if not errors:
     return '<p>No misclassified image.</p>'
+  what = (
+    f'The {len(errors)} wrong finding calls (at probability {metrics.PRESENT_AT:g}) the model was '
+    f'surest of, as the model saw the films, with Grad-CAM at {html.escape(layer)} for the '
+    'finding over them'
+    if findings
+    else f'The {len(errors)} misclassified images the model was surest of, as the model saw '
+    f'them, with Grad-CAM at {html.escape(layer)} for the predicted class over them'
+  )
   figures = [
     f'<figure><img src="{data_uri(e.png)}" alt="{html.escape(reports.printable(e.file))}">'
     f'<figcaption>{html.escape(reports.printable(e.file))}<br>true {html.escape(e.true)}, '
@@ -168,12 +219,53 @@ def _errors(errors: Sequence[Error], layer: str) -> str:
   ]
   return '\n'.join(
     [
-      f'<p>The {len(errors)} misclassified images the model was surest of, as the model saw '
-      f'them, with Grad-CAM at {html.escape(layer)} for the predicted class over them (red: '
-      'where it looked most).</p>',
+      f'<p>{what} (red: where it looked most).</p>',
       '<div class="errors">',
       *figures,
       '</div>',
+    ]
+  )
+
+
+def _class_table(report: Mapping[str, Any]) -> str:
+  rows = [
+    _row(
+      html.escape(name),
+      str(m['support']),
+      _num(m['precision']),
+      _num(m['recall']),
+      _num(m['f1']),
+      _num(m['auc']),
+      numeric=(False, True, True, True, True, True),
+    )
+    for name, m in report['per_class'].items()
+  ]
+  return '\n'.join(
+    [
+      '<table>',
+      '<tr><th>class</th><th>images</th><th>precision</th><th>recall</th><th>F1</th>'
+      '<th>AUC</th></tr>',
+      *rows,
+      '</table>',
+    ]
+  )
+
+
+def _finding_table(report: Mapping[str, Any]) -> str:
+  """model_card.finding_rows as a table: figures with their intervals in parentheses."""
+  header = ''.join(f'<th>{html.escape(c)}</th>' for c in model_card.FINDING_COLUMNS)
+  rows = [
+    _row(*map(html.escape, row), numeric=(False, *[True] * (len(row) - 1)))
+    for row in model_card.finding_rows(report)
+  ]
+  return '\n'.join(
+    [
+      '<p class="note">Per finding, over its used labels (an ignored label counts nowhere); '
+      'sensitivity and specificity at the threshold of the operating points below.</p>',
+      '<table>',
+      f'<tr>{header}</tr>',
+      *rows,
+      '</table>',
     ]
   )
 
@@ -197,33 +289,30 @@ def render(
   Grad-CAM weighed."""
   intervals = report[model_card.INTERVALS]
   method = intervals['method']
+  findings = 'per_finding' in report
+  titles = model_card.FINDING_TITLES if findings else model_card.TITLES
   headline = [
     _row(
-      html.escape(model_card.TITLES[key]),
+      html.escape(titles[key]),
       _num(intervals[key]['estimate']),
       _span(intervals[key]),
       numeric=(False, True, True),
     )
-    for key in metrics.BOOTSTRAPPED
+    for key in (metrics.BOOTSTRAPPED_FINDINGS if findings else metrics.BOOTSTRAPPED)
   ]
-  per_class = [
-    _row(
-      html.escape(name),
-      str(m['support']),
-      _num(m['precision']),
-      _num(m['recall']),
-      _num(m['f1']),
-      _num(m['auc']),
-      numeric=(False, True, True, True, True, True),
-    )
-    for name, m in report['per_class'].items()
-  ]
+  unbootstrapped = (
+    f'Balanced accuracy {_num(report["balanced_accuracy"])} (labels called at '
+    f'{metrics.PRESENT_AT:g}), log loss {_num(report["loss"])}'
+    if findings
+    else f'Balanced accuracy {_num(report["balanced_accuracy"])}, log loss {_num(report["loss"])}'
+  )
+  shown = {'confusion_matrix': 'confusion matrix', 'roc': 'ROC curves'}
   return PAGE.substitute(
     title=html.escape(title),
     thumb=_THUMB_PX,
     summary=html.escape(
       f'{report["split"]} split, checkpoint step {report["step"]}, {method["n"]} images; '
-      f'classes {", ".join(report["label_names"])}.'
+      f'{"findings" if findings else "classes"} {", ".join(report["label_names"])}.'
     ),
     recipe='\n'.join(_row(html.escape(k), _text(v)) for k, v in recipe),
     limits='\n'.join(f'<li>{_text(fact)}</li>' for fact in limits),
@@ -232,16 +321,19 @@ def render(
     resamples=method['resamples'],
     n=method['n'],
     seed=method['seed'],
-    balanced=_num(report['balanced_accuracy']),
-    loss=_num(report['loss']),
-    per_class='\n'.join(per_class),
-    confusion_png=_file_uri(figures['confusion_matrix']),
-    roc_png=_file_uri(figures['roc']),
+    unbootstrapped=unbootstrapped,
+    per_class=_finding_table(report) if findings else _class_table(report),
+    figures_title='ROC per finding' if findings else 'Confusion matrix and ROC',
+    figures='\n'.join(
+      f'<img src="{_file_uri(figures[kind])}" alt="{alt}">'
+      for kind, alt in shown.items()
+      if kind in figures
+    ),
     calibration=_calibration(
       report.get('calibration'), figures.get('reliability'), report['split']
     ),
-    operating_points=_operating_points(report.get('operating_points'), report['split']),
-    errors=_errors(errors, gradcam_layer),
+    operating_points=_operating_points(report.get('operating_points'), report['split'], findings),
+    errors=_errors(errors, gradcam_layer, findings),
     version=html.escape(version),
     json=html.escape(json_path),
   )

@@ -1,9 +1,11 @@
-"""Classification metrics for an ordinal grading task, computed by scikit-learn.
+"""Classification metrics for an ordinal grading task or for findings, computed by scikit-learn.
 
 Stages are ordinal, so quadratic weighted kappa (a miss by two stages costs four times a miss by
-one) is the headline; accuracy alone hides which stages are confused. Metrics that are undefined
-on a split (a class absent from the labels, a single class everywhere) are None rather than a
-crash or a NaN, so a small validation split still gets a report.
+one) is the headline; accuracy alone hides which stages are confused. Findings (several per film,
+`dataset.task='multilabel'`) are binary tasks each: ROC AUC and average precision per finding, over
+the films whose label is used (an ignored label, -1, counts nowhere), then their macro and micro
+AUC. Metrics that are undefined on a split (a class absent from the labels, a single class
+everywhere) are None rather than a crash or a NaN, so a small validation split still gets a report.
 """
 
 import math
@@ -11,6 +13,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import ml_collections
 import numpy as np
 from sklearn import exceptions
 from sklearn import metrics as skm
@@ -26,6 +29,22 @@ HIGHER_IS_BETTER: dict[str, bool] = {
   'auc_macro': True,
   'loss': False,
 }
+
+
+# The metric that picks the best checkpoint unless `best_metric` is set, by `dataset.task`.
+DEFAULT_BEST_METRIC = {'single': 'kappa', 'multilabel': 'auc_macro'}
+
+
+def _default_best_metric(task: str) -> str:
+  return DEFAULT_BEST_METRIC.get(task, 'kappa')  # An unknown task: validate names it.
+
+
+def default_best_metric(task: ml_collections.FieldReference) -> ml_collections.FieldReference:
+  """A config field that reads as the default best metric of whichever task the field `task`
+  (config.dataset.task) holds when it is read, until a value is set: quadratic kappa for graded
+  single-label runs, macro AUC for findings (where kappa is undefined)."""
+  # The lazy op ml_collections' own `ref + 1` and `ref.to_str()` are built with.
+  return task._apply_op(_default_best_metric)
 
 
 def better(name: str, candidate: float | None, incumbent: float | None) -> bool:
@@ -77,7 +96,8 @@ def _checked(
 
 
 def compute(labels: np.ndarray, probs: np.ndarray, label_names: Sequence[str]) -> dict[str, Any]:
-  """Metrics of predicted class probabilities against integer labels.
+  """Metrics of predicted class probabilities against integer labels, or of finding
+  probabilities against findings' labels when `labels` is [N, F] (see `compute_findings`).
 
   Args:
     labels: [N] true class ids in [0, C).
@@ -89,6 +109,8 @@ def compute(labels: np.ndarray, probs: np.ndarray, label_names: Sequence[str]) -
     'top_5_accuracy' only when C > 5, 'per_class' {name: {precision, recall, f1, support,
     auc}}, and 'confusion_matrix' (list of lists, rows = true class, columns = predicted).
   """
+  if np.ndim(labels) == 2:
+    return compute_findings(labels, probs, label_names)
   labels, probs = _checked(labels, probs, label_names)
   num_classes = len(label_names)
   classes = np.arange(num_classes)
@@ -132,6 +154,90 @@ def compute(labels: np.ndarray, probs: np.ndarray, label_names: Sequence[str]) -
   return out
 
 
+# A finding is called present when its probability is at least this (the sigmoid's even odds)
+# in the findings' accuracies; operating_points chooses a threshold per finding on validation.
+PRESENT_AT = 0.5
+
+
+def _checked_findings(
+  labels: np.ndarray, probs: np.ndarray, finding_names: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
+  """(int64 labels, float64 probs) of findings after checking shapes and values, so that a
+  caller's mistake is named here rather than deep inside scikit-learn."""
+  labels = np.asarray(labels).astype(np.int64)
+  probs = np.asarray(probs, np.float64)
+  num_findings = len(finding_names)
+  if probs.ndim != 2 or probs.shape[1] != num_findings or labels.shape != probs.shape:
+    raise ValueError(
+      f'expected labels and probs [N, {num_findings}] for {num_findings} finding names; got '
+      f'labels {labels.shape} and probs {probs.shape}'
+    )
+  if not len(labels):
+    raise ValueError('cannot compute metrics on zero examples')
+  unknown = sorted(set(np.unique(labels).tolist()) - {-1, 0, 1})
+  if unknown:
+    raise ValueError(
+      f'finding labels must be 1 (present), 0 (absent) or -1 (ignored); got {unknown}'
+    )
+  if not (probs >= 0).all() or not (probs <= 1).all():
+    raise ValueError('finding probabilities must lie in [0, 1] (one sigmoid per finding)')
+  return labels, probs
+
+
+def compute_findings(
+  labels: np.ndarray, probs: np.ndarray, finding_names: Sequence[str]
+) -> dict[str, Any]:
+  """Metrics of independent finding probabilities against findings' labels.
+
+  Each finding is a binary task over the films whose label is used (an ignored label, -1, counts
+  in no metric): ROC AUC and average precision (scikit-learn's, the step-wise area under the
+  precision-recall curve). A film is called positive for a finding at PRESENT_AT.
+
+  Args:
+    labels: [N, F] 1 (present), 0 (absent) or -1 (ignored).
+    probs: [N, F] predicted probabilities, one per finding (rows need not sum to 1).
+    finding_names: the F finding names, in column order.
+
+  Returns:
+    A JSON-serialisable dict: the scalars of HIGHER_IS_BETTER (None where undefined): 'accuracy'
+    over every used (film, finding) entry, 'balanced_accuracy' the mean over findings of
+    (sensitivity + specificity) / 2, 'kappa' None (no order between findings), 'auc_macro' the
+    mean of the defined per-finding AUCs, 'loss' the mean binary cross-entropy over used entries;
+    and 'auc_micro' (one ROC AUC over every used entry), 'per_finding' {name: {'auc',
+    'average_precision', 'positives', 'negatives', 'ignored'}} and 'num_examples'.
+  """
+  labels, probs = _checked_findings(labels, probs, finding_names)
+  used = labels >= 0
+  per_finding: dict[str, dict[str, Any]] = {}
+  balanced = []
+  for f, name in enumerate(finding_names):
+    truth, score = labels[used[:, f], f] == 1, probs[used[:, f], f]
+    positives = int(truth.sum())
+    auc = _one_vs_rest_auc(truth, score)
+    per_finding[name] = {
+      'auc': auc,
+      # With no positive, precision is undefined at every threshold.
+      'average_precision': float(skm.average_precision_score(truth, score)) if positives else None,
+      'positives': positives,
+      'negatives': len(truth) - positives,
+      'ignored': int((~used[:, f]).sum()),
+    }
+    if auc is not None:
+      balanced.append(skm.balanced_accuracy_score(truth, score >= PRESENT_AT))
+  truth, score = labels[used] == 1, probs[used]
+  aucs = [m['auc'] for m in per_finding.values() if m['auc'] is not None]
+  return {
+    'accuracy': float(np.mean(truth == (score >= PRESENT_AT))) if used.any() else None,
+    'balanced_accuracy': float(np.mean(balanced)) if balanced else None,
+    'kappa': None,
+    'auc_macro': float(np.mean(aucs)) if aucs else None,
+    'loss': float(skm.log_loss(truth, score, labels=[False, True])) if used.any() else None,
+    'auc_micro': _one_vs_rest_auc(truth, score),
+    'per_finding': per_finding,
+    'num_examples': len(labels),
+  }
+
+
 # The metrics `bootstrap_ci` gives intervals for: the headline numbers of an ordinal grader.
 BOOTSTRAPPED = ('accuracy', 'kappa', 'auc_macro')
 _RESAMPLE_CHUNK = 100  # Resamples scored at once: bounds memory to a few [chunk, N] arrays.
@@ -163,6 +269,8 @@ def bootstrap_ci(
   """
   if resamples < 1 or not 0 < level < 1:
     raise ValueError(f'need resamples >= 1 and 0 < level < 1; got {resamples} and {level}')
+  if np.ndim(labels) == 2:
+    return _bootstrap_findings(labels, probs, label_names, resamples, seed, level)
   estimate = compute(labels, probs, label_names)
   labels, probs = _checked(labels, probs, label_names)
   auc_classes = [
@@ -178,6 +286,96 @@ def bootstrap_ci(
     values = np.concatenate([chunk[name] for chunk in chunks])
     out[name] = {'estimate': estimate[name], **percentile_interval(values, level)}
   return out
+
+
+# What `bootstrap_ci` gives intervals for on findings: these scalars, and per finding
+# FINDING_BOOTSTRAPPED under 'per_finding'.
+BOOTSTRAPPED_FINDINGS = ('accuracy', 'auc_macro', 'auc_micro')
+FINDING_BOOTSTRAPPED = ('auc', 'average_precision')
+
+
+def _bootstrap_findings(
+  labels: np.ndarray,
+  probs: np.ndarray,
+  finding_names: Sequence[str],
+  resamples: int,
+  seed: int,
+  level: float,
+) -> dict[str, Any]:
+  """bootstrap_ci of findings: {'method', each of BOOTSTRAPPED_FINDINGS, and 'per_finding' {name:
+  {each of FINDING_BOOTSTRAPPED}}}, each {'estimate', 'low', 'high', 'used', 'dropped'}. A film
+  is resampled with all its findings; a finding's figures use its used labels among the drawn
+  films, and macro AUC averages the findings whose AUC the whole split defines."""
+  estimate = compute_findings(labels, probs, finding_names)
+  labels, probs = _checked_findings(labels, probs, finding_names)
+  auc_findings = [
+    f for f, name in enumerate(finding_names) if estimate['per_finding'][name]['auc'] is not None
+  ]
+  n = len(labels)
+  chunks = [
+    _resample_finding_scores(counts, labels, probs, auc_findings)
+    for counts in resample_counts(n, resamples, seed)
+  ]
+
+  def interval(key: str, value: float | None) -> dict[str, Any]:
+    return {
+      'estimate': value,
+      **percentile_interval(np.concatenate([c[key] for c in chunks]), level),
+    }
+
+  out: dict[str, Any] = {'method': {'resamples': resamples, 'seed': seed, 'level': level, 'n': n}}
+  out.update({key: interval(key, estimate[key]) for key in BOOTSTRAPPED_FINDINGS})
+  out['per_finding'] = {
+    name: {
+      key: interval(f'{key}/{f}', estimate['per_finding'][name][key])
+      for key in FINDING_BOOTSTRAPPED
+    }
+    for f, name in enumerate(finding_names)
+  }
+  return out
+
+
+def _resample_finding_scores(
+  counts: np.ndarray, labels: np.ndarray, probs: np.ndarray, auc_findings: Sequence[int]
+) -> dict[str, np.ndarray]:
+  """The findings' bootstrapped values for resamples given as how often each film is drawn
+  ([R, N]), NaN where undefined: BOOTSTRAPPED_FINDINGS, and '<key>/<finding index>' for
+  FINDING_BOOTSTRAPPED. The same quantities as `compute_findings` (tests pin them to it)."""
+  used = labels >= 0
+  truth = labels == 1
+  correct = used & (truth == (probs >= PRESENT_AT))
+  films, findings = np.nonzero(used)  # Every used (film, finding) entry, for the micro AUC.
+  out: dict[str, np.ndarray] = {}
+  with np.errstate(invalid='ignore', divide='ignore'):
+    out['accuracy'] = (counts @ correct.sum(1)) / (counts @ used.sum(1))
+    for f in range(labels.shape[1]):
+      rows = used[:, f]
+      out[f'auc/{f}'] = _resample_auc(counts[:, rows], truth[rows, f], probs[rows, f])
+      out[f'average_precision/{f}'] = _resample_average_precision(
+        counts[:, rows], truth[rows, f], probs[rows, f]
+      )
+    aucs = [out[f'auc/{f}'] for f in auc_findings]
+    out['auc_macro'] = np.mean(aucs, axis=0) if aucs else np.full(len(counts), np.nan)
+    out['auc_micro'] = _resample_auc(
+      counts[:, films], truth[films, findings], probs[films, findings]
+    )
+  return out
+
+
+def _resample_average_precision(
+  counts: np.ndarray, is_class: np.ndarray, score: np.ndarray
+) -> np.ndarray:
+  """Average precision per resample ([R]; NaN when no positive is drawn): the precision at each
+  distinct score threshold, highest first, weighted by the recall it adds, which is the step-wise
+  sum average_precision_score takes."""
+  order = np.argsort(-score, kind='stable')
+  score, is_class, counts = score[order], is_class[order], counts[:, order]
+  last_of_tie = np.append(score[1:] != score[:-1], True)  # Each distinct score is a threshold.
+  true_pos = np.cumsum(counts * is_class, axis=1)[:, last_of_tie]
+  called = np.cumsum(counts, axis=1)[:, last_of_tie]
+  added = np.diff(true_pos, axis=1, prepend=0)
+  steps = np.where(added > 0, added * true_pos / np.maximum(called, 1), 0)
+  return steps.sum(axis=1) / true_pos[:, -1]
 
 
 def resample_counts(n: int, resamples: int, seed: int) -> Iterator[np.ndarray]:
@@ -248,7 +446,10 @@ def _fmt(x: float | None) -> str:
 
 
 def format_table(metrics: dict[str, Any], label_names: Sequence[str]) -> str:
-  """Plain-text summary for the console: scalars, per-class table, confusion matrix."""
+  """Plain-text summary for the console: scalars, per-class table, confusion matrix (findings:
+  scalars and per-finding table)."""
+  if 'per_finding' in metrics:
+    return _format_findings(metrics, label_names)
   lines = [
     f'{k:>18}: {_fmt(metrics[k])}' for k in (*HIGHER_IS_BETTER, 'top_5_accuracy') if k in metrics
   ]
@@ -269,4 +470,17 @@ def format_table(metrics: dict[str, Any], label_names: Sequence[str]) -> str:
     f'{name:>{width}}' + ''.join(f' {v:7d}' for v in row)
     for name, row in zip(label_names, metrics['confusion_matrix'], strict=True)
   ]
+  return '\n'.join(lines)
+
+
+def _format_findings(metrics: dict[str, Any], finding_names: Sequence[str]) -> str:
+  lines = [f'{k:>18}: {_fmt(metrics[k])}' for k in (*HIGHER_IS_BETTER, 'auc_micro') if k != 'kappa']
+  width = max(12, *(len(n) for n in finding_names))
+  lines += ['', f'{"finding":>{width}}     auc  avg prec  positives  negatives  ignored']
+  for name in finding_names:
+    m = metrics['per_finding'][name]
+    lines.append(
+      f'{name:>{width}}  {_fmt(m["auc"])}    {_fmt(m["average_precision"])}  '
+      f'{m["positives"]:9d}  {m["negatives"]:9d}  {m["ignored"]:7d}'
+    )
   return '\n'.join(lines)

@@ -6,7 +6,9 @@ from its report (`render` reads only the report's record, the config and the bui
 so anything that has those, such as an export, can write the same card.
 
 Every sentence under "Known limits" is generated from those facts, so the card never claims more
-than the run shows.
+than the run shows. A multi-label run's card (findings) gives each finding's figures: ROC AUC and
+average precision with their intervals, and sensitivity and specificity at the threshold chosen
+on validation (config.operating_point's) with theirs.
 """
 
 from collections.abc import Mapping
@@ -17,9 +19,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 import pneumo_jax
-from pneumo_jax import atomic, models
+from pneumo_jax import atomic, heads, models
 from pneumo_jax.data import folder_builder
-from pneumo_jax.evaluation import metrics
+from pneumo_jax.evaluation import metrics, operating_points
 from pneumo_jax.training.phases import resolve_phases
 
 CARD_FILE = 'model_card.md'  # In WORKDIR: the card of the latest evaluation.
@@ -30,7 +32,9 @@ TITLES = {
   'accuracy': 'accuracy',
   'kappa': 'quadratic weighted kappa',
   'auc_macro': 'macro AUC (one-vs-rest)',
+  'auc_micro': 'micro AUC (every finding label pooled)',
 }
+FINDING_TITLES = {**TITLES, 'auc_macro': 'macro AUC (mean over findings)'}
 _IMBALANCED = 1.5  # Largest / smallest class count from which the card calls classes imbalanced.
 _WIDE = 0.1  # Interval width above which the card warns that small differences are noise.
 
@@ -40,27 +44,27 @@ class Data(NamedTuple):
 
   source_dir: str  # The source folder, or the label file.
   build_dir: str
-  label_names: list[str]
-  counts: dict[str, list[int]]  # Split → images per class, in label order.
+  label_names: list[str]  # The classes, or the findings.
+  # Split → images per class, in label order; findings: per finding [positive, negative,
+  # ignored] images.
+  counts: dict[str, list]
   channels: int  # 1: every image grey; 3: RGB.
   skipped: int  # Unreadable files left out (dataset.skip_corrupt).
+  multilabel: bool = False  # Findings (dataset.task='multilabel').
 
 
 def data_of(builder: tfds.core.DatasetBuilder) -> Data:
   """The card's data facts of a prepared `folder_builder` build."""
   metadata = builder.info.metadata
-  names = folder_builder.label_names(builder)
+  counts = folder_builder.label_counts(builder)
   return Data(
     source_dir=metadata.get('labels_csv') or metadata['source_dir'],
     build_dir=str(builder.data_dir),
-    label_names=names,
-    counts={
-      split: np.bincount(folder_builder.split_labels(builder, split), minlength=len(names)).tolist()
-      for split in _SPLITS
-      if split in metadata['splits']
-    },
+    label_names=folder_builder.label_names(builder),
+    counts={split: counts[split].tolist() for split in _SPLITS if split in counts},
     channels=folder_builder.stored_shape(builder)[2],
     skipped=len(metadata['skipped_corrupt']),
+    multilabel=folder_builder.task(builder) == 'multilabel',
   )
 
 
@@ -103,7 +107,7 @@ def write(path: str, card: str) -> str:
 
 def _header(config: ml_collections.ConfigDict, report: Mapping[str, Any], report_path: str) -> str:
   lines = [
-    f'# Model card: {config.model.name} grader of {", ".join(report["label_names"])} '
+    f'# Model card: {config.model.name} {_kind(report)} of {", ".join(report["label_names"])} '
     f'(step {report["step"]})',
     '',
     'Research use only. Not a medical device: not validated for diagnosis or screening.',
@@ -113,6 +117,15 @@ def _header(config: ml_collections.ConfigDict, report: Mapping[str, Any], report
   if report_path:
     lines += ['', f'Figures from the evaluation report `{report_path}`.']
   return '\n'.join(lines)
+
+
+def _findings(report: Mapping[str, Any]) -> bool:
+  """Whether the report is a multi-label run's (metrics per finding)."""
+  return 'per_finding' in report
+
+
+def _kind(report: Mapping[str, Any]) -> str:
+  return 'reader' if _findings(report) else 'grader'
 
 
 def _external(report: Mapping[str, Any]) -> bool:
@@ -134,12 +147,29 @@ def _data(config: ml_collections.ConfigDict, data: Data, report: Mapping[str, An
     source += ' (external: not the source the run was trained on)'
   elif ds.synthetic:
     source += " (the demo's synthetic images)"
+  kept = (
+    "iterative stratification (every finding's positives in each split)"
+    if data.multilabel
+    else 'stratified per class'
+  )
   if 'all' in data.counts:
     split_line = '- Split: none: every readable image of the source was scored (`--split all`).'
   else:
     split_line = (
-      f'- Split: stratified per class with seed {ds.split_seed}: {test}{validation}, '
-      'train the remainder.'
+      f'- Split: {kept} with seed {ds.split_seed}: {test}{validation}, train the remainder.'
+    )
+  if data.multilabel:
+    return '\n'.join(
+      [
+        '## Data',
+        '',
+        f'- Source: {source}; findings in column order, {_policies(config)}.',
+        f'- Build: `{data.build_dir}`: {_colour(data.channels)} images; '
+        f'{data.skipped} unreadable file(s) skipped.',
+        split_line,
+        '',
+        *_finding_counts(data),
+      ]
     )
   splits = list(data.counts)
   rows = [
@@ -162,6 +192,26 @@ def _data(config: ml_collections.ConfigDict, data: Data, report: Mapping[str, An
       '| **total** | ' + ' | '.join(map(str, sums)) + f' | {sum(sums)} |',
     ]
   )
+
+
+def _policies(config: ml_collections.ConfigDict) -> str:
+  """How the label file's uncertain (-1) and blank cells were read."""
+  ds = config.dataset
+  return f'uncertain (-1) labels read as {ds.uncertain}, blank ones as {ds.blank}'
+
+
+def _finding_counts(data: Data) -> list[str]:
+  """A table of each finding's positive / negative / ignored images per split."""
+  splits = list(data.counts)
+  rows = [
+    f'| {name} | ' + ' | '.join('{} / {} / {}'.format(*data.counts[s][f]) for s in splits) + ' |'
+    for f, name in enumerate(data.label_names)
+  ]
+  return [
+    '| finding | ' + ' | '.join(f'{s}: positive / negative / ignored' for s in splits) + ' |',
+    '|---' * (len(splits) + 1) + '|',
+    *rows,
+  ]
 
 
 def recipe_rows(
@@ -205,11 +255,17 @@ def recipe_rows(
     ('Batch', f'{config.input.batch_size} (global), seed {config.seed}'),
     (
       'Loss',
-      f'cross-entropy, label smoothing {config.label_smoothing:g}, class weighting '
+      f'{_loss(config)}, label smoothing {config.label_smoothing:g}, class weighting '
       f'{config.class_weighting or "none"}',
     ),
     ('Evaluated', f'step {report["step"]} (`--checkpoint={checkpoint}`), {ema}'),
   ]
+
+
+def _loss(config: ml_collections.ConfigDict) -> str:
+  if heads.get(config.model.head).multilabel:
+    return 'binary cross-entropy per finding (ignored labels left out)'
+  return 'cross-entropy'
 
 
 def _recipe(config: ml_collections.ConfigDict, report: Mapping[str, Any], checkpoint: str) -> str:
@@ -251,6 +307,8 @@ def _schedule(s: ml_collections.ConfigDict) -> str:
 
 
 def _metrics(report: Mapping[str, Any]) -> str:
+  if _findings(report):
+    return _finding_metrics(report)
   intervals = report[INTERVALS]
   method = intervals['method']
   level = f'{method["level"]:.0%}'
@@ -289,6 +347,95 @@ def _metrics(report: Mapping[str, Any]) -> str:
   )
 
 
+def _interval(ci: Mapping[str, Any]) -> str:
+  """An estimate with its interval: '0.912 (0.871 – 0.950)'."""
+  span = 'undefined' if ci['low'] is None else f'{ci["low"]:.3f} – {ci["high"]:.3f}'
+  return f'{_num(ci["estimate"])} ({span})'
+
+
+def finding_rows(report: Mapping[str, Any]) -> list[list[str]]:
+  """Per finding: name, positives, negatives, ignored, AUC and average precision with their
+  intervals, and, where the report has operating points, the threshold chosen on validation at
+  the point predict decides at and the sensitivity and specificity there with theirs."""
+  intervals = report[INTERVALS]['per_finding']
+  points = report.get('operating_points') or {}
+  at = {r['cut']: r for r in points.get('rows', []) if r['point'] == points['predict_decides_at']}
+  rows = []
+  for name, m in report['per_finding'].items():
+    row = [
+      name,
+      str(m['positives']),
+      str(m['negatives']),
+      str(m['ignored']),
+      _interval(intervals[name]['auc']),
+      _interval(intervals[name]['average_precision']),
+    ]
+    if name in at:
+      row += [f'{at[name]["threshold"]:.3f}', *(_interval(at[name][k]) for k in _SENS_SPEC)]
+    else:
+      row += ['n/a'] * (1 + len(_SENS_SPEC))
+    rows.append(row)
+  return rows
+
+
+_SENS_SPEC = ('sensitivity', 'specificity')
+FINDING_COLUMNS = (
+  'finding',
+  'positives',
+  'negatives',
+  'ignored',
+  'AUC',
+  'average precision',
+  'threshold',
+  'sensitivity',
+  'specificity',
+)
+
+
+def _finding_metrics(report: Mapping[str, Any]) -> str:
+  intervals = report[INTERVALS]
+  method = intervals['method']
+  level = f'{method["level"]:.0%}'
+  rows = [
+    f'| {FINDING_TITLES[key]} | {_interval(intervals[key])} | {intervals[key]["used"]} |'
+    for key in metrics.BOOTSTRAPPED_FINDINGS
+  ]
+  points = report.get('operating_points')
+  where = (
+    f'the threshold chosen on the {points["chosen_on"]} split at '
+    f'{operating_points.POINTS[points["predict_decides_at"]]} (`operating_point`)'
+    if points
+    else 'no threshold (the run has no validation split to choose one on)'
+  )
+  return '\n'.join(
+    [
+      f'## Metrics: {report["split"]} split, {method["n"]} images',
+      '',
+      f'| metric | estimate ({level} interval) | resamples used |',
+      '|---|---|---|',
+      *rows,
+      '',
+      f'Accuracy {_num(report["accuracy"])} and balanced accuracy '
+      f'{_num(report["balanced_accuracy"])} (each label called at probability '
+      f'{metrics.PRESENT_AT:g}), log loss {_num(report["loss"])} (no interval).',
+      '',
+      f'Per finding, over its used labels (an ignored label counts nowhere); sensitivity and '
+      f'specificity at {where}. Estimates with their {level} intervals:',
+      '',
+      '| ' + ' | '.join(FINDING_COLUMNS) + ' |',
+      '|---' * len(FINDING_COLUMNS) + '|',
+      *('| ' + ' | '.join(row) + ' |' for row in finding_rows(report)),
+      '',
+      f'Intervals: percentile bootstrap. {method["resamples"]} resamples of the '
+      f'{method["n"]} images, each drawn with replacement with all its findings (numpy '
+      f'default_rng, seed {method["seed"]}, so the card is reproducible); an interval spans the '
+      f"central {level} of a figure over the resamples where it is defined (a finding's AUC "
+      'needs a positive and a negative drawn; macro AUC every finding the split defines). The '
+      'intervals cover the sampling of these images only, not other sites, scanners or readers.',
+    ]
+  )
+
+
 def _limits(
   config: ml_collections.ConfigDict, data: Data, report: Mapping[str, Any], checkpoint: str
 ) -> str:
@@ -301,14 +448,15 @@ def limit_facts(
 ) -> list[str]:
   """The card's "Known limits", one sentence (or two) each, generated from the facts."""
   split, intervals, view = report['split'], report[INTERVALS], report['provenance']
+  findings = _findings(report)
   widths = {
     key: intervals[key]['high'] - intervals[key]['low']
-    for key in metrics.BOOTSTRAPPED
+    for key in (metrics.BOOTSTRAPPED_FINDINGS if findings else metrics.BOOTSTRAPPED)
     if intervals[key]['low'] is not None
   }
   facts = [
     f'{intervals["method"]["n"]} images in the {split} split. Interval widths: '
-    + ', '.join(f'{TITLES[k]} {w:.2f}' for k, w in widths.items())
+    + ', '.join(f'{(FINDING_TITLES if findings else TITLES)[k]} {w:.2f}' for k, w in widths.items())
     + (
       '; models whose estimates differ by less than that are not shown to differ.'
       if max(widths.values(), default=1.0) > _WIDE
@@ -322,12 +470,18 @@ def limit_facts(
       else f'Single source: every image comes from `{data.source_dir}`; no other site, scanner '
       'or population was evaluated (no external validation).'
     ),
-    *_balance(config, data, report),
+    *(_prevalence(report) if findings else _balance(config, data, report)),
     f'Input: {_colour(data.channels)} images squashed to {view["stored_size"]} px squares '
     '(aspect ratio not kept), centrally cropped and resized to '
     f'{view["image_size"]} px. Other projections, processing or populations are untested.',
-    'Labels are the class folders as given; their reliability (agreement between readers) is '
-    'not measured here.',
+    (
+      f"Labels are the label file's finding columns as given, {_policies(config)}; their "
+      'reliability (agreement between readers, or the report parser that wrote them) is not '
+      'measured here.'
+      if findings
+      else 'Labels are the class folders as given; their reliability (agreement between '
+      'readers) is not measured here.'
+    ),
     'Not a medical device; research use only.',
   ]
   if config.dataset.synthetic:
@@ -394,6 +548,31 @@ def _balance(config: ml_collections.ConfigDict, data: Data, report: Mapping[str,
   absent = [name for name, m in report['per_class'].items() if not m['support']]
   if absent:
     facts.append(f'No {report["split"]} image of {", ".join(absent)}: untested on them.')
+  return facts
+
+
+def _prevalence(report: Mapping[str, Any]) -> list[str]:
+  """The findings' prevalence on the split, and the findings it cannot test."""
+  per = report['per_finding']
+  rates = {
+    name: m['positives'] / (m['positives'] + m['negatives'])
+    for name, m in per.items()
+    if m['positives'] + m['negatives']
+  }
+  facts = []
+  if rates:
+    rarest = min(rates, key=rates.get)
+    facts.append(
+      f'Prevalence differs by finding (here {rarest} is the rarest, {rates[rarest]:.0%} of its '
+      'used labels): predictive values and average precision depend on it, so they will differ '
+      'where the findings are rarer or commoner.'
+    )
+  untested = [name for name, m in per.items() if m['auc'] is None]
+  if untested:
+    facts.append(
+      f'No {report["split"]} image with both a positive and a negative label for '
+      f'{", ".join(untested)}: untested on them.'
+    )
   return facts
 
 

@@ -14,9 +14,13 @@ ROC point maximising sensitivity + specificity − 1) and the highest thresholds
 sensitivity, specificity, PPV and NPV at each with percentile-bootstrap intervals (the resamples
 of metrics.resample_counts: the same seeded draws as the model card's intervals). An image is
 called positive when its score is at least the threshold (scikit-learn's roc_curve rule).
+
+Findings (a multi-label run) ask one question each, "is this finding present?", scored by its own
+probability over the films whose label for it is used: the cut is the finding's name, and its
+thresholds are chosen and measured exactly as a cut's.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import ml_collections
@@ -61,16 +65,16 @@ def cut_scores(probs: np.ndarray, first: int) -> np.ndarray:
 def choose(
   labels: np.ndarray, probs: np.ndarray, label_names: Sequence[str]
 ) -> dict[str, dict[str, float | None]]:
-  """Per cut, the threshold of each of POINTS, from (validation) labels [N] and probabilities
-  [N, K]; None for every point of a cut whose positives or negatives are missing."""
-  labels = np.asarray(labels)
+  """Per cut (per finding), the threshold of each of POINTS, from (validation) labels [N] and
+  probabilities [N, K] (findings: [N, F] both); None for every point of a cut whose positives or
+  negatives are missing."""
   out = {}
-  for cut, first in cuts(label_names).items():
-    truth = labels >= first
+  for cut, used, truth, score in _truths(labels, probs, label_names):
+    truth, score = truth[used], score[used]
     if truth.all() or not truth.any():
       out[cut] = dict.fromkeys(POINTS)
       continue
-    fpr, tpr, thresholds = skm.roc_curve(truth, cut_scores(probs, first), drop_intermediate=False)
+    fpr, tpr, thresholds = skm.roc_curve(truth, score, drop_intermediate=False)
     # Index 0 is roc_curve's threshold above every score (nothing positive): never a choice.
     j = 1 + int(np.argmax((tpr - fpr)[1:]))
     out[cut] = {
@@ -81,9 +85,29 @@ def choose(
   return out
 
 
-def decide(probs: np.ndarray, first: int, threshold: float) -> np.ndarray:
-  """[N] bool: the images called positive for the cut starting at class `first`."""
-  return cut_scores(probs, first) >= threshold
+def questions(
+  probs: np.ndarray, label_names: Sequence[str], multilabel: bool
+) -> dict[str, np.ndarray]:
+  """Cut id → its score per image [N]: 'ge_<class>' → the summed probability of that class and
+  the later ones; for findings (`multilabel`), each finding's name → its probability."""
+  probs = np.asarray(probs, np.float64)
+  if multilabel:
+    return {name: probs[:, f] for f, name in enumerate(label_names)}
+  return {cut: cut_scores(probs, first) for cut, first in cuts(label_names).items()}
+
+
+def _truths(
+  labels: np.ndarray, probs: np.ndarray, label_names: Sequence[str]
+) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+  """(cut, used [N] bool, truth [N] bool, score [N]) per question; a single-label run uses every
+  image, findings ([N, F] labels) those whose label is not ignored (-1)."""
+  labels = np.asarray(labels)
+  multilabel = labels.ndim == 2
+  for f, (cut, score) in enumerate(questions(probs, label_names, multilabel).items()):
+    if multilabel:
+      yield cut, labels[:, f] >= 0, labels[:, f] == 1, score
+    else:
+      yield cut, np.ones(len(labels), bool), labels >= cuts(label_names)[cut], score
 
 
 def _rates(weights: np.ndarray, truth: np.ndarray, positive: np.ndarray) -> dict[str, np.ndarray]:
@@ -113,19 +137,19 @@ def evaluate(
   level: float = 0.95,
 ) -> list[dict[str, Any]]:
   """Rows {'cut', 'point', 'threshold', 'positives', 'negatives', and per MEASURES {'estimate',
-  'low', 'high', 'used', 'dropped'}} for every cut and point with a threshold, the thresholds
-  given (chosen on another split, or this one)."""
-  labels = np.asarray(labels)
+  'low', 'high', 'used', 'dropped'}} for every cut (finding) and point with a threshold, the
+  thresholds given (chosen on another split, or this one). A film is resampled with all its
+  findings; a finding's rates count its used labels among the drawn films."""
   counts = np.concatenate(list(metrics.resample_counts(len(labels), resamples, seed)))
   rows = []
-  for cut, first in cuts(label_names).items():
-    truth = labels >= first
+  for cut, used, truth, score in _truths(labels, probs, label_names):
+    truth, score, weights = truth[used], score[used], counts[:, used].astype(float)
     for point, threshold in thresholds.get(cut, {}).items():
       if threshold is None:
         continue
-      positive = decide(probs, first, threshold)
-      estimate = _rates(np.ones((1, len(labels))), truth, positive)
-      resampled = _rates(counts.astype(float), truth, positive)
+      positive = score >= threshold
+      estimate = _rates(np.ones((1, len(truth))), truth, positive)
+      resampled = _rates(weights, truth, positive)
       row: dict[str, Any] = {
         'cut': cut,
         'point': point,

@@ -3,9 +3,10 @@
 One evaluation writes, under WORKDIR/eval/, files that share the stem `<split>_<step>` so that
 evaluations of several splits and checkpoints sit side by side without overwriting each other:
   <split>_<step>.json                   metrics (see metrics.compute), label names, step, provenance
-  <split>_<step>_confusion_matrix.png   counts, rows = true class
-  <split>_<step>_roc.png                one-vs-rest ROC curve per class
+  <split>_<step>_confusion_matrix.png   counts, rows = true class (not for findings)
+  <split>_<step>_roc.png                one-vs-rest ROC curve per class (per finding)
   <split>_<step>_predictions.csv        per image: path, true and predicted label, probabilities
+                                        (findings: a probability and a label_<finding> column each)
   <split>_<step>_reliability.png        reliability diagram, before and after temperature scaling
   <split>_<step>.html                   the whole report in one self-contained page (html_report)
 An external source's evaluation has the stem `<source>_<split>_<step>` (`<source>_all_<step>`
@@ -33,6 +34,7 @@ from sklearn import metrics as skm
 
 from pneumo_jax import atomic
 from pneumo_jax.errors import DatasetError, NotWritableError
+from pneumo_jax.evaluation.metrics import PRESENT_AT
 
 
 def eval_stem(workdir: str, split: str, step: int, source: str = '') -> str:
@@ -116,20 +118,29 @@ def _save_figure(fig: Figure, path: str) -> None:
     fig.savefig(tmp, dpi=120)
 
 
-def _plot_roc(
-  path: str,
-  labels: np.ndarray,
-  probs: np.ndarray,
-  label_names: Sequence[str],
-  per_class: dict[str, Any],
-  title: str,
-) -> None:
+def _roc_curves(
+  labels: np.ndarray, probs: np.ndarray, label_names: Sequence[str], metrics: dict[str, Any]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """Name → (truth, score) of each ROC curve: one-vs-rest per class, or per finding over its
+  used labels; none for a class or finding whose AUC is undefined on the split."""
+  if labels.ndim == 2:
+    return {
+      name: (labels[labels[:, f] >= 0, f] == 1, probs[labels[:, f] >= 0, f])
+      for f, name in enumerate(label_names)
+      if metrics['per_finding'][name]['auc'] is not None
+    }
+  return {
+    name: (labels == c, probs[:, c])
+    for c, name in enumerate(label_names)
+    if metrics['per_class'][name]['auc'] is not None
+  }
+
+
+def _plot_roc(path: str, curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str) -> None:
   fig = Figure(figsize=(6, 5), layout='constrained')
   ax = fig.add_subplot()
-  for c, name in enumerate(label_names):
-    if per_class[name]['auc'] is None:  # Class absent from (or alone in) this split: no curve.
-      continue
-    skm.RocCurveDisplay.from_predictions(labels == c, probs[:, c], name=name, ax=ax)
+  for name, (truth, score) in curves.items():
+    skm.RocCurveDisplay.from_predictions(truth, score, name=name, ax=ax)
   ax.plot([0, 1], [0, 1], ls=':', c='grey', lw=1)
   ax.set(title=title, xlabel='false positive rate', ylabel='true positive rate')
   _save_figure(fig, path)
@@ -180,22 +191,17 @@ def write_eval(
 
   The stem is `claim_stem(eval_stem(..., source), provenance)`. The figures and
   `write_extra(stem)`'s files come first and `<stem>.json` (metrics and provenance) last, since
-  its presence claims the stem.
+  its presence claims the stem. Findings (labels [N, F]) have no confusion matrix.
   """
   provenance = provenance or {}
   stem = claim_stem(eval_stem(workdir, split, step, source), provenance)
   title = f'{split}, step {step}'
-  _plot_confusion_matrix(
-    f'{stem}_confusion_matrix.png', metrics['confusion_matrix'], label_names, title
-  )
-  _plot_roc(
-    f'{stem}_roc.png',
-    np.asarray(labels),
-    np.asarray(probs),
-    label_names,
-    metrics['per_class'],
-    title,
-  )
+  if 'confusion_matrix' in metrics:
+    _plot_confusion_matrix(
+      f'{stem}_confusion_matrix.png', metrics['confusion_matrix'], label_names, title
+    )
+  curves = _roc_curves(np.asarray(labels), np.asarray(probs), label_names, metrics)
+  _plot_roc(f'{stem}_roc.png', curves, title)
   if write_extra is not None:
     write_extra(stem)
   write_json(
@@ -212,6 +218,7 @@ def write_eval(
 
 
 PATH_COLUMN, LABEL_COLUMN, PREDICTION_COLUMN, ERROR_COLUMN = 'path', 'label', 'prediction', 'error'
+FINDINGS_SEPARATOR = '|'  # Between the findings of a prediction cell, as ChestX-ray14's labels.
 
 
 def write_predictions(
@@ -220,13 +227,17 @@ def write_predictions(
   probs: np.ndarray,
   label_names: Sequence[str],
   errors: dict[str, str],
-  true_labels: Sequence[str] | None = None,
+  true_labels: Sequence[str] | np.ndarray | None = None,
   identifiers: Mapping[str, Mapping[str, str]] | None = None,
   decisions: Mapping[str, Sequence[bool]] | None = None,
+  *,
+  multilabel: bool = False,
 ) -> str:
   """Writes one CSV row per input file, in order: path, [identifiers,] [true label,] predicted
   label, one probability column per class (named after it), [decisions,] error. Encoded as
-  CSV_ENCODING.
+  CSV_ENCODING. Findings (`multilabel`): the true labels are a `label_<finding>` column each
+  (1 present, 0 absent, -1 ignored), and the prediction lists the findings whose probability
+  is at least metrics.PRESENT_AT, joined by FINDINGS_SEPARATOR (empty: none).
 
   Args:
     path: the CSV to write.
@@ -234,13 +245,19 @@ def write_predictions(
     probs: [len(files) - len(errors), C], rows for the readable files in `files` order.
     label_names: the C class names (column headers).
     errors: unreadable file → message; its row has empty prediction and probabilities.
-    true_labels: per readable file, its true class name (evaluation); None → no label column.
+    true_labels: per readable file, its true class name (evaluation), or for findings its [F]
+      labels ([n, F]); None → no label column.
     identifiers: file → {column: value} (a DICOM file's patient and UIDs); the columns are
       those any file has, in first-seen order, empty for a file without them.
     decisions: column → per readable file, a yes/no decision (written 1 or 0): an operating
       point's call.
   """
-  truth_column = [LABEL_COLUMN] if true_labels is not None else []
+  if true_labels is None:
+    truth_column = []
+  elif multilabel:
+    truth_column = [f'{LABEL_COLUMN}_{name}' for name in label_names]
+  else:
+    truth_column = [LABEL_COLUMN]
   identifiers, decisions = identifiers or {}, decisions or {}
   id_columns = list(dict.fromkeys(k for ids in identifiers.values() for k in ids))
   header = [
@@ -255,8 +272,8 @@ def write_predictions(
   if len(set(header)) != len(header):
     raise DatasetError(
       f'class names {list(label_names)} repeat or collide with the CSV columns '
-      f'{", ".join([PATH_COLUMN, *id_columns, LABEL_COLUMN, PREDICTION_COLUMN, ERROR_COLUMN])}; '
-      'rename the class folders'
+      f'{", ".join([PATH_COLUMN, *id_columns, *truth_column, PREDICTION_COLUMN, ERROR_COLUMN])}'
+      "; rename the class folders (or the label file's finding columns)"
     )
   probs = np.asarray(probs)
   if len(files) - len(errors) != len(probs):
@@ -264,20 +281,33 @@ def write_predictions(
       f'{len(files)} files with {len(errors)} errors need '
       f'{len(files) - len(errors)} rows of probabilities; got {len(probs)}'
     )
-  rows, truths = iter(probs), iter(true_labels or ())
+  rows, truths = iter(probs), iter(() if true_labels is None else true_labels)
   calls = iter(zip(*decisions.values(), strict=True)) if decisions else None
   with atomic.atomic_file(path) as tmp, open(tmp, 'w', newline='', **CSV_ENCODING) as f:
     writer = csv.writer(f)
     writer.writerow(header)
     for file in files:
       if file in errors:
-        truth = ''
+        truth = [''] * len(truth_column)
         cells = ['', *[''] * (len(label_names) + len(decisions)), errors[file]]
       else:
         p = next(rows)
-        truth = next(truths, '')
+        if not truth_column:
+          truth = []
+        elif multilabel:
+          truth = [str(int(t)) for t in next(truths)]
+        else:
+          truth = [next(truths)]
         called = [str(int(c)) for c in next(calls)] if calls else []
-        cells = [label_names[int(p.argmax())], *(f'{x:.6f}' for x in p), *called, '']
+        cells = [_prediction(p, label_names, multilabel), *(f'{x:.6f}' for x in p), *called, '']
       ids = [identifiers.get(file, {}).get(k, '') for k in id_columns]
-      writer.writerow([file, *ids, *([truth] if truth_column else []), *cells])
+      writer.writerow([file, *ids, *truth, *cells])
   return path
+
+
+def _prediction(probs: np.ndarray, label_names: Sequence[str], multilabel: bool) -> str:
+  """A row's prediction cell: the most probable class, or the findings at least PRESENT_AT."""
+  if multilabel:
+    present = (n for n, p in zip(label_names, probs, strict=True) if p >= PRESENT_AT)
+    return FINDINGS_SEPARATOR.join(present)
+  return label_names[int(probs.argmax())]

@@ -66,15 +66,25 @@ def load(path: str) -> np.ndarray:
 
 
 def predict(paths: list[str], batch: int = 32) -> np.ndarray:
-  """float32 [len(paths), C] class probabilities, columns as METADATA['labels']."""
+  """float32 [len(paths), C] class probabilities (findings': a sigmoid each, from the exported
+  head), columns as METADATA['labels']."""
   with open(os.path.join(HERE, METADATA['jax_export']['file']), 'rb') as f:
     model = jax.export.deserialize(bytearray(f.read()))
   chunks = [paths[i : i + batch] for i in range(0, len(paths), batch)]
   return np.concatenate([np.asarray(model.call(np.stack([load(p) for p in c]))) for c in chunks])
 
 
+def prediction(row: np.ndarray) -> str:
+  """The most probable class; for findings (metadata `multilabel`), those at probability 0.5 or
+  more, joined by '|' (as pneumo_jax's CSVs)."""
+  labels = METADATA['labels']
+  if METADATA['multilabel']:
+    return '|'.join(name for name, p in zip(labels, row, strict=True) if p >= 0.5)
+  return labels[int(np.argmax(row))]
+
+
 def main(paths: list[str]) -> None:
-  """Writes path, prediction and each class's probability as CSV rows on stdout."""
+  """Writes path, prediction and each class's (finding's) probability as CSV rows on stdout."""
   labels = METADATA['labels']
   try:
     probabilities = predict(paths)
@@ -83,7 +93,7 @@ def main(paths: list[str]) -> None:
   writer = csv.writer(sys.stdout)
   writer.writerow(['path', 'prediction', *labels])
   for path, row in zip(paths, probabilities, strict=True):
-    writer.writerow([path, labels[int(np.argmax(row))], *(f'{p:.6f}' for p in row)])
+    writer.writerow([path, prediction(row), *(f'{p:.6f}' for p in row)])
 
 
 if __name__ == '__main__':

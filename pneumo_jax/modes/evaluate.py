@@ -1,5 +1,10 @@
 """--mode eval: metrics and reports of a checkpoint on a split of a labelled source: the run's own
 dataset, or an external one (another source_dir or labels_csv), scored whole with `--split all`.
+
+A multi-label run (`heads.get(model.head).multilabel`: findings) is scored per finding over its
+used labels (metrics.compute_findings): the report is keyed by finding name, the ROC figure has a
+curve per finding, the temperature and operating points are per finding, and the per-image CSV
+has a probability and a `label_<finding>` column per finding.
 """
 
 import functools
@@ -18,9 +23,9 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 import pneumo_jax
-from pneumo_jax import checkpoints, models, sharding
+from pneumo_jax import checkpoints, heads, models, sharding
 from pneumo_jax.data import augment, dataset_for, folder_builder, images, pipeline, preprocess
-from pneumo_jax.errors import DatasetError
+from pneumo_jax.errors import ConfigError, DatasetError
 from pneumo_jax.evaluation import (
   calibration,
   explain,
@@ -86,6 +91,7 @@ def run(
   builder = dataset_for(config, workdir, whole=split == ALL)
   folder_builder.split_labels(builder, split)  # A missing split fails here, naming the fix.
   source = _source_of(builder)
+  _check_task(config, builder, source)
   names = checkpoints.load_label_names(workdir) or folder_builder.label_names(builder)
   to_run = _class_map(folder_builder.label_names(builder), names, source)
   absent = [n for i, n in enumerate(names) if i not in to_run]
@@ -93,14 +99,14 @@ def run(
   if not own and split != ALL and lead:
     _say_which_images(builder, split, source)
   out = _predictions(config, builder, split, restored)
-  labels = to_run[out['label']]
+  labels = _run_labels(out['label'], to_run, len(names))
   result = {
     **metrics.compute(labels, out['probs'], names),
     model_card.INTERVALS: metrics.bootstrap_ci(labels, out['probs'], names),
   }
   entry = _calibration(config, workdir, split, step, own, restored, labels, out['probs'])
   if entry is not None:
-    result[CALIBRATION] = calibration.report(labels, out['probs'], entry)
+    result[CALIBRATION] = calibration.report(labels, out['probs'], entry, names)
     result[OPERATING_POINTS] = {
       'chosen_on': entry['fitted_on'],
       'step': step,
@@ -144,7 +150,7 @@ def _calibration(
     except DatasetError as e:
       logging.warning('no calibration for step %d: %s', step, e)
       return None
-  entry = calibration.fit(labels, probs)
+  entry = calibration.fit(labels, probs, restored.names)
   entry[OPERATING_POINTS] = operating_points.choose(
     labels, calibration.scaled(probs, entry['temperature']), restored.names
   )
@@ -163,7 +169,18 @@ def _validation_predictions(
   folder_builder.split_labels(builder, calibration.FITTED_ON)  # Missing: DatasetError.
   to_run = _class_map(folder_builder.label_names(builder), restored.names, _source_of(builder))
   out = _predictions(run_config, builder, calibration.FITTED_ON, restored)
-  return to_run[out['label']], out['probs']
+  return _run_labels(out['label'], to_run, len(restored.names)), out['probs']
+
+
+def _run_labels(labels: np.ndarray, to_run: np.ndarray, num_names: int) -> np.ndarray:
+  """A source's labels in the run's terms (`_class_map`'s `to_run`): class ids [N] mapped, or
+  findings [N, F_source] moved to the run's columns [N, num_names], a finding the source lacks
+  ignored (-1)."""
+  if labels.ndim == 1:
+    return to_run[labels]
+  out = np.full((len(labels), num_names), -1, labels.dtype)
+  out[:, to_run] = labels
+  return out
 
 
 def _predictions(
@@ -221,11 +238,21 @@ def _confident_errors(
   out: dict[str, np.ndarray],
 ) -> tuple[str, list[html_report.Error]]:
   """(Grad-CAM layer, the misclassified images the model was surest of (up to
-  html_report.MAX_ERRORS), each with its Grad-CAM overlay for the predicted class). Every
+  html_report.MAX_ERRORS), each with its Grad-CAM overlay for the predicted class; for findings
+  the wrong (film, finding) calls at metrics.PRESENT_AT, with the finding's Grad-CAM). Every
   process computes its share; all return the same."""
   probs = out['probs']
-  wrong = np.flatnonzero(probs.argmax(axis=-1) != labels)
-  rows = wrong[np.argsort(-probs[wrong].max(axis=-1), kind='stable')][: html_report.MAX_ERRORS]
+  multilabel = labels.ndim == 2
+  if multilabel:
+    called = probs >= metrics.PRESENT_AT
+    films, findings = np.nonzero((labels >= 0) & (called != (labels == 1)))
+    confidence = np.where(called, probs, 1 - probs)[films, findings]
+    worst = np.argsort(-confidence, kind='stable')[: html_report.MAX_ERRORS]
+    rows, targets = films[worst], findings[worst]
+  else:
+    wrong = np.flatnonzero(probs.argmax(axis=-1) != labels)
+    rows = wrong[np.argsort(-probs[wrong].max(axis=-1), kind='stable')][: html_report.MAX_ERRORS]
+    targets = probs[rows].argmax(axis=-1)
   size = config.input.image_size
   backbone = models.backbone_of(config)
   if not len(rows):
@@ -236,9 +263,9 @@ def _confident_errors(
   view = preprocess.central_view(side, side, preprocess.eval_central_fraction(config.input))
 
   def examples():
-    for k, row in enumerate(rows):
+    for k, (row, target) in enumerate(zip(rows, targets, strict=True)):
       image = images.fit(source[int(out['index'][row])]['image'], side)
-      yield {'image': np.broadcast_to(image, (side, side, 3)), **view}, k
+      yield {'image': np.broadcast_to(image, (side, side, 3)), **view, 'target': target}, k
 
   mesh = sharding.make_mesh()
   variables = sharding.replicate(restored.variables, mesh)
@@ -248,23 +275,44 @@ def _confident_errors(
   for batch in common.padded_batches(examples(), batch_size):
     mine = {k: sharding.own_rows(batch[k]) for k in ('image', 'box', 'flip', 'colour')}
     pixels = augment.from_batch(sharding.shard_batch(mine, mesh), size)
+    # A single-label error shows the predicted class, which explain picks itself.
+    target = sharding.shard_batch(sharding.own_rows(batch['target']), mesh) if multilabel else None
     result = explain.explain(
-      restored.model, variables, pixels, layer=layer, cells=backbone.cell_centres.get(layer)
+      restored.model,
+      variables,
+      pixels,
+      target,
+      layer=layer,
+      cells=backbone.cell_centres.get(layer),
     )
     keep = batch['mask']
     cams.append(multihost_utils.process_allgather(result['grad_cam'], tiled=True)[keep])
     shown.append(multihost_utils.process_allgather(pixels, tiled=True)[keep])
   every = folder_builder.split_filenames(builder, split)
   names = restored.names
-  return layer, [
-    html_report.Error(
+
+  def error(row: int, target: int, shown: np.ndarray, cam: np.ndarray) -> html_report.Error:
+    if multilabel:
+      p, name = float(probs[row, target]), names[target]
+      present = p >= metrics.PRESENT_AT
+      true = f'{name} {"present" if labels[row, target] == 1 else "absent"}'
+      predicted, confidence = f'{name} {"present" if present else "absent"}', max(p, 1 - p)
+    else:
+      true, predicted = names[int(labels[row])], names[target]
+      confidence = float(probs[row].max())
+    return html_report.Error(
       file=every[int(out['index'][row])],
-      true=names[int(labels[row])],
-      predicted=names[int(probs[row].argmax())],
-      confidence=float(probs[row].max()),
-      png=html_report.overlay_png(view_, cam),
+      true=true,
+      predicted=predicted,
+      confidence=confidence,
+      png=html_report.overlay_png(shown, cam),
     )
-    for row, view_, cam in zip(rows, np.concatenate(shown), np.concatenate(cams), strict=True)
+
+  return layer, [
+    error(row, int(target), view_, cam)
+    for row, target, view_, cam in zip(
+      rows, targets, np.concatenate(shown), np.concatenate(cams), strict=True
+    )
   ]
 
 
@@ -284,7 +332,7 @@ def _write(
 ) -> None:
   """The report, its per-image CSV, reliability diagram, model card (WORKDIR/model_card.md too
   when `own`) and HTML page (with `worst`: `_confident_errors`' layer and images)."""
-  names = list(result['per_class'])
+  names = _names(result)
   rows = out['index']
   every = folder_builder.split_filenames(builder, split)
   files = [every[i] for i in rows]
@@ -361,7 +409,8 @@ def _print_results(result: dict[str, Any], names: Sequence[str]) -> None:
   if CALIBRATION in result:
     c = result[CALIBRATION]
     print(
-      f'calibration: temperature {c["temperature"]:.3f} (fitted on {c["fitted_on"]}); '
+      f'calibration: {calibration.temperature_text(c["temperature"])} (fitted on '
+      f'{c["fitted_on"]}); '
       + ', '.join(
         f'{k} {c["before"][k]:.4f} → {c["after"][k]:.4f}' for k in ('ece', 'brier', 'nll')
       )
@@ -379,22 +428,27 @@ def _write_extra(
   ids: dict[str, dict[str, str]],
 ) -> None:
   """The per-image CSV and, when calibrated, the reliability diagram, under `stem`."""
-  names = list(result['per_class'])
+  names = _names(result)
+  multilabel = labels.ndim == 2
   reports.write_predictions(
     f'{stem}_predictions.csv',
     files,
     out['probs'],
     names,
     {},
-    true_labels=[names[i] for i in labels],
+    true_labels=labels if multilabel else [names[i] for i in labels],
     identifiers=ids,
+    multilabel=multilabel,
   )
   if CALIBRATION in result:
     scaled = calibration.scaled(out['probs'], result[CALIBRATION]['temperature'])
     reports.plot_reliability(
       f'{stem}_reliability.png',
       {
-        f'{name} T = {t:.2f}': (calibration.reliability(labels, p), calibration.ece(labels, p))
+        f'{name} T = {t:.2f}' if np.ndim(t) == 0 else f'{name}, a T per finding': (
+          calibration.reliability(labels, p),
+          calibration.ece(labels, p),
+        )
         for name, t, p in (
           ('before', 1.0, out['probs']),
           ('after', result[CALIBRATION]['temperature'], scaled),
@@ -403,6 +457,11 @@ def _write_extra(
       calibration.ECE_BINS,
       f'{split}, step {step}',
     )
+
+
+def _names(result: dict[str, Any]) -> list[str]:
+  """The class (finding) names of a metrics.compute result, in order."""
+  return list(result['per_finding'] if 'per_finding' in result else result['per_class'])
 
 
 def _source_of(builder: tfds.core.DatasetBuilder) -> str:
@@ -436,6 +495,20 @@ def _is_run_source(config: ml_collections.ConfigDict, workdir: str) -> bool:
   if not isinstance(recorded, dict):
     return True
   return _source_in(recorded, workdir) == _source_in(config.dataset.to_dict(), workdir)
+
+
+def _check_task(
+  config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder, source: str
+) -> None:
+  """Refuses to score findings against classes, or classes against findings."""
+  findings = heads.get(config.model.head).multilabel
+  if findings != (folder_builder.task(builder) == 'multilabel'):
+    raise ConfigError(
+      f'model.head={config.model.head!r} predicts {"findings" if findings else "one class"} '
+      f'per image, but {reports.printable(source)} was read with dataset.task='
+      f"{folder_builder.task(builder)!r}; evaluate with the run's dataset.task and model.head "
+      '(WORKDIR/config.json records them)'
+    )
 
 
 def _class_map(source_names: Sequence[str], names: Sequence[str], source: str) -> np.ndarray:

@@ -24,7 +24,7 @@ import jax
 import ml_collections
 
 import pneumo_jax
-from pneumo_jax import atomic, checkpoints
+from pneumo_jax import atomic, checkpoints, heads
 from pneumo_jax.data import grey_window, stored_side
 from pneumo_jax.data.dicom import GreyWindow
 from pneumo_jax.errors import ConfigError, UserError
@@ -110,9 +110,9 @@ def run(
         _metadata(config, workdir, restored, window, has_card, tf_version, calibrated), f, indent=2
       )
   about = f'with {model_card.CARD_FILE}' if has_card else 'no model card: --mode eval writes one'
+  kind = 'findings' if heads.get(config.model.head).multilabel else 'classes'
   print(
-    f'Exported checkpoint step {restored.step} ({len(restored.names)} classes) to {target} '
-    f'({about})'
+    f'Exported checkpoint step {restored.step} ({len(restored.names)} {kind}) to {target} ({about})'
   )
   if calibrated:
     print(f'Its probabilities are scaled by the {calibration.describe(calibrated)}')
@@ -178,6 +178,19 @@ def _metadata(
   load them must not be older); and the marker of an export (its format and the run it came
   from), by which the next export knows it may replace the folder."""
   side, classes = stored_side(config), len(restored.names)
+  multilabel = heads.get(config.model.head).multilabel
+  if multilabel:
+    outputs = f'float32 [N, {classes}] probabilities, a sigmoid per finding (independent: rows '
+    outputs += 'need not sum to 1)'
+    scaling = 'both artefacts: sigmoid(logit(p) / temperature[f]) per finding f'
+    rule = 'per finding: positive when its probability is at least the threshold'
+  else:
+    outputs = f'float32 [N, {classes}] probabilities'
+    scaling = 'both artefacts: softmax(log(p) / temperature)'
+    rule = (
+      'per cut ge_<class>: positive when the summed probability of that class and the later '
+      'ones is at least the threshold'
+    )
   return {
     'format': EXPORT_FORMAT,
     'run': {'workdir': os.path.abspath(workdir), 'step': restored.step},
@@ -189,6 +202,7 @@ def _metadata(
       'tensorflow': tf_version,
     },
     'labels': restored.names,
+    'multilabel': multilabel,  # labels are findings, each with its own probability.
     **common.view(config),
     'channels': 3,
     'grey_window': window_metadata(window),
@@ -199,17 +213,16 @@ def _metadata(
       'temperature': calibrated['temperature'],
       'fitted_on': calibrated['fitted_on'],
       'n': calibrated['n'],
-      'applied_in': 'both artefacts: softmax(log(p) / temperature)',
+      'applied_in': scaling,
       'operating_points': calibrated.get('operating_points', {}),
-      'operating_points_rule': 'per cut ge_<class>: positive when the summed probability of '
-      'that class and the later ones is at least the threshold',
+      'operating_points_rule': rule,
     },
     'platforms': list(jax_export.PLATFORMS),
     'jax_export': {
       'file': JAX_FILE,
       'input': f'uint8 [N, {side}, {side}, 3]: files decoded to 8-bit RGB (grey repeated) and '
       f'resized to {side}x{side} with Pillow LANCZOS, as serve.py does',
-      'output': f'float32 [N, {classes}] probabilities, columns in labels.txt order',
+      'output': f'{outputs}, columns in labels.txt order',
       'call': f"jax.export.deserialize(bytearray(open('{JAX_FILE}', 'rb').read())).call(images)",
     },
     'serve_py': 'python serve.py FILE... (CSV on stdout), or serve.predict([paths]) -> [N, C]; '
@@ -218,7 +231,7 @@ def _metadata(
       'dir': f'{SAVED_MODEL_DIR}/{restored.step}',
       'signature': 'serving_default',
       'input': 'image_bytes: tf.string [N], whole PNG/JPEG/BMP/GIF files (not DICOM)',
-      'output': f'probabilities: float32 [N, {classes}]',
+      'output': f'probabilities: {outputs}',
       'decode_signature': f'decode: image_bytes -> images, uint8 [N, {side}, {side}, 3], what the '
       'network is given (to check a deployment against serve.load)',
       'resize': f'files not {side}x{side} are resized with TF lanczos3 (antialiased), which '

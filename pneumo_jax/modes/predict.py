@@ -1,4 +1,4 @@
-"""--mode predict: class probabilities of image files, as a CSV with its provenance."""
+"""--mode predict: class (or finding) probabilities of image files, as a CSV with its provenance."""
 
 import hashlib
 import itertools
@@ -10,6 +10,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from pneumo_jax import heads
 from pneumo_jax.data import dicom, images
 from pneumo_jax.evaluation import calibration, inference, operating_points, reports
 from pneumo_jax.modes import common
@@ -36,7 +37,8 @@ def run(
     inputs: image files, folders (searched recursively), glob patterns or CSVs with a path
       column (images.expand_inputs); each must exist or match (else NotFoundError, before
       anything is written).
-    tta: average the probabilities with those of the left-right mirrored image.
+    tta: average the probabilities (each finding's, for findings) with those of the
+      left-right mirrored image.
 
   One CSV row per input (see reports.write_predictions), with a DICOM file's patient and UIDs
   (dicom.identifiers) when any input is DICOM; a file that cannot be read or breaks
@@ -48,6 +50,10 @@ def run(
   decision at its config.operating_point threshold (Youden's J by default, chosen on the same
   split) is written beside them as a `decision_<cut>` column of 1 (positive) or 0, e.g.
   `decision_ge_stage_1`: "stage ≥ stage_1".
+  A multi-label run (findings, `heads.get(model.head).multilabel`) writes a probability column
+  per finding, named by it (independent sigmoids: they need not sum to one), a prediction
+  listing the findings at probability metrics.PRESENT_AT, and, when calibrated (a temperature
+  per finding), a `decision_<finding>` column per finding at its own threshold.
   The CSV's provenance (inputs, checkpoint, view, whether calibrated) sits in the `.json` beside
   it, with the temperature and thresholds applied; predictions made with other inputs or settings
   get a new name (`..._2.csv`) instead of replacing it.
@@ -55,6 +61,7 @@ def run(
   others return '').
   """
   point = operating_points.decision_point(config)
+  multilabel = heads.get(config.model.head).multilabel
   files = images.expand_inputs(inputs)
   model, variables, step, names = common.restore(config, workdir, checkpoint)
   if jax.process_index() == 0:
@@ -84,7 +91,7 @@ def run(
   entry = calibration.load(workdir, step)
   decisions, applied = {}, None
   if entry is not None:
-    probs, decisions, applied = _calibrated(probs, names, entry, point)
+    probs, decisions, applied = _calibrated(probs, names, entry, point, multilabel)
     applied['file'] = os.path.join(workdir, calibration.CALIBRATION_FILE)
   provenance = {
     'step': step,
@@ -101,7 +108,14 @@ def run(
   )
   ids = {f: found for f in readable if (found := dicom.identifiers(f))}
   path = reports.write_predictions(
-    f'{stem}.csv', files, probs, names, errors, identifiers=ids, decisions=decisions
+    f'{stem}.csv',
+    files,
+    probs,
+    names,
+    errors,
+    identifiers=ids,
+    decisions=decisions,
+    multilabel=multilabel,
   )
   reports.write_json(
     f'{stem}.json',
@@ -121,20 +135,19 @@ def run(
 
 
 def _calibrated(
-  probs: np.ndarray, names: Sequence[str], entry: dict, point: str
+  probs: np.ndarray, names: Sequence[str], entry: dict, point: str, multilabel: bool
 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
-  """The probabilities scaled by the step's kept temperature, each cut's decision at its
-  `point` threshold (`decision_<cut>` columns), and what was applied (for the provenance)."""
+  """The probabilities scaled by the step's kept temperature(s), each cut's (finding's) decision
+  at its `point` threshold (`decision_<cut>` columns), and what was applied (for the
+  provenance)."""
   probs = calibration.scaled(probs, entry['temperature'])
-  cuts = operating_points.cuts(names)
+  scores = operating_points.questions(probs, names, multilabel)
   thresholds = {
     cut: points.get(point)
     for cut, points in entry.get('operating_points', {}).items()
-    if cut in cuts and points.get(point) is not None
+    if cut in scores and points.get(point) is not None
   }
-  decisions = {
-    f'decision_{cut}': operating_points.decide(probs, cuts[cut], t) for cut, t in thresholds.items()
-  }
+  decisions = {f'decision_{cut}': scores[cut] >= t for cut, t in thresholds.items()}
   applied = {
     'temperature': entry['temperature'],
     'fitted_on': entry['fitted_on'],

@@ -36,7 +36,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from pneumo_jax import atomic, distributed, scopes, sharding
+from pneumo_jax import atomic, distributed, progress, scopes, sharding
 from pneumo_jax.data import folder_builder, pipeline, preprocess
 from pneumo_jax.evaluation import inference
 from pneumo_jax.models import Backbone, taps
@@ -44,6 +44,9 @@ from pneumo_jax.models import Backbone, taps
 CACHE_DIR = 'features'
 _VERSION = 1  # Bump when what is stored changes for the same key.
 _SPARE = 2**30  # Disk a cache must leave free (checkpoints, reports).
+# The build's batch a CPU device: InceptionV3 at 299 px, 2 cores, forward passes: 8.1 img/s at
+# batch 8, 7.5 at 16, 6.9 at 32 (the default eval_batch_size).
+_CPU_BATCH = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,8 +272,12 @@ def _build(
 
 
 def _framing(cfg: ml_collections.ConfigDict, fraction: float) -> ml_collections.ConfigDict:
-  """`cfg.input` for reading a split with this central crop, in whole global batches."""
-  batch = sharding.round_up(cfg.input.eval_batch_size)
+  """`cfg.input` for reading a split with this central crop, in whole global batches (on CPUs
+  at most `_CPU_BATCH` images a device: XLA:CPU's convolutions run faster on small batches)."""
+  batch = cfg.input.eval_batch_size
+  if jax.default_backend() == 'cpu':
+    batch = min(batch, _CPU_BATCH * jax.device_count())
+  batch = sharding.round_up(batch)
   return ml_collections.ConfigDict(
     {**cfg.input.to_dict(), 'central_crop_fraction': fraction, 'eval_batch_size': batch}
   )
@@ -322,6 +329,9 @@ def _compute(
     process_count=jax.process_count(),
     put=inference.put_inputs(mesh),
   )
+  several = f' ({len(views)} views each)' if views and len(views) > 1 else ''
+  what = f'Caching {split} features{several}'
+  shown = progress.Progress(what, n, 'img', active=jax.process_index() == 0)
   for batch in batches:
     interrupted()
     keep = _all_processes_rows(batch['mask'])
@@ -343,6 +353,8 @@ def _compute(
           out[name][rows] = value
     passes += len(keep) * len(views or (False,))
     first = first or {'seconds': time.time() - t0, 'passes': passes}
+    shown.update(len(rows))
+  shown.close()
   for array in out.values():
     array.flush()
   return first, passes

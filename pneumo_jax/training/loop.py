@@ -36,7 +36,7 @@ from pneumo_jax.data import dataset_for, folder_builder, pipeline, preprocess
 from pneumo_jax.errors import ConfigError
 from pneumo_jax.evaluation import inference, metrics
 from pneumo_jax.models import backbone_of, build_model
-from pneumo_jax.training import feature_cache, interrupt, optim
+from pneumo_jax.training import cached_steps, feature_cache, interrupt, optim
 from pneumo_jax.training.monitor import Monitor, read_records
 from pneumo_jax.training.phases import (
   Phase,
@@ -132,12 +132,15 @@ class _PhaseOptimizer(NamedTuple):
 
 class _PhaseSetup(NamedTuple):
   """What a phase trains with: its optimizer, its feature cache (None: the whole network runs),
-  the jitted step and the training batches of the cache's kind."""
+  the jitted step, the training batches of the cache's kind and, when the cache's training
+  features fit on the devices, the steps that run there several a dispatch (else None: one
+  step a dispatch, batches gathered on the host)."""
 
   optimizer: _PhaseOptimizer
   cache: feature_cache.Cache | None
   train_step: Callable
   batches: Iterator[dict[str, Any]]
+  resident: cached_steps.CachedSteps | None = None
 
 
 @dataclasses.dataclass
@@ -194,7 +197,9 @@ class _Training:
     self.names = folder_builder.label_names(self.builder)
     if self.lead:
       checkpoints.save_label_names(workdir, self.names)
-    self.class_weights = class_weights(config, _class_counts(self.builder, self.names)['train'])
+    _log_label_counts(self.builder, self.names)
+    train_labels = folder_builder.split_labels(self.builder, 'train')
+    self.class_weights = class_weights(config, train_labels, num_classes=len(self.names))
     self.mesh = sharding.make_mesh()
     self.replicated = sharding.replicated(self.mesh)
     self.backbone = backbone_of(config)
@@ -349,7 +354,10 @@ class _Training:
     setup = self._start_phase(phase, decision)
     self.checkpointed_at = time.time()
     while self.step < phase.end:
-      self._train_one_step(setup)
+      if setup.resident:
+        self._train_resident_steps(phase, setup)
+      else:
+        self._train_one_step(setup)
       if self._after_step(phase, setup):
         return True
     return False
@@ -386,7 +394,32 @@ class _Training:
       out_shardings=(self.replicated, self.replicated),
       donate_argnums=0,
     )
-    return _PhaseSetup(optimizer, cache, jitted, self.batches.reading(cached=cache is not None))
+    batches = self.batches.reading(cached=cache is not None)
+    resident = cache and self._resident_steps(phase, cache, train_step, optimizer.trainable)
+    return _PhaseSetup(optimizer, cache, jitted, batches, resident or None)
+
+  def _resident_steps(
+    self, phase: Phase, cache: feature_cache.Cache, train_step: Callable, trainable: Any
+  ) -> cached_steps.CachedSteps | None:
+    """The phase's steps on device-resident features, if its training features fit there
+    (process 0's devices decide for all: every process must step the same way)."""
+    nbytes = sum(f.nbytes for f in cache.train.values())
+    if not distributed.share_flag(cached_steps.fits_on_devices(nbytes, self.mesh)):
+      logging.info(
+        'Phase %r gathers its batches on the host: its %.1f GB of features would not fit on '
+        'the devices.',
+        phase.name,
+        nbytes / 1e9,
+      )
+      return None
+    return cached_steps.CachedSteps(
+      train_step,
+      cache.train,
+      folder_builder.split_labels(self.builder, 'train'),
+      cached_steps.Carried.of(self.state, trainable, self.ema_mask),
+      self.mesh,
+      self.dropout_rng,
+    )
 
   def _phase_model(self, phase: Phase, cached: bool, trainable: Any) -> nn.Module:
     """The phase's training model, with its batch-norm rule; a cached phase runs only the heads
@@ -422,18 +455,40 @@ class _Training:
 
   def _train_one_step(self, setup: _PhaseSetup) -> None:
     batch = next(setup.batches)
+    if self.step == 0 and self.lead:
+      self._image_grid(batch)
     if setup.cache:
       batch = sharding.shard_batch(setup.cache.train_batch(batch), self.mesh)
-    elif self.step == 0 and self.lead:
-      self.monitor.image_grid(
-        _first_images(batch, self.config.input.image_size),
-        sharding.local_rows(batch['label'])[:16],
-        self.names,
-      )
     rng = jax.random.fold_in(self.dropout_rng, self.step)
     self.state, step_metrics = setup.train_step(self.state, batch, rng)
     self.step += 1
     self.log.add(step_metrics)
+
+  def _train_resident_steps(self, phase: Phase, setup: _PhaseSetup) -> None:
+    """Steps up to the next one after which `_after_step` acts by count (log, evaluate, save,
+    the phase's end), in one dispatch (at most `setup.resident.steps` allows). Actions due by
+    time, and signals, wait for the dispatch's end."""
+    config, every = self.config, (self.log.every_steps,)
+    every += (config.eval_every_steps, config.checkpoint_every_steps)
+    next_due = min([phase.end, *((self.step // e + 1) * e for e in every if e)])
+    batches = [next(setup.batches) for _ in range(setup.resident.steps(next_due - self.step))]
+    if self.step == 0 and self.lead:
+      self._image_grid(batches[0])
+    self.state, stacked = setup.resident(self.state, batches, self.step)
+    self.step += len(batches)
+    self.log.add(stacked, steps=len(batches))
+
+  def _image_grid(self, batch: dict[str, Any]) -> None:
+    """The run's first batch as the net sees it (train_images.png): from its images, or, read
+    without them in a cached phase, its records in the views the cache build used."""
+    if 'index' in batch:
+      index, flip = batch['index'][:16], batch['flip'][:16]
+      images = pipeline.view_images(self.builder, self.config.input, index, flip)
+      labels = batch['label'][:16]
+    else:
+      images = _first_images(batch, self.config.input.image_size)
+      labels = sharding.local_rows(batch['label'])[:16]
+    self.monitor.image_grid(images, labels, self.names)
 
   def _after_step(self, phase: Phase, setup: _PhaseSetup) -> bool:
     """The periodic actions due now, in order: log, evaluate and keep the best, checkpoint, stop
@@ -590,11 +645,13 @@ class _TrainLog:
     self.monitor, self.latest = monitor, latest
     self.batch_size = config.input.batch_size
     self.every_steps, self.every_secs = config.log_every_steps, config.log_every_secs
-    self.pending: list[dict[str, jax.Array]] = []
+    self.pending: list[tuple[dict[str, jax.Array], int | None]] = []
     self.since = time.time()
 
-  def add(self, step_metrics: dict[str, jax.Array]) -> None:
-    self.pending.append(step_metrics)
+  def add(self, step_metrics: dict[str, jax.Array], steps: int | None = None) -> None:
+    """One step's metrics, or (`steps` given) several steps' stacked along a first axis (the
+    first `steps` entries count)."""
+    self.pending.append((step_metrics, steps))
 
   def due(self, step: int, now: float) -> bool:
     return due(step, self.every_steps) or _elapsed(self.since, now, self.every_secs)
@@ -603,7 +660,9 @@ class _TrainLog:
     """Logs the mean since the last flush; stops on a non-finite loss before anything is saved."""
     if not self.pending:
       return
-    got = jax.device_get(self.pending)
+    got = []
+    for m, steps in jax.device_get(self.pending):
+      got += [m] if steps is None else [{k: v[i] for k, v in m.items()} for i in range(steps)]
     for i, m in enumerate(got):
       if not math.isfinite(float(m['total_loss'])):
         self.latest.wait_until_finished()
@@ -626,16 +685,15 @@ def _elapsed(since: float, now: float, every_secs: float) -> bool:
   return bool(every_secs) and now - since >= every_secs
 
 
-def _class_counts(builder: tfds.core.DatasetBuilder, names: list[str]) -> dict[str, np.ndarray]:
-  """Images per class of each split, logged."""
-  counts = {
-    s: np.bincount(folder_builder.split_labels(builder, s), minlength=len(names))
-    for s in builder.info.splits
-  }
-  for split, c in counts.items():
-    per_class = ', '.join(f'{n}={k}' for n, k in zip(names, c, strict=True))
-    logging.info('%s: %d images, per class %s', split, c.sum(), per_class)
-  return counts
+def _log_label_counts(builder: tfds.core.DatasetBuilder, names: list[str]) -> None:
+  """Logs each split's images per class, or per finding how many are present, absent, ignored."""
+  for split, c in folder_builder.label_counts(builder).items():
+    if c.ndim == 2:
+      per = ', '.join(f'{n}={"/".join(map(str, k))}' for n, k in zip(names, c, strict=True))
+      logging.info('%s: %d images, per finding present/absent/ignored %s', split, c[0].sum(), per)
+    else:
+      per = ', '.join(f'{n}={k}' for n, k in zip(names, c, strict=True))
+      logging.info('%s: %d images, per class %s', split, c.sum(), per)
 
 
 def _trained_scopes(trainable: Any) -> set[str]:

@@ -2,23 +2,22 @@
 
 import json
 import os
-import sys
-import time
 from collections.abc import Sequence
 
 import numpy as np
-import tqdm
 from absl import logging
 from matplotlib.figure import Figure
 from tensorboardX import SummaryWriter
+
+from pneumo_jax import progress
 
 METRICS_FILE = 'metrics.jsonl'
 
 
 class Monitor:
-  """Writes each logged record to metrics.jsonl (for scripts) and TensorBoard, and shows progress:
-  a tqdm bar (rate, ETA, latest metrics) on a terminal, log lines with rate and ETA otherwise,
-  so that log files stay readable.
+  """Writes each logged record to metrics.jsonl (for scripts) and TensorBoard, and shows progress
+  (`progress.Progress`): a bar (rate, ETA, latest metrics) on a terminal, otherwise each record
+  logged with its rate and ETA, so that log files stay readable.
 
   Only process 0 writes; the others keep quiet.
   """
@@ -27,12 +26,10 @@ class Monitor:
     """Starting at `first_step` (a resume), drops the records a killed run logged after its last
     checkpoint: they are about to be logged again."""
     self.workdir, self.total, self.active = workdir, total_steps, active
-    self._start_time, self._start_step = time.time(), first_step
     self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard')) if active else None
-    self._bar = (
-      tqdm.tqdm(total=total_steps, initial=first_step, unit='step', dynamic_ncols=True)
-      if active and sys.stderr.isatty()
-      else None
+    # Its lines off: write() logs each record with its status instead.
+    self._progress = progress.Progress(
+      'Training', total_steps, 'step', initial=first_step, active=active, lines=False
     )
     if active:
       kept = [r for r in read_records(workdir) if r['step'] <= first_step]
@@ -50,26 +47,13 @@ class Monitor:
         self._tb.add_scalar(f'{split}/{k}', v, step)
     self._tb.flush()
     shown = ' '.join(f'{k} {v:.4g}' for k, v in scalars.items() if isinstance(v, float | int))
-    if self._bar is None:
-      logging.info(
-        '[%s] step %d/%d %s%s',
-        split,
-        step,
-        self.total,
-        shown,
-        self._eta(step) if split == 'train' else '',
-      )
-    elif split == 'train':
-      self._bar.update(step - self._bar.n)
-      self._bar.set_postfix_str(shown)
-    else:
-      self._bar.write(f'[{split}] step {step}: {shown}')
-
-  def _eta(self, step: int) -> str:
-    done = step - self._start_step
-    rate = done / max(time.time() - self._start_time, 1e-9)
-    left = (self.total - step) / rate if rate > 0 else float('inf')
-    return f' | {100 * step / self.total:.0f}% {rate:.2f} steps/s ETA {left / 60:.1f} min'
+    if split == 'train':
+      self._progress.update(step - self._progress.count, postfix=shown)
+    if not self._progress.terminal:
+      status = f' | {self._progress.status()}' if split == 'train' else ''
+      logging.info('[%s] step %d/%d %s%s', split, step, self.total, shown, status)
+    elif split != 'train':
+      self._progress.write(f'[{split}] step {step}: {shown}')
 
   def image_grid(self, images: np.ndarray, labels: np.ndarray, names: Sequence[str]) -> None:
     """The first training batch as the net sees it (train_images.png and TensorBoard), to check
@@ -85,18 +69,25 @@ class Monitor:
       ax.axis('off')
     for i, ax in zip(range(n), axes.flat, strict=False):
       ax.imshow(np.clip((images[i] + 1) / 2, 0, 1))
-      ax.set_title(names[int(labels[i])], fontsize=8)
+      ax.set_title(_label_text(labels[i], names), fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(self.workdir, 'train_images.png'), dpi=80)
     grid = np.clip((images[:n] + 1) / 2, 0, 1)
     self._tb.add_images('train/preprocessed', grid, 0, dataformats='NHWC')
 
   def close(self) -> None:
-    if self._bar is not None:
-      self._bar.close()
+    self._progress.close()
     if self.active:
       self._tb.close()
       plot_curves(self.workdir)
+
+
+def _label_text(label: np.ndarray, names: Sequence[str]) -> str:
+  """A class's name, or a multi-label film's findings present ('?': ignored), else 'none'."""
+  if np.ndim(label) == 0:
+    return names[int(label)]
+  shown = [n + ('?' if y < 0 else '') for n, y in zip(names, label, strict=True) if y]
+  return ', '.join(shown) or 'none'
 
 
 def read_records(workdir: str) -> list[dict]:

@@ -108,10 +108,21 @@ def frozen_paths(variables: dict[str, Any], phases: list[Phase]) -> dict[str, se
   }
 
 
-def class_weights(cfg: ml_collections.ConfigDict, counts: np.ndarray) -> np.ndarray | None:
-  """'balanced' → n / (k · count_c), scikit-learn's rule; '' → none."""
+def class_weights(
+  cfg: ml_collections.ConfigDict, train_labels: np.ndarray, *, num_classes: int = 0
+) -> np.ndarray | None:
+  """The loss's class weights from the train split's labels: '' → none; 'balanced' →
+  n / (k · count_c), scikit-learn's rule, over the k classes of labels [N] ([K]: at least
+  `num_classes`, so a class no train image has still gets one), or for labels [N, F] (1, 0 and
+  -1 ignored) per finding as its own binary task over the n examples whose label is used
+  ([F, 2]: the weight of a negative and of a positive)."""
   if not cfg.class_weighting:
     return None
   if cfg.class_weighting != 'balanced':
     raise ConfigError(f"config.class_weighting={cfg.class_weighting!r}: use '' or 'balanced'")
-  return counts.sum() / (len(counts) * np.maximum(counts, 1))
+  if train_labels.ndim == 2:
+    counts = np.stack([np.sum(train_labels == 0, 0), np.sum(train_labels == 1, 0)], axis=-1)
+  else:
+    counts = np.bincount(train_labels, minlength=num_classes)
+  n = counts.sum(-1, keepdims=True)
+  return n / (counts.shape[-1] * np.maximum(counts, 1))

@@ -55,7 +55,9 @@ def make_train_step(
       `head` (pneumo_jax.heads) gives the loss.
     tx: from `optim.make_optimizer` with the same `trainable` mask.
     trainable: tree of bools shaped like the params.
-    class_weights: per-class loss weights (Keras's `class_weight`), or None for 1.
+    class_weights: the loss's class weights (Keras's `class_weight`; `phases.class_weights`):
+      [K] per class, or [F, 2] per finding and label (negative, positive) for a multi-label
+      head; None for 1.
     ema_mask: tree of bools, the leaves the EMA averages (default `trainable`); the rest are
       carried over as they are. The loop passes the leaves any phase trains, so a leaf trained
       earlier keeps converging to its (now fixed) value.
@@ -73,11 +75,7 @@ def make_train_step(
     flat = scopes.flatten(state.params)
     train_part = {k: v for k, v in flat.items() if is_trainable[k]}
     labels = batch['label']
-    weights = (
-      jnp.ones(labels.shape, jnp.float32)
-      if class_weights is None
-      else jnp.asarray(class_weights, jnp.float32)[labels]
-    )
+    weights = head.example_weights(labels, class_weights)
 
     def loss_fn(train_part):
       params = scopes.unflatten({**flat, **train_part})
@@ -93,7 +91,7 @@ def make_train_step(
       aux_loss = jnp.zeros([], jnp.float32)
       if aux_logits in end_points:
         aux_loss = head.loss(end_points[aux_logits], labels, num_classes, label_smoothing, weights)
-      accuracy = jnp.mean(jnp.argmax(head.scores(logits), -1) == labels)
+      accuracy = head.accuracy(logits, labels)
       total = loss + aux_loss_weight * aux_loss
       return total, (
         new_vars['batch_stats'],

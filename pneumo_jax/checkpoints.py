@@ -294,12 +294,13 @@ def _quiet_abandoned_reads() -> None:
 
 def _abandoned_read(error: BaseException | None) -> bool:
   """Whether `error` reports a read a failed restore left behind: the closed event loop itself,
-  or orbax's wrapper of a read that failed on damage, was cancelled or met the closed loop."""
+  or orbax's wrapper of a read that failed on damage, was cancelled, met the closed loop or was
+  freed unfinished (closing a coroutine raises GeneratorExit in it, which orbax wraps)."""
   chain = [error]
   while chain[-1] is not None and len(chain) < 10:
     chain.append(chain[-1].__cause__ or chain[-1].__context__)
   return _damage(error) is not None or any(
-    isinstance(x, asyncio.CancelledError)
+    isinstance(x, asyncio.CancelledError | GeneratorExit)
     or (isinstance(x, RuntimeError) and str(x) == 'Event loop is closed')
     for x in chain
   )

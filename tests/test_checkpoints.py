@@ -5,6 +5,8 @@ import gc
 import glob
 import os
 import shutil
+import sys
+import types
 
 import jax
 import numpy as np
@@ -200,6 +202,40 @@ def test_a_damaged_step_is_one_line_naming_the_step_that_restores(tmp_path, capf
   gc.collect()
   assert 'Event loop is closed' not in ''.join(capfd.readouterr())
   assert not [r for r in caplog.records if 'never retrieved' in r.getMessage()]
+
+
+def test_a_read_freed_unfinished_after_a_failed_restore_reports_nothing(tmp_path, monkeypatch):
+  """Orbax wraps whatever ends a read, GeneratorExit too, in a new Exception: a read coroutine the
+  failed restore leaves suspended reports that when freed. Any other unraisable still reports."""
+  reported = []
+  monkeypatch.setattr(sys, 'unraisablehook', lambda u: reported.append(str(u.exc_value)))
+  workdir = str(tmp_path)
+  _saved_with_base(workdir, _state(), step=3)
+  _truncate_largest(os.path.join(workdir, checkpoints.LATEST_DIR, '3'))
+  with pytest.raises(checkpoints.DamagedCheckpointError):
+    checkpoints.read(workdir)
+
+  @types.coroutine
+  def pending():
+    yield
+
+  async def read():  # The shape of orbax's _read_array_index_and_device_put.
+    try:
+      await pending()
+    except BaseException as e:
+      raise Exception('Encountered error while reading array index') from e
+
+  coroutine = read()
+  coroutine.send(None)  # Suspended in its read.
+
+  class Leaky:
+    def __del__(self):
+      raise ValueError('a real fault')
+
+  del coroutine
+  Leaky()
+  gc.collect()
+  assert reported == ['a real fault']
 
 
 def test_a_damaged_step_is_set_aside_and_its_step_saved_again(tmp_path):

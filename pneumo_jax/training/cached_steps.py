@@ -39,61 +39,78 @@ _MEMORY_SHARE = 4  # The features may take a quarter of a device's (or the host'
 
 
 @dataclasses.dataclass(frozen=True)
-class Carried:
-  """The flat paths of the leaves a cached phase's step changes: trainable parameters, the
-  batch-norm statistics of their top-level scopes (a superset of those that learn) and the
-  EMA's leaves (every leaf some phase trains: a frozen one keeps converging to its value)."""
+class _Part:
+  """Which leaves of one tree (structure `treedef`) are carried, by position in its leaf order:
+  by position, splitting a state takes 0.8 ms where path-keyed dicts of its ~400 leaves took 4.7
+  (under cProfile, of a 299 px head-only step's ~12 ms on 2 cores)."""
 
-  params: frozenset[str]
-  batch_stats: frozenset[str]
-  ema: frozenset[str]
+  treedef: Any
+  inside: tuple[bool, ...]
+
+  @classmethod
+  def of(cls, tree: Any, carried: Callable[[str], bool]) -> '_Part':
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    return cls(treedef, tuple(carried('/'.join(k.key for k in p)) for p, _ in leaves))
+
+  def split(self, tree: Any) -> tuple[list[Any], list[Any]]:
+    """(the carried leaves, the others), each in the tree's order."""
+    leaves = self.treedef.flatten_up_to(tree)
+    inside = [x for x, i in zip(leaves, self.inside, strict=True) if i]
+    return inside, [x for x, i in zip(leaves, self.inside, strict=True) if not i]
+
+  def merge(self, inside: Sequence[Any], outside: Sequence[Any]) -> Any:
+    ins, outs = iter(inside), iter(outside)
+    return self.treedef.unflatten([next(ins) if i else next(outs) for i in self.inside])
+
+
+@dataclasses.dataclass(frozen=True)
+class Carried:
+  """The leaves a cached phase's step changes: trainable parameters, the batch-norm statistics
+  of their top-level scopes (a superset of those that learn) and the EMA's leaves (every leaf
+  some phase trains: a frozen one keeps converging to its value)."""
+
+  params: _Part
+  batch_stats: _Part
+  ema: _Part | None
 
   @classmethod
   def of(cls, state: TrainState, trainable: Any, ema_mask: Any) -> 'Carried':
-    params = frozenset(k for k, t in scopes.flatten(trainable).items() if t)
-    tops = {k.split('/')[0] for k in params}
-    stats = frozenset(k for k in scopes.flatten(state.batch_stats) if k.split('/')[0] in tops)
-    ema = frozenset(k for k, t in scopes.flatten(ema_mask).items() if t)
-    return cls(params, stats, ema)
+    trained = {k for k, t in scopes.flatten(trainable).items() if t}
+    tops = {k.split('/')[0] for k in trained}
+    averaged = {k for k, t in scopes.flatten(ema_mask).items() if t}
+    return cls(
+      _Part.of(state.params, trained.__contains__),
+      _Part.of(state.batch_stats, lambda k: k.split('/')[0] in tops),
+      None if state.ema_params is None else _Part.of(state.ema_params, averaged.__contains__),
+    )
 
   def split(self, state: TrainState) -> tuple[TrainState, dict[str, Any]]:
-    """(carry: the changing leaves, flat, with the step and optimizer state; rest: the others)."""
-    parts = {}
-    for name, keys in (('params', self.params), ('batch_stats', self.batch_stats)):
-      parts[name] = _partition(getattr(state, name), keys)
-    ema = (None, None) if state.ema_params is None else _partition(state.ema_params, self.ema)
+    """(carry: the changing leaves, as lists, with the step and optimizer state; rest: the
+    others)."""
+    params, batch_stats = self.params.split(state.params), self.batch_stats.split(state.batch_stats)
+    ema = (None, None) if self.ema is None else self.ema.split(state.ema_params)
     carry = TrainState(
       step=state.step,
-      params=parts['params'][0],
-      batch_stats=parts['batch_stats'][0],
+      params=params[0],
+      batch_stats=batch_stats[0],
       opt_state=state.opt_state,
       ema_params=ema[0],
     )
-    rest = {'params': parts['params'][1], 'batch_stats': parts['batch_stats'][1], 'ema': ema[1]}
-    return carry, rest
+    return carry, {'params': params[1], 'batch_stats': batch_stats[1], 'ema': ema[1]}
 
   def merge(self, carry: TrainState, rest: dict[str, Any]) -> TrainState:
     """The whole state again, nested as the model and checkpoints expect."""
-    ema = carry.ema_params
-    if ema is not None:
-      ema = scopes.unflatten({**rest['ema'], **ema})
+    ema = None if self.ema is None else self.ema.merge(carry.ema_params, rest['ema'])
     return TrainState(
       step=carry.step,
-      params=scopes.unflatten({**rest['params'], **carry.params}),
-      batch_stats=scopes.unflatten({**rest['batch_stats'], **carry.batch_stats}),
+      params=self.params.merge(carry.params, rest['params']),
+      batch_stats=self.batch_stats.merge(carry.batch_stats, rest['batch_stats']),
       opt_state=carry.opt_state,
       ema_params=ema,
     )
 
   def carry(self, state: TrainState) -> TrainState:
     return self.split(state)[0]
-
-
-def _partition(tree: Any, keys: frozenset[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-  """(the leaves at `keys`, the others), flat."""
-  flat = scopes.flatten(tree)
-  inside = {k: v for k, v in flat.items() if k in keys}
-  return inside, {k: v for k, v in flat.items() if k not in keys}
 
 
 def _steps_loop(train_step: Callable, carried: Carried, batch_sharding: Any) -> Callable:

@@ -265,26 +265,41 @@ def bootstrap_ci(
   Returns:
     {'method': {'resamples', 'seed', 'level', 'n'}} and, per metric of BOOTSTRAPPED,
     {'estimate' (as `compute` gives it), 'low', 'high' (None when no resample defines it),
-    'used', 'dropped'}.
+    'used', 'dropped'}. For findings ([N, F] labels), each of BOOTSTRAPPED_FINDINGS and
+    'per_finding' {name: {each of FINDING_BOOTSTRAPPED}} instead.
   """
   if resamples < 1 or not 0 < level < 1:
     raise ValueError(f'need resamples >= 1 and 0 < level < 1; got {resamples} and {level}')
-  if np.ndim(labels) == 2:
-    return _bootstrap_findings(labels, probs, label_names, resamples, seed, level)
-  estimate = compute(labels, probs, label_names)
-  labels, probs = _checked(labels, probs, label_names)
-  auc_classes = [
-    c for c, name in enumerate(label_names) if estimate['per_class'][name]['auc'] is not None
-  ]
+  findings = np.ndim(labels) == 2  # A film is resampled with all its findings.
+  if findings:
+    score, check, resampled = compute_findings, _checked_findings, _resample_finding_scores
+    per, scalars = 'per_finding', BOOTSTRAPPED_FINDINGS
+  else:
+    score, check, resampled = compute, _checked, _resample_scores
+    per, scalars = 'per_class', BOOTSTRAPPED
+  estimate = score(labels, probs, label_names)
+  labels, probs = check(labels, probs, label_names)
+  # Macro AUC averages the classes (findings) whose AUC the whole split defines.
+  defined = [i for i, name in enumerate(label_names) if estimate[per][name]['auc'] is not None]
   n = len(labels)
   chunks = [
-    _resample_scores(counts, labels, probs, auc_classes)
-    for counts in resample_counts(n, resamples, seed)
+    resampled(counts, labels, probs, defined) for counts in resample_counts(n, resamples, seed)
   ]
+
+  def interval(key: str, value: float | None) -> dict[str, Any]:
+    values = np.concatenate([chunk[key] for chunk in chunks])
+    return {'estimate': value, **percentile_interval(values, level)}
+
   out: dict[str, Any] = {'method': {'resamples': resamples, 'seed': seed, 'level': level, 'n': n}}
-  for name in BOOTSTRAPPED:
-    values = np.concatenate([chunk[name] for chunk in chunks])
-    out[name] = {'estimate': estimate[name], **percentile_interval(values, level)}
+  out.update({key: interval(key, estimate[key]) for key in scalars})
+  if findings:  # A finding's figures use its used labels among the drawn films.
+    out['per_finding'] = {
+      name: {
+        key: interval(f'{key}/{f}', estimate['per_finding'][name][key])
+        for key in FINDING_BOOTSTRAPPED
+      }
+      for f, name in enumerate(label_names)
+    }
   return out
 
 
@@ -292,47 +307,6 @@ def bootstrap_ci(
 # FINDING_BOOTSTRAPPED under 'per_finding'.
 BOOTSTRAPPED_FINDINGS = ('accuracy', 'auc_macro', 'auc_micro')
 FINDING_BOOTSTRAPPED = ('auc', 'average_precision')
-
-
-def _bootstrap_findings(
-  labels: np.ndarray,
-  probs: np.ndarray,
-  finding_names: Sequence[str],
-  resamples: int,
-  seed: int,
-  level: float,
-) -> dict[str, Any]:
-  """bootstrap_ci of findings: {'method', each of BOOTSTRAPPED_FINDINGS, and 'per_finding' {name:
-  {each of FINDING_BOOTSTRAPPED}}}, each {'estimate', 'low', 'high', 'used', 'dropped'}. A film
-  is resampled with all its findings; a finding's figures use its used labels among the drawn
-  films, and macro AUC averages the findings whose AUC the whole split defines."""
-  estimate = compute_findings(labels, probs, finding_names)
-  labels, probs = _checked_findings(labels, probs, finding_names)
-  auc_findings = [
-    f for f, name in enumerate(finding_names) if estimate['per_finding'][name]['auc'] is not None
-  ]
-  n = len(labels)
-  chunks = [
-    _resample_finding_scores(counts, labels, probs, auc_findings)
-    for counts in resample_counts(n, resamples, seed)
-  ]
-
-  def interval(key: str, value: float | None) -> dict[str, Any]:
-    return {
-      'estimate': value,
-      **percentile_interval(np.concatenate([c[key] for c in chunks]), level),
-    }
-
-  out: dict[str, Any] = {'method': {'resamples': resamples, 'seed': seed, 'level': level, 'n': n}}
-  out.update({key: interval(key, estimate[key]) for key in BOOTSTRAPPED_FINDINGS})
-  out['per_finding'] = {
-    name: {
-      key: interval(f'{key}/{f}', estimate['per_finding'][name][key])
-      for key in FINDING_BOOTSTRAPPED
-    }
-    for f, name in enumerate(finding_names)
-  }
-  return out
 
 
 def _resample_finding_scores(

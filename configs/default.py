@@ -174,10 +174,13 @@ def get_config() -> ml_collections.ConfigDict:
   # runs uncached.
   c.feature_cache = True
 
-  # --- Staged fine-tuning: named phases, run in order. Each has num_steps and may override
-  # trainable_scopes, batch_norm, schedule.* and optimizer.*; each starts a fresh optimizer.
-  # Empty → one phase of num_steps from the fields above. See configs/two_phase.py.
+  # --- Staged fine-tuning: named phases, run in phase_order. Each has num_steps and may override
+  # trainable_scopes, batch_norm, schedule.*, optimizer.* and feature_cache; each starts a fresh
+  # optimizer. Empty → one phase of num_steps from the fields above. See configs/two_phase.py.
   c.phases = ml_collections.ConfigDict()
+  # With several phases: their names in the order they run, e.g. 'head,top' (required:
+  # ml_collections sorts a ConfigDict's keys, so the order they are written in is lost).
+  c.phase_order = ''
 
   # --- Loss. ---
   c.aux_loss_weight = 0.4  # Weight of the aux head's cross-entropy.

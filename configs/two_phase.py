@@ -35,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer.grad_clip_norm = 5.0
   c.schedule.name = 'fixed'
   c.schedule.learning_rate = 0.01
+  c.phase_order = 'head,top'
   c.phases.head = dict(num_steps=1000, trainable_scopes='Logits,AuxLogits')
   c.phases.top = dict(
     num_steps=3000,

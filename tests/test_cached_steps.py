@@ -185,6 +185,7 @@ def _two_cached_phases(tiny_config):
       'checkpoint_every_steps': 1,
     }
   )
+  c.phase_order = 'head,top'
   c.phases.head = dict(num_steps=4, trainable_scopes=HEADS)
   c.phases.top = dict(num_steps=1, trainable_scopes='Mixed_7c,' + HEADS)
   return c

@@ -28,6 +28,7 @@ def run(tiny_config, tmp_path_factory):
       'eval_every_steps': 2,
     }
   )
+  config.phase_order = 'head,top'
   config.phases.head = dict(num_steps=2, trainable_scopes='classifier')
   config.phases.top = dict(
     num_steps=2, trainable_scopes='denseblock4/denselayer16,norm5,classifier'

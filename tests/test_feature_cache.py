@@ -31,6 +31,7 @@ def _config(tiny_config, cache: bool):
       'feature_cache': cache,
     }
   )
+  c.phase_order = 'head,top'
   c.phases.head = dict(num_steps=3, trainable_scopes=HEADS)
   c.phases.top = dict(num_steps=1, trainable_scopes='Mixed_7c,' + HEADS)
   return c
@@ -64,6 +65,25 @@ def test_cached_phases_learn_the_uncached_numbers(runs):
     np.testing.assert_allclose(with_cache[k], without[k], rtol=1e-4, atol=1e-5, err_msg=k)
   for metric, value in uncached['final'].items():
     assert cached['final'][metric] == pytest.approx(value, rel=1e-4, abs=1e-5), metric
+
+
+@pytest.mark.long  # Two runs of two phases.
+def test_validation_after_a_phase_that_trained_below_the_cut_scores_the_ema(tiny_config, tmp_path):
+  """A block trained, then only the heads, with an EMA: the EMA of the block differs from the
+  weights that made the head phase's cache, so its validation runs the whole network and scores
+  what the uncached run scores (not the EMA heads on the raw block's features)."""
+  finals = []
+  for cache in (True, False):
+    c = _config(tiny_config, cache)
+    c.ema_decay = 0.5
+    c.phase_order = 'top,head'  # The block, then the heads alone.
+    c.phases.top = dict(
+      num_steps=2, trainable_scopes='Mixed_7c,' + HEADS, schedule=dict(learning_rate=0.1)
+    )
+    c.phases.head = dict(num_steps=2, trainable_scopes=HEADS)
+    finals.append(loop.train_and_evaluate(c, str(tmp_path / f'cache_{cache}'))['final'])
+  for metric, value in finals[1].items():
+    assert finals[0][metric] == pytest.approx(value, rel=1e-4, abs=1e-5), metric
 
 
 def test_plan(tiny_config):

@@ -23,6 +23,7 @@ TMP = ocp.utils.TMP_DIR_SUFFIX  # A save in progress: `<step>.orbax-checkpoint-t
 
 def _two_phase(make):
   c = make(ema_decay=0.5)
+  c.phase_order = 'head,top'
   c.phases.head = dict(num_steps=2, trainable_scopes=HEAD)
   c.phases.top = dict(
     num_steps=2, trainable_scopes='Mixed_7c,' + HEAD, schedule=dict(learning_rate=0.001)

@@ -35,6 +35,7 @@ TRAINED = 'Mixed_7c,Logits,AuxLogits'
 def get_config():
   c = tiny.get_config()
   c.checkpoint_every_steps = 2
+  c.phase_order = 'images,cached'
   c.phases.images = dict(num_steps=2, trainable_scopes=TRAINED, feature_cache=False)
   c.phases.cached = dict(num_steps=2, trainable_scopes=TRAINED)
   return c

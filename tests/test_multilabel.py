@@ -213,6 +213,7 @@ def test_a_short_run_learns_every_finding_and_a_cached_head_phase_too(tmp_path):
       'feature_cache': True,
     }
   )
+  c.phase_order = 'all,head'
   c.phases.all = dict(num_steps=150, trainable_scopes='.*')
   c.phases.head = dict(num_steps=30, trainable_scopes='Logits,AuxLogits')
   assert (c.model.head, c.best_metric) == ('sigmoid', 'auc_macro')

@@ -74,10 +74,33 @@ def test_each_bad_field_is_named_with_what_it_accepts(overrides, devices, messag
     validate.check(_config(**overrides), devices=devices)
 
 
+def test_phases_run_in_phase_order_not_in_the_sorted_order_of_their_names():
+  c = _config()
+  c.phases.warmup = dict(num_steps=10, trainable_scopes='Logits')
+  c.phases.finetune = dict(num_steps=5, trainable_scopes='Mixed_7c,Logits')
+  c.phase_order = 'warmup,finetune'
+  resolved = phases.resolve_phases(c)
+  assert [(p.name, p.start, p.end) for p in resolved] == [('warmup', 0, 10), ('finetune', 10, 15)]
+  assert resolved[1].cfg.trainable_scopes == 'Mixed_7c,Logits'
+  c.phases = {}
+  with pytest.raises(ConfigError, match=r"phase_order='warmup,finetune' names phases, but"):
+    phases.resolve_phases(c)
+
+
 def test_phase_fields_are_checked_per_phase():
   c = _config()
   c.phases.head = dict(num_steps=10, trainable_scopes='Logits')
   c.phases.top = dict(num_steps=0, trainable_scopes='Mixed_7c')
+  with pytest.raises(
+    ConfigError, match=r'2 phases \(head, top\): set phase_order .* --config\.phase_order=head,top'
+  ):
+    validate.check(c)
+  c.phase_order = 'head,tpo'
+  with pytest.raises(
+    ConfigError, match=r"phase_order='head,tpo' must name each of config\.phases \(head, top\)"
+  ):
+    validate.check(c)
+  c.phase_order = 'head,top'
   with pytest.raises(ConfigError, match=r'phases\.top\.num_steps must be a positive'):
     validate.check(c)
   c.phases.top = dict(num_steps=5, learning_rate=0.1)

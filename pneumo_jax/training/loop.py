@@ -132,15 +132,17 @@ class _PhaseOptimizer(NamedTuple):
 
 class _PhaseSetup(NamedTuple):
   """What a phase trains with: its optimizer, its feature cache (None: the whole network runs),
-  the jitted step, the training batches of the cache's kind and, when the cache's training
-  features fit on the devices, the steps that run there several a dispatch (else None: one
-  step a dispatch, batches gathered on the host)."""
+  the jitted step, the training batches of the cache's kind, when the cache's training
+  features fit on the devices the steps that run there several a dispatch (else None: one
+  step a dispatch, batches gathered on the host), and the cache validation reads (None: the
+  whole network runs)."""
 
   optimizer: _PhaseOptimizer
   cache: feature_cache.Cache | None
   train_step: Callable
   batches: Iterator[dict[str, Any]]
-  resident: cached_steps.CachedSteps | None = None
+  resident: cached_steps.CachedSteps | None
+  validation_cache: feature_cache.Cache | None
 
 
 @dataclasses.dataclass
@@ -396,7 +398,32 @@ class _Training:
     )
     batches = self.batches.reading(cached=cache is not None)
     resident = cache and self._resident_steps(phase, cache, train_step, optimizer.trainable)
-    return _PhaseSetup(optimizer, cache, jitted, batches, resident or None)
+    validation = cache and self._validation_cache(phase, decision, cache)
+    return _PhaseSetup(optimizer, cache, jitted, batches, resident or None, validation or None)
+
+  def _validation_cache(
+    self, phase: Phase, decision: feature_cache.Decision, cache: feature_cache.Cache
+  ) -> feature_cache.Cache | None:
+    """The phase's cache, unless validation scores an EMA that differs from the weights that
+    made the cache's features: when an earlier phase trained a layer below the cut."""
+    if self.state.ema_params is None:
+      return cache
+    trained = {
+      k
+      for p in self.phases
+      if p.end <= phase.start
+      for k, t in scopes.flatten(scopes.mask(self.state.params, p.cfg.trainable_scopes)).items()
+      if t and k.split('/')[0] in decision.cut.frozen
+    }
+    if not trained:
+      return cache
+    logging.info(
+      'Phase %r validates through the whole network: the EMA of %s, which an earlier phase '
+      'trained, differs from the weights its feature cache was built with.',
+      phase.name,
+      min(trained),
+    )
+    return None
 
   def _resident_steps(
     self, phase: Phase, cache: feature_cache.Cache, train_step: Callable, trainable: Any
@@ -505,7 +532,7 @@ class _Training:
     logged = evaluate or save or self.log.due(step, now)
     if logged:
       self.log.flush(step, float(setup.optimizer.schedule(step - phase.start)))
-    stopped_early = evaluate and self._evaluate_and_keep_best(setup.cache)
+    stopped_early = evaluate and self._evaluate_and_keep_best(setup.validation_cache)
     signum = self.stop.agreed()  # After the actions above: a signal during them counts now.
     if save or stopped_early or signum:
       if not logged:

@@ -35,11 +35,16 @@ class Phase(NamedTuple):
 
 
 def resolve_phases(config: ml_collections.ConfigDict) -> list[Phase]:
-  """config.phases (named, in order) → Phases; none → one phase from the top-level fields."""
+  """config.phases, in config.phase_order → Phases; none → one phase from the top-level fields."""
   if not config.phases:
+    if config.get('phase_order'):
+      raise ConfigError(
+        f'phase_order={config.phase_order!r} names phases, but config.phases is empty'
+      )
     return [Phase('main', 0, config.num_steps, config)]
   phases, start = [], 0
-  for name, overrides in config.phases.items():
+  for name in _phase_names(config):
+    overrides = config.phases[name]
     if 'num_steps' not in overrides or overrides.num_steps <= 0:
       raise ConfigError(f'config.phases.{name}.num_steps must be a positive number of steps')
     cfg = ml_collections.ConfigDict(config.to_dict())
@@ -56,6 +61,29 @@ def resolve_phases(config: ml_collections.ConfigDict) -> list[Phase]:
     phases.append(Phase(name, start, start + overrides.num_steps, cfg))
     start += overrides.num_steps
   return phases
+
+
+def _phase_names(config: ml_collections.ConfigDict) -> list[str]:
+  """The phases' names in the order they run. ml_collections sorts a ConfigDict's keys (copies
+  and config.json too), so the order the phases were written in is lost: with several phases,
+  config.phase_order gives it."""
+  names = list(config.phases.keys())
+  order = [n.strip() for n in config.get('phase_order', '').split(',') if n.strip()]
+  if not order and len(names) == 1:
+    return names
+  example = ','.join(names)
+  if not order:
+    raise ConfigError(
+      f'config.phases has {len(names)} phases ({", ".join(names)}): set phase_order to their '
+      f'names in the order they run, e.g. --config.phase_order={example} (ml_collections sorts '
+      "a ConfigDict's keys, so the order they are written in is lost)"
+    )
+  if sorted(order) != sorted(names):
+    raise ConfigError(
+      f'phase_order={config.phase_order!r} must name each of config.phases ({", ".join(names)}) '
+      f'once, in the order they run, e.g. {example!r}'
+    )
+  return order
 
 
 def phase_at(phases: list[Phase], step: int) -> Phase:

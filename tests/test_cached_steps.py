@@ -3,15 +3,13 @@ numbers: parameters, optimizer state, batch-norm statistics, EMA and metrics; in
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_loop import _assert_same, _killed_after_step_3, _state
+from test_step import on_four_devices
 
 from configs import default
 from pneumo_jax import scopes, sharding
@@ -147,27 +145,11 @@ def test_cached_steps_equal_the_per_step_path():
   _assert_equal(paths_compared())
 
 
-_FOUR_DEVICE_WORKER = textwrap.dedent("""
-    import sys
-    import numpy as np
-    sys.path.insert(0, 'tests')
-    import test_cached_steps
-    np.savez(sys.argv[1], **test_cached_steps.paths_compared())
-""")
-
-
 @pytest.mark.long
 def test_on_four_devices_too(tmp_path):
   """Data-parallel over 4 (fake CPU) devices: replicated features, each device gathering its
   rows of every batch."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
-  subprocess.run(
-    [sys.executable, '-c', _FOUR_DEVICE_WORKER, str(tmp_path / 'four.npz')],
-    check=True,
-    env=env,
-    cwd=os.path.dirname(os.path.dirname(__file__)),
-  )
-  out = dict(np.load(tmp_path / 'four.npz'))
+  out = on_four_devices('test_cached_steps', 'paths_compared', str(tmp_path / 'four.npz'))
   assert int(out.pop('devices')) == 4
   _assert_equal(out)
 

@@ -182,29 +182,35 @@ def data_parallel_run() -> dict[str, np.ndarray]:
 
 
 _FOUR_DEVICE_WORKER = textwrap.dedent("""
+    import importlib
     import sys
     import numpy as np
     sys.path.insert(0, 'tests')
-    import test_step
-    np.savez(sys.argv[1], **test_step.data_parallel_run())
+    module, function, out = sys.argv[1:]
+    np.savez(out, **getattr(importlib.import_module(module), function)())
 """)
 
 
-def test_four_devices_match_one(tmp_path):
-  """Data-parallel over 4 (fake CPU) devices gives the single-device result: global batch norm
-  statistics and gradients, not per-device ones. (The flag must precede JAX's start, so the
-  4-device run is a subprocess; this process has one CPU device.)"""
-  one = data_parallel_run()
+def on_four_devices(module: str, function: str, out: str) -> dict[str, np.ndarray]:
+  """The arrays tests/<module>.py's `function()` returns when run over 4 fake CPU devices: in a
+  subprocess, as the flag must precede JAX's start (this process has one CPU device)."""
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
   subprocess.run(
-    [sys.executable, '-c', _FOUR_DEVICE_WORKER, str(tmp_path / 'four.npz')],
+    [sys.executable, '-c', _FOUR_DEVICE_WORKER, module, function, out],
     check=True,
     env=env,
     cwd=os.path.dirname(os.path.dirname(__file__)),
   )
-  four = np.load(tmp_path / 'four.npz')
+  return dict(np.load(out))
+
+
+def test_four_devices_match_one(tmp_path):
+  """Data-parallel over 4 (fake CPU) devices gives the single-device result: global batch norm
+  statistics and gradients, not per-device ones."""
+  one = data_parallel_run()
+  four = on_four_devices('test_step', 'data_parallel_run', str(tmp_path / 'four.npz'))
   assert int(one['n']) == 1 and int(four['n']) == 4
-  assert set(four.files) == set(one)
+  assert set(four) == set(one)
   changed = 0
   for k in set(one) - {'n'}:
     np.testing.assert_allclose(one[k], four[k], rtol=2e-4, atol=2e-6, err_msg=k)

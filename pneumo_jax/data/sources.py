@@ -23,6 +23,7 @@ import hashlib
 import os
 import re
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import ml_collections
 from absl import logging
@@ -182,14 +183,20 @@ def finding_columns_of(dataset_cfg: ml_collections.ConfigDict) -> tuple[str, ...
   given = dataset_cfg.label_columns
   if not given:
     return ()
-  names = [str(n).strip() for n in (given.split(',') if isinstance(given, str) else given)]
-  if '' in names or len(set(names)) < len(names) or set(names) & set(_NOT_FINDINGS):
+  names = _distinct_names(given)
+  if names is None or set(names) & set(_NOT_FINDINGS):
     raise ConfigError(
       f'dataset.label_columns={given!r}: give distinct, non-empty finding columns of the label '
       "file in the order wanted, as a list or a comma string such as 'Effusion,Nodule' (not "
       f'{", ".join(_NOT_FINDINGS)}), or leave it empty for every other column'
     )
-  return tuple(names)
+  return names
+
+
+def _distinct_names(given: str | Sequence[Any]) -> tuple[str, ...] | None:
+  """A list or comma string of names, stripped; None when one is empty or repeats."""
+  names = tuple(str(n).strip() for n in (given.split(',') if isinstance(given, str) else given))
+  return None if '' in names or len(set(names)) < len(names) else names
 
 
 def label_policy_of(dataset_cfg: ml_collections.ConfigDict) -> tuple[tuple[str, str], ...]:
@@ -217,14 +224,13 @@ def class_names_of(dataset_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
   given = dataset_cfg.class_names
   if not given:
     return ()
-  names = given.split(',') if isinstance(given, str) else list(given)
-  names = [str(n).strip() for n in names]
-  if len(names) < 2 or '' in names or len(set(names)) < len(names):
+  names = _distinct_names(given)
+  if names is None or len(names) < 2:
     raise ConfigError(
       f'dataset.class_names={given!r}: give two or more distinct, non-empty class names in '
       "label order, as a list or a comma string such as 'none,mild,moderate,severe'"
     )
-  return tuple(names)
+  return names
 
 
 def patient_regex(dataset_cfg: ml_collections.ConfigDict) -> re.Pattern | None:

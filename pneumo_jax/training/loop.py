@@ -45,6 +45,7 @@ from pneumo_jax.training.phases import (
   frozen_paths,
   phase_at,
   resolve_phases,
+  trained_paths,
 )
 from pneumo_jax.training.step import TrainState, make_train_step
 
@@ -408,12 +409,9 @@ class _Training:
     made the cache's features: when an earlier phase trained a layer below the cut."""
     if self.state.ema_params is None:
       return cache
+    earlier = [p for p in self.phases if p.end <= phase.start]
     trained = {
-      k
-      for p in self.phases
-      if p.end <= phase.start
-      for k, t in scopes.flatten(scopes.mask(self.state.params, p.cfg.trainable_scopes)).items()
-      if t and k.split('/')[0] in decision.cut.frozen
+      k for k in trained_paths(self.state.params, earlier) if k.split('/')[0] in decision.cut.frozen
     }
     if not trained:
       return cache

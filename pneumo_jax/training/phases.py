@@ -112,12 +112,7 @@ def frozen_paths(variables: dict[str, Any], phases: list[Phase]) -> dict[str, se
   """{'params', 'batch_stats'} → paths of the leaves no phase changes: params outside every
   phase's trainable scopes, moving statistics of the batch norms no phase trains. Checkpoints
   leave them out; they are kept once, in WORKDIR/base."""
-  trained = {
-    k
-    for p in phases
-    for k, t in scopes.flatten(scopes.mask(variables['params'], p.cfg.trainable_scopes)).items()
-    if t
-  }
+  trained = trained_paths(variables['params'], phases)
   rules = [batch_norm_train(p.cfg) for p in phases]
   params = scopes.flatten(variables['params'])
   by_layer = collections.defaultdict(list)  # Layer path → its parameters' paths.
@@ -133,6 +128,16 @@ def frozen_paths(variables: dict[str, Any], phases: list[Phase]) -> dict[str, se
   return {
     'params': set(params) - trained,
     'batch_stats': {k for k in scopes.flatten(variables['batch_stats']) if not learns(k)},
+  }
+
+
+def trained_paths(params: dict[str, Any], phases: list[Phase]) -> set[str]:
+  """Paths of the parameters some phase of `phases` trains."""
+  return {
+    k
+    for p in phases
+    for k, t in scopes.flatten(scopes.mask(params, p.cfg.trainable_scopes)).items()
+    if t
   }
 
 
